@@ -1,0 +1,113 @@
+"""Host commands of `edgepack`: build, inspect, demo (registered into the runtime's command group)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgepack.runtime.boards import HOST, load_board
+from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest
+from edgepack.runtime.cli import format_table
+from edgepack.runtime.store import bundle_manifest
+
+from . import build as build_mod
+from . import gguf_info
+from .errors import PackagerError
+
+
+@click.command()
+@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help=f"The bundle to write (*{BUNDLE_SUFFIX}).")
+@click.option("--board", default=HOST, show_default=True, help="Target board profile (see `edgepack boards`).")
+@click.option("--quant", help="llama.cpp type (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K, ...) or 'keep'; "
+                              "default: the board's, or keep for an already quantized source.")
+@click.option("--allow-requantize", is_flag=True, help="Requantize an already quantized source.")
+@click.option("--chat-template", help="A llama.cpp built-in template name (gemma, chatml, llama3, ...).")
+@click.option("--name", help="Model name clients use (default: from the file name).")
+@click.option("--bundle-version", type=click.IntRange(0), help="Monotonic bundle version (default: build time).")
+@click.option("--blocks-per-segment", default=4, show_default=True, type=click.IntRange(1))
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def build(source: Path, output: Path, board: str, quant: str | None, allow_requantize: bool,
+          chat_template: str | None, name: str | None, bundle_version: int | None, blocks_per_segment: int,
+          quiet: bool) -> None:
+    """Quantize SOURCE (a GGUF model) for a board and write one compressed, verifiable bundle."""
+    result = build_mod.build(build_mod.BuildOptions(
+        source=source, output=output, board=load_board(board), quant=quant, allow_requantize=allow_requantize,
+        chat_template=chat_template, name=name, bundle_version=bundle_version,
+        blocks_per_segment=blocks_per_segment, quiet=quiet,
+    ))
+    model = result.manifest.models[0]
+    rows = [
+        ("", "SIZE", "BITS/WEIGHT", "SEGMENTS", "TYPE"),
+        ("source", _mib(result.source_size), "", "", model.source.get("file_type", "")),
+        ("model", _mib(result.model_size), f"{result.bits_per_weight:.2f}", str(result.segments), model.file_type),
+        ("bundle", _mib(result.bundle_size), "", "", f"{result.bundle_size / result.source_size:.0%} of source"),
+    ]
+    click.echo(format_table(rows))
+    click.echo(f"wrote {result.output} ({model.name}, {model.parameters / 1e6:.1f}M parameters, "
+               f"board {result.manifest.board}) in {result.seconds:.1f}s")
+
+
+@click.command()
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Describe a .gguf model or a .edgepack bundle."""
+    if path.suffix == BUNDLE_SUFFIX:
+        manifest = bundle_manifest(path)
+        if as_json:
+            click.echo(manifest.to_json().decode(), nl=False)
+        else:
+            click.echo(_bundle_table(path, manifest))
+        return
+    if path.suffix != ".gguf":
+        raise PackagerError(f"{path}: expected a .gguf or {BUNDLE_SUFFIX} file")
+    info = gguf_info.read(path)
+    doc = {
+        "path": str(path), "size": info.size, "architecture": info.architecture, "name": info.name,
+        "file_type": info.file_type, "quantized": info.quantized, "parameters": info.parameters,
+        "bits_per_weight": round(info.bits_per_weight, 3), "blocks": info.block_count,
+        "context_length": info.context_length, "tensors": len(info.tensors), "quant_types": info.quant_types,
+        "chat_template": info.chat_template is not None, "metadata_keys": info.kv_count,
+    }
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        click.echo(format_table([("FIELD", "VALUE")] + [(k, _show(v)) for k, v in doc.items()]))
+
+
+def _bundle_table(path: Path, m: Manifest) -> str:
+    head = [("FIELD", "VALUE")] + [(k, str(v)) for k, v in (
+        ("bundle", path.name), ("name", m.name), ("version", m.bundle_version), ("created", m.created),
+        ("builder", m.builder), ("llama.cpp", m.llama_cpp_version), ("board", m.board),
+        ("blobs", f"{len(m.blobs)}: {_mib(sum(b.size for b in m.blobs.values()))} stored, "
+                  f"{_mib(sum(b.zsize for b in m.blobs.values()))} shipped"),
+    )]
+    rows = [("MODEL", "ARCH", "PARAMS", "TYPE", "SEGMENTS", "SIZE", "CHAT TEMPLATE")]
+    for model in m.models:
+        size = sum(m.blobs[d].size for d in model.segments)
+        rows.append((model.name, model.architecture, f"{model.parameters / 1e6:.1f}M", model.file_type,
+                     str(len(model.segments)), _mib(size), model.chat_template or "(model's own)"))
+    return format_table(head) + "\n\n" + format_table(rows)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, int) and not isinstance(value, bool) and value > 10**6:
+        return f"{value:,}"
+    return str(value)
+
+
+def register(group: click.Group) -> None:
+    from .demo import demo
+
+    for command in (build, inspect, demo):
+        group.add_command(command)

@@ -1,0 +1,184 @@
+"""The `edgepack` command. Device commands live here; host commands (build, inspect, demo) are
+added from edgepack.packager when it is installed, so a board needs none of the host tools.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .boards import host_profile, list_boards
+from .errors import EdgepackError
+from .store import Store
+
+
+class _Group(click.Group):
+    """Turns every EdgepackError into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context):  # noqa: ANN201
+        try:
+            return super().invoke(ctx)
+        except EdgepackError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="edgepack")
+def cli() -> None:
+    """Build, ship and serve compressed agent models on edge devices."""
+
+
+_store_option = click.option(
+    "--store", "store_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+    help="The device's store directory.",
+)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
+@_store_option
+def install(bundle: Path, store_dir: Path) -> None:
+    """Verify BUNDLE and install it as the store's current release."""
+    result = Store(store_dir).install(bundle)
+    m = result.manifest
+    if result.already_current:
+        click.echo(f"{m.name} v{m.bundle_version} is already the current release ({result.release})")
+        return
+    click.echo(
+        f"installed {m.name} v{m.bundle_version} as release {result.release}: "
+        f"{result.blobs_written} blob(s) written ({result.bytes_written / 2**20:.1f} MiB), "
+        f"{result.blobs_skipped} already present, {result.seconds:.2f}s"
+    )
+
+
+@cli.command()
+@_store_option
+def rollback(store_dir: Path) -> None:
+    """Switch back to the previous release."""
+    current, previous = Store(store_dir).rollback()
+    click.echo(f"current release is now {current} (previous: {previous})")
+
+
+@cli.command()
+@_store_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--threads", type=int, help="Threads per model (default: the board's, else physical cores).")
+@click.option("--ctx", "n_ctx", type=int, help="Context size per model (default: the bundle's).")
+def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None) -> None:
+    """Serve the current release over an OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    from .loader import load_models, resolve_config
+    from .server import Service
+
+    store = Store(store_dir)
+    manifest = store.manifest()
+    config = resolve_config(manifest, threads, n_ctx)
+    for info in manifest.models:
+        store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
+    server: uvicorn.Server | None = None
+
+    def on_ready() -> None:
+        click.echo(f"edgepack: ready on http://{host}:{port} ({', '.join(names)}, {config.threads} threads)",
+                   err=True)
+
+    def on_failure(message: str) -> None:
+        click.echo(f"edgepack: error: {message}", err=True)
+        if server is not None:
+            server.should_exit = True
+
+    names = [m.name for m in manifest.models]
+    service = Service(
+        lambda: load_models(store, manifest, config), names,
+        default_max_tokens=config.max_tokens, on_ready=on_ready, on_failure=on_failure,
+    )
+    click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on http://{host}:{port}", err=True)
+    server = uvicorn.Server(
+        uvicorn.Config(service.app, host=host, port=port, log_level="warning", access_log=False,
+                       timeout_graceful_shutdown=5)
+    )
+    server.run()
+    if service.error:
+        raise EdgepackError(service.error)
+    if not server.started:
+        raise EdgepackError(f"could not listen on {host}:{port}")
+
+
+@cli.command()
+@_store_option
+@click.argument("prompt")
+@click.option("--model", help="Model name (default: the bundle's first).")
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0, 2))
+@click.option("--system", help="A system message (chat mode).")
+@click.option("--raw", is_flag=True, help="Plain completion of PROMPT, no chat template.")
+@click.option("--threads", type=int)
+def run(store_dir: Path, prompt: str, model: str | None, max_tokens: int, temperature: float,
+        system: str | None, raw: bool, threads: int | None) -> None:
+    """Generate once from PROMPT and print the answer."""
+    from .engine import Engine, Generation, Sampling
+    from .loader import resolve_config
+
+    store = Store(store_dir)
+    manifest = store.manifest()
+    info = manifest.model(model)
+    config = resolve_config(manifest, threads)
+    engine = Engine(store.segment_paths(manifest, info.name), name=info.name, n_ctx=config.n_ctx,
+                    n_batch=config.n_batch, threads=config.threads, chat_template=info.chat_template)
+    try:
+        messages = ([("system", system)] if system else []) + [("user", prompt)]
+        text = prompt if raw else engine.format_chat(messages)
+        result = Generation()
+        for piece in engine.generate(engine.tokenize(text), Sampling(max_tokens, temperature=temperature), result):
+            click.echo(piece, nl=False)
+        click.echo()
+        rate = result.decode_tokens_per_second
+        click.echo(f"[{result.completion_tokens} tokens, {rate or 0:.1f} tok/s, {result.finish_reason}]", err=True)
+    finally:
+        engine.close()
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def boards(as_json: bool) -> None:
+    """List the board profiles (and this host's generic profile)."""
+    profiles = list_boards() + [host_profile()]
+    if as_json:
+        click.echo(json.dumps([asdict(p) for p in profiles], indent=2))
+        return
+    rows = [("BOARD", "ARCH", "CORES", "SIMD", "MEMORY", "QUANT", "THREADS")]
+    for p in profiles:
+        rows.append((p.name, p.arch, p.core_summary, ",".join(p.simd), f"{p.memory_gib:g} GiB", p.default_quant,
+                     str(p.threads or "auto")))
+    click.echo(format_table(rows))
+
+
+def format_table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _add_host_commands() -> None:
+    try:
+        host = importlib.import_module("edgepack.packager.cli")
+    except ModuleNotFoundError as exc:  # a device install without the host extra
+        if exc.name not in ("gguf", "edgepack.packager"):
+            raise
+        return
+    host.register(cli)
+
+
+def main() -> None:
+    _add_host_commands()
+    cli(prog_name="edgepack")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""One loaded model and its context: chat formatting, tokenization, generation.
+
+Sampling runs in llama.cpp's native sampler chain, so Python never touches the logits; the loop
+only moves one token id per step. The engine knows nothing about HTTP. One generation at a time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+
+from . import llama
+from .errors import EdgepackError
+
+_DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per request
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Generation:
+    """Filled in while a generation runs; read it after the iterator ends."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "length"
+    first_token_at: float | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        if self.first_token_at is None or self.finished_at is None or self.completion_tokens < 2:
+            return None
+        elapsed = self.finished_at - self.first_token_at
+        return (self.completion_tokens - 1) / elapsed if elapsed > 0 else None
+
+
+class Engine:
+    def __init__(
+        self,
+        paths: list[Path],
+        *,
+        name: str,
+        n_ctx: int,
+        n_batch: int,
+        threads: int,
+        chat_template: str | None = None,
+    ) -> None:
+        self.name = name
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._model = llama.load_model(paths)
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_batch, 512)
+        params.n_seq_max = 1
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EdgepackError(f"llama.cpp could not create a context for {name}: {llama.last_error()}")
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.chat_template = chat_template or self._model_chat_template()
+        self._eog_tokens: list[int] | None = None
+        self._one = (llama_cpp.llama_token * 1)()
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def _model_chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self._model, None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    def format_chat(self, messages: list[tuple[str, str]]) -> str:
+        """Render (role, content) pairs with llama.cpp's template engine, ending with the assistant cue."""
+        if self.chat_template is None:
+            raise EdgepackError(f"model {self.name!r} has no chat template; use /v1/completions")
+        keep = [(r.encode(), c.encode()) for r, c in messages]  # keep the bytes alive for the call
+        chat = (llama_cpp.llama_chat_message * len(keep))(
+            *[llama_cpp.llama_chat_message(role=r, content=c) for r, c in keep]
+        )
+        template = self.chat_template.encode()
+        size = max(256, 2 * sum(len(r) + len(c) for r, c in keep))
+        for _ in range(2):
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_chat_apply_template(template, chat, len(keep), True, buf, size)
+            if n < 0:
+                raise EdgepackError(f"model {self.name!r}: chat template is not supported by llama.cpp")
+            if n <= size:
+                return buf.raw[:n].decode("utf-8", "replace")
+            size = n + 1
+        raise EdgepackError(f"model {self.name!r}: chat template output did not fit")
+
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 16
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        if n < 0:
+            capacity = -n
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
+        return list(tokens[:n])
+
+    def _piece(self, token: int, buf: ctypes.Array) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def _eog(self) -> list[int]:
+        if self._eog_tokens is None:
+            self._eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
+        return self._eog_tokens
+
+    def _sampler(self, s: Sampling) -> ctypes.c_void_p:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        add = llama_cpp.llama_sampler_chain_add
+        if s.ignore_eos:
+            eog = self._eog()
+            biases = (llama_cpp.llama_logit_bias * len(eog))(
+                *[llama_cpp.llama_logit_bias(token=t, bias=float("-inf")) for t in eog]
+            )
+            add(chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(eog), biases))
+        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
+            add(chain, llama_cpp.llama_sampler_init_penalties(
+                self.n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
+            ))
+        if s.temperature <= 0:
+            add(chain, llama_cpp.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
+        add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0:
+            add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
+        add(chain, llama_cpp.llama_sampler_init_dist(_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF))
+        return chain
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.n_ctx:
+            raise EdgepackError(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context size"
+                f" ({self.n_ctx}) of model {self.name!r}"
+            )
+
+    def generate(
+        self, prompt: list[int], sampling: Sampling, result: Generation, cancel: threading.Event | None = None
+    ) -> Iterator[str]:
+        """Yield text deltas; `result` holds counts, timings and the finish reason."""
+        if not prompt:
+            raise EdgepackError("empty prompt")
+        self.check_fits(len(prompt), sampling.max_tokens)
+        with self._lock:
+            yield from self._generate_locked(prompt, sampling, result, cancel)
+
+    def _decode(self, tokens: ctypes.Array, n: int) -> None:
+        if llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(tokens, n)) != 0:
+            raise EdgepackError(f"llama.cpp failed to decode ({llama.last_error()})")
+
+    def _generate_locked(
+        self, prompt: list[int], sampling: Sampling, result: Generation, cancel: threading.Event | None
+    ) -> Iterator[str]:
+        result.prompt_tokens = len(prompt)
+        llama_cpp.llama_memory_clear(self._memory, True)
+        for start in range(0, len(prompt), self.n_batch):
+            chunk = prompt[start : start + self.n_batch]
+            self._decode((llama_cpp.llama_token * len(chunk))(*chunk), len(chunk))
+        sampler = self._sampler(sampling)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        stops = _StopMatcher(sampling.stop)
+        buf = ctypes.create_string_buffer(64)
+        try:
+            for _ in range(sampling.max_tokens):
+                if cancel is not None and cancel.is_set():
+                    result.finish_reason = "cancelled"
+                    return
+                token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
+                if result.first_token_at is None:
+                    result.first_token_at = time.monotonic()
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token) and not sampling.ignore_eos:
+                    result.finish_reason = "stop"
+                    break
+                result.completion_tokens += 1
+                text, stopped = stops.feed(decoder.decode(self._piece(token, buf)))
+                if text:
+                    yield text
+                if stopped:
+                    result.finish_reason = "stop"
+                    return
+                self._one[0] = token
+                self._decode(self._one, 1)
+            else:
+                result.finish_reason = "length"
+            tail, _ = stops.feed(decoder.decode(b"", final=True), final=True)
+            if tail:
+                yield tail
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
+            result.finished_at = time.monotonic()
+
+
+class _StopMatcher:
+    """Cuts the output at the first stop string, holding back text that may begin one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        if final:
+            out, self.pending = self.pending, ""
+            return out, False
+        hold = max((_overlap(self.pending, s) for s in self.stops), default=0)
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for n in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:n]):
+            return n
+    return 0

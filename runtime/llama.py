@@ -1,0 +1,98 @@
+"""The thin layer over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Everything that touches a raw llama.cpp pointer for loading lives here; llama.cpp's own log goes to
+a ring buffer (shown with EDGEPACK_LLAMA_LOG=1) so a failed load can say why in one line.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import llama_cpp
+
+from .errors import EdgepackError
+
+_log_lines: collections.deque[str] = collections.deque(maxlen=50)
+_log_lock = threading.Lock()
+_init_done = False
+_listener: Callable[[str], None] | None = None
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    line = text.decode("utf-8", "replace")
+    with _log_lock:
+        _log_lines.append(line)
+    if _listener is not None:
+        _listener(line)
+    if os.environ.get("EDGEPACK_LLAMA_LOG") == "1":
+        print(line, end="", file=sys.stderr, flush=True)
+
+
+def init() -> None:
+    """Route llama.cpp's log and initialise its backends; safe to call repeatedly."""
+    global _init_done
+    if not _init_done:
+        llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _init_done = True
+
+
+@contextlib.contextmanager
+def log_listener(listener: Callable[[str], None]) -> Iterator[None]:
+    """Send llama.cpp's log lines to `listener` while the block runs (e.g. to drive a progress bar)."""
+    global _listener
+    init()
+    _listener = listener
+    try:
+        yield
+    finally:
+        _listener = None
+
+
+def last_error() -> str:
+    """The most recent error-looking line llama.cpp logged, for one-line messages."""
+    with _log_lock:
+        lines = [s.strip() for s in _log_lines if s.strip()]
+    for line in reversed(lines):
+        if "error" in line.lower() or "failed" in line.lower():
+            return line
+    return lines[-1] if lines else "no details logged"
+
+
+def version() -> str:
+    """llama.cpp's build as llama-cpp-python ships it."""
+    init()
+    native = llama_cpp.llama_version()
+    native_text = native.decode() if native else "unknown"
+    return f"llama.cpp {native_text} (llama-cpp-python {llama_cpp.__version__})"
+
+
+def load_model(paths: list[Path], *, use_mmap: bool = True) -> ctypes.c_void_p:
+    """Load a model from its ordered GGUF split files (any names) with llama.cpp's split loader."""
+    init()
+    params = llama_cpp.llama_model_default_params()
+    params.use_mmap = use_mmap
+    params.n_gpu_layers = 0
+    raw = [str(p).encode() for p in paths]
+    array = (ctypes.c_char_p * len(raw))(*raw)
+    model = llama_cpp.llama_model_load_from_splits(array, len(raw), params)
+    if not model:
+        raise EdgepackError(f"llama.cpp could not load the model from {paths[0].name}: {last_error()}")
+    return model
+
+
+def builtin_chat_templates() -> list[str]:
+    """Names of the chat templates llama.cpp knows without a Jinja template in the GGUF."""
+    init()
+    count = llama_cpp.llama_chat_builtin_templates(None, 0)
+    names = (ctypes.c_char_p * count)()
+    llama_cpp.llama_chat_builtin_templates(names, count)
+    return [n.decode() for n in names]

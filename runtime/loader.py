@@ -1,0 +1,56 @@
+"""Load the current release's models from the store's segments, with thread counts for this device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import hardware
+from .bundle_format import Manifest
+from .engine import Engine
+from .errors import EdgepackError
+from .store import Store
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    threads: int
+    n_ctx: int
+    n_batch: int
+    max_tokens: int
+
+
+def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None) -> ServeConfig:
+    """Flags win; then the bundle's board profile (capped at the CPUs we may use); then physical cores."""
+    if threads is not None and threads < 1:
+        raise EdgepackError(f"--threads must be at least 1, got {threads}")
+    if n_ctx is not None and n_ctx < 16:
+        raise EdgepackError(f"--ctx must be at least 16, got {n_ctx}")
+    defaults = manifest.runtime
+    if threads is None:
+        cores = hardware.default_threads()
+        threads = min(defaults.threads, cores) if defaults.threads else cores
+    return ServeConfig(
+        threads=threads,
+        n_ctx=n_ctx or defaults.n_ctx,
+        n_batch=defaults.n_batch,
+        max_tokens=defaults.max_tokens,
+    )
+
+
+def load_models(store: Store, manifest: Manifest, config: ServeConfig) -> dict[str, Engine]:
+    engines: dict[str, Engine] = {}
+    try:
+        for info in manifest.models:
+            engines[info.name] = Engine(
+                store.segment_paths(manifest, info.name),
+                name=info.name,
+                n_ctx=config.n_ctx,
+                n_batch=config.n_batch,
+                threads=config.threads,
+                chat_template=info.chat_template,
+            )
+    except BaseException:
+        for engine in engines.values():
+            engine.close()
+        raise
+    return engines

@@ -1,0 +1,39 @@
+"""Prometheus metrics of the server (exposed at GET /metrics by prometheus-client)."""
+
+from __future__ import annotations
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "edgepack_requests", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "edgepack_request_duration_seconds", "Time from request to the last byte of the response",
+            ["endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "edgepack_time_to_first_token_seconds", "Time from request to the first generated token",
+            ["model"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.generated = Counter("edgepack_generated_tokens", "Tokens generated", ["model"], registry=r)
+        self.prompt = Counter("edgepack_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.tokens_per_second = Gauge(
+            "edgepack_decode_tokens_per_second", "Decode rate of the last finished generation", ["model"], registry=r
+        )
+        self.in_flight = Gauge("edgepack_requests_in_flight", "HTTP requests being served", registry=r)
+        self.queued = Gauge("edgepack_queue_depth", "Generations waiting for the model", ["model"], registry=r)
+        self.ready = Gauge("edgepack_ready", "1 when models are loaded and warmed up", registry=r)
+        rss = Gauge("edgepack_process_resident_memory_bytes", "Resident memory of the server (RSS)", registry=r)
+        process = psutil.Process()
+        rss.set_function(lambda: process.memory_info().rss)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

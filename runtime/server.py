@@ -1,0 +1,327 @@
+"""The HTTP service: OpenAI-compatible routes, health, metrics (Starlette on uvicorn).
+
+Models load in the background after the socket is open, so /health answers 503 until they are
+loaded and warmed up. Each model runs its generations one at a time on its own worker thread, in
+arrival order; tokens travel to the request's event loop as they are sampled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import openai_api
+from .engine import Engine, Generation, Sampling
+from .errors import EdgepackError
+from .metrics import Metrics
+from .openai_api import ApiError, CompletionRequest
+
+MAX_BODY_BYTES = 1 << 20
+_DONE = object()
+
+
+@dataclass
+class _Job:
+    prompt: list[int]
+    sampling: Sampling
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    result: Generation = field(default_factory=Generation)
+
+
+class _ModelWorker:
+    """One model, one thread, one generation at a time, first come first served."""
+
+    def __init__(self, engine: Engine, metrics: Metrics) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.jobs: queue.Queue[_Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, name=f"model-{engine.name}", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: _Job) -> None:
+        self.metrics.queued.labels(self.engine.name).inc()
+        self.jobs.put(job)
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            self.metrics.queued.labels(self.engine.name).dec()
+            if job.cancel.is_set():
+                continue
+            post = job.loop.call_soon_threadsafe
+            try:
+                for text in self.engine.generate(job.prompt, job.sampling, job.result, job.cancel):
+                    post(job.events.put_nowait, text)
+                post(job.events.put_nowait, _DONE)
+            except RuntimeError:  # the event loop is gone: the server is shutting down
+                return
+            except Exception as exc:  # noqa: BLE001 - handed to the request, which reports it
+                try:
+                    post(job.events.put_nowait, exc)
+                except RuntimeError:
+                    return
+
+
+class Service:
+    """Holds the models and state; `app` is the ASGI application."""
+
+    def __init__(
+        self,
+        load: Callable[[], dict[str, Engine]],
+        model_names: list[str],
+        *,
+        default_max_tokens: int = 512,
+        on_ready: Callable[[], None] = lambda: None,
+        on_failure: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self.metrics = Metrics()
+        self.model_names = model_names
+        self.default_max_tokens = default_max_tokens
+        self.state = "loading"
+        self.error: str | None = None
+        self.workers: dict[str, _ModelWorker] = {}
+        self._load, self._on_ready, self._on_failure = load, on_ready, on_failure
+        self.created = int(time.time())
+        routes = [
+            Route("/health", self.health),
+            Route("/metrics", self.metrics_page),
+            Route("/v1/models", self.models),
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/completions", self.completions, methods=["POST"]),
+        ]
+        self.app = _MetricsMiddleware(
+            Starlette(
+                routes=routes,
+                exception_handlers={ApiError: _api_error, HTTPException: _http_error},
+                lifespan=self._lifespan,
+            ),
+            self.metrics,
+            {r.path for r in routes},
+        )
+
+    # ---- lifecycle ----
+
+    def _lifespan(self, app: Starlette):  # noqa: ANN202 - Starlette's lifespan protocol
+        service = self
+
+        class _Lifespan:
+            async def __aenter__(self) -> None:
+                threading.Thread(target=service._load_and_warm, name="loader", daemon=True).start()
+
+            async def __aexit__(self, *exc: object) -> None:
+                for worker in service.workers.values():
+                    await asyncio.to_thread(worker.stop)
+                for worker in service.workers.values():
+                    worker.engine.close()
+
+        return _Lifespan()
+
+    def _load_and_warm(self) -> None:
+        try:
+            engines = self._load()
+            self.state = "warming"
+            for engine in engines.values():  # touch the weights and build compute buffers once
+                prompt = engine.tokenize("Hello")
+                for _ in engine.generate(prompt, Sampling(max_tokens=2, temperature=0), Generation()):
+                    pass
+            self.workers = {name: _ModelWorker(engine, self.metrics) for name, engine in engines.items()}
+            self.state = "ready"
+            self.metrics.ready.set(1)
+            self._on_ready()
+        except Exception as exc:  # noqa: BLE001 - reported through /health and the CLI
+            self.state, self.error = "failed", str(exc)
+            self._on_failure(str(exc))
+
+    # ---- routes ----
+
+    async def health(self, request: Request) -> Response:
+        body: dict[str, Any] = {"status": "ok" if self.state == "ready" else self.state}
+        if self.error:
+            body["error"] = self.error
+        return JSONResponse(body, status_code=200 if self.state == "ready" else 503)
+
+    async def metrics_page(self, request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self, request: Request) -> Response:
+        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "edgepack"} for n in self.model_names]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat(self, request: Request) -> Response:
+        return await self._complete(openai_api.parse_chat(await _read_json(request)))
+
+    async def completions(self, request: Request) -> Response:
+        return await self._complete(openai_api.parse_completion(await _read_json(request)))
+
+    # ---- generation ----
+
+    def _worker(self, model: str | None) -> _ModelWorker:
+        if self.state != "ready":
+            raise ApiError(503, f"the server is {self.state}; retry when /health says ok", code="not_ready")
+        if model is None:
+            if len(self.workers) == 1:
+                return next(iter(self.workers.values()))
+            raise ApiError(400, "'model' is required: this server has several models", param="model")
+        worker = self.workers.get(model)
+        if worker is None:
+            known = ", ".join(self.workers)
+            raise ApiError(404, f"model {model!r} does not exist; available: {known}", param="model",
+                           code="model_not_found")
+        return worker
+
+    async def _complete(self, req: CompletionRequest) -> Response:
+        started = time.monotonic()
+        worker = self._worker(req.model)
+        engine = worker.engine
+        try:
+            text = engine.format_chat(list(req.messages)) if req.kind == "chat" else req.prompt
+        except EdgepackError as exc:
+            raise ApiError(400, str(exc)) from None
+        prompt = engine.tokenize(text)
+        room = engine.n_ctx - len(prompt)
+        max_tokens = req.max_tokens or min(self.default_max_tokens, room)
+        if max_tokens < 1 or len(prompt) + max_tokens > engine.n_ctx:
+            raise ApiError(
+                400,
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context size"
+                f" ({engine.n_ctx}) of model {engine.name!r}",
+                param="max_tokens", code="context_length_exceeded",
+            )
+        job = _Job(prompt, Sampling(max_tokens=max_tokens, **req.sampling), asyncio.get_running_loop())
+        worker.submit(job)
+        rid = openai_api.new_id(req.kind)
+        if req.stream:
+            return StreamingResponse(
+                self._stream(job, req, rid, engine.name, started),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        pieces = []
+        try:
+            async for piece in _events(job):
+                pieces.append(piece)
+        finally:
+            job.cancel.set()
+        self._record(engine.name, job.result, started)
+        body = openai_api.completion_body(
+            req, rid, engine.name, "".join(pieces), job.result.finish_reason,
+            job.result.prompt_tokens, job.result.completion_tokens,
+        )
+        return JSONResponse(body)
+
+    async def _stream(
+        self, job: _Job, req: CompletionRequest, rid: str, model: str, started: float
+    ) -> AsyncIterator[bytes]:
+        try:
+            if req.kind == "chat":
+                yield _sse(openai_api.chunk_body(req, rid, model, "", None, first=True))
+            try:
+                async for piece in _events(job):
+                    yield _sse(openai_api.chunk_body(req, rid, model, piece, None))
+            except ApiError as exc:
+                yield _sse(exc.body())
+                return
+            result = job.result
+            yield _sse(openai_api.chunk_body(req, rid, model, None, result.finish_reason))
+            if req.include_usage:
+                yield _sse(openai_api.usage_chunk(req, rid, model, result.prompt_tokens, result.completion_tokens))
+            yield b"data: [DONE]\n\n"
+            self._record(model, result, started)
+        finally:
+            job.cancel.set()  # a client that went away stops its generation
+
+    def _record(self, model: str, result: Generation, started: float) -> None:
+        m = self.metrics
+        m.generated.labels(model).inc(result.completion_tokens)
+        m.prompt.labels(model).inc(result.prompt_tokens)
+        if result.first_token_at is not None:
+            m.ttft.labels(model).observe(result.first_token_at - started)
+        rate = result.decode_tokens_per_second
+        if rate is not None:
+            m.tokens_per_second.labels(model).set(rate)
+
+
+async def _events(job: _Job) -> AsyncIterator[str]:
+    while True:
+        event = await job.events.get()
+        if event is _DONE:
+            return
+        if isinstance(event, Exception):
+            message = str(event) if isinstance(event, EdgepackError) else "generation failed"
+            raise ApiError(500, message)
+        yield event
+
+
+def _sse(doc: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
+
+
+async def _read_json(request: Request) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ApiError(400, "request body is not valid JSON") from None
+
+
+async def _api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse(ApiError(exc.status_code, exc.detail).body(), status_code=exc.status_code)
+
+
+class _MetricsMiddleware:
+    """Counts every request by endpoint and status, and times it to its last byte (pure ASGI)."""
+
+    def __init__(self, app: Any, metrics: Metrics, endpoints: set[str]) -> None:
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = 500
+        started = time.monotonic()
+
+        async def send_with_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)

@@ -1,0 +1,299 @@
+"""The device's content-addressed store: verified streaming install, atomic release switch, rollback.
+
+Layout (docs/bundle-format.md):  DIR/blobs/sha256-<hex> (read-only), DIR/releases/<id>/manifest.json,
+DIR/current and DIR/previous (symlinks into releases/). An install stages everything in a private
+directory and only moves it into place once every byte is verified, so a refused bundle leaves the
+store exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import zstandard
+
+from .bundle_format import MANIFEST_NAME, MAX_MANIFEST_BYTES, BlobInfo, Digest, Manifest
+from .errors import EdgepackError
+
+_CHUNK = 1 << 20
+_MAX_ZSTD_WINDOW = 1 << 27  # 128 MiB: refuse frames that would make us allocate more
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    release: str
+    manifest: Manifest
+    blobs_written: int
+    blobs_skipped: int
+    bytes_written: int
+    seconds: float
+    already_current: bool
+
+
+class Store:
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.releases = self.root / "releases"
+
+    def blob_path(self, digest: Digest) -> Path:
+        return self.blobs / str(digest)
+
+    def has_blob(self, blob: BlobInfo) -> bool:
+        path = self.blob_path(blob.digest)
+        return path.is_file() and path.stat().st_size == blob.size
+
+    def release_id(self, which: str = "current") -> str | None:
+        link = self.root / which
+        if not link.is_symlink():
+            return None
+        return Path(os.readlink(link)).name
+
+    def manifest(self, which: str = "current") -> Manifest:
+        release = self.release_id(which)
+        if release is None:
+            raise EdgepackError(f"store {self.root}: no {which} release (run `edgepack install` first)")
+        path = self.releases / release / MANIFEST_NAME
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise EdgepackError(f"store {self.root}: cannot read {path}: {exc.strerror}") from None
+        return Manifest.from_json(data, str(path))
+
+    def segment_paths(self, manifest: Manifest, model: str | None = None) -> list[Path]:
+        """Paths of a model's segments, checked to be present with the declared size."""
+        info = manifest.model(model)
+        paths = []
+        for digest in info.segments:
+            blob = manifest.blobs[digest]
+            if not self.has_blob(blob):
+                raise EdgepackError(f"store {self.root}: blob {digest} of model {info.name!r} is missing")
+            paths.append(self.blob_path(digest))
+        return paths
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EdgepackError(f"store {self.root} is busy: another install or rollback runs") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def install(self, bundle: Path | str) -> InstallResult:
+        bundle = Path(bundle)
+        try:
+            handle = open(bundle, "rb")
+        except OSError as exc:
+            raise EdgepackError(f"{bundle}: cannot open bundle: {exc.strerror}") from None
+        created_root = not self.root.exists()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EdgepackError(f"store {self.root}: cannot create: {exc.strerror}") from None
+        try:
+            with handle, self._locked():
+                return self._install_locked(bundle, handle)
+        except BaseException:
+            if created_root:
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise
+
+    def _install_locked(self, bundle: Path, handle: BinaryIO) -> InstallResult:
+        started = time.monotonic()
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        try:
+            manifest, staged, skipped = _read_bundle(bundle, handle, staging, self)
+            release = "r" + Digest.of_bytes(manifest.to_json()).short
+            already_current = self.release_id("current") == release
+            written = sum(manifest.blobs[d].size for d in staged)
+            self._commit(manifest, release, staging, staged)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return InstallResult(
+            release, manifest, len(staged), skipped, written, time.monotonic() - started, already_current
+        )
+
+    def _commit(self, manifest: Manifest, release: str, staging: Path, staged: list[Digest]) -> None:
+        self.blobs.mkdir(exist_ok=True)
+        self.releases.mkdir(exist_ok=True)
+        for digest in staged:
+            os.replace(staging / str(digest), self.blob_path(digest))
+        _fsync_dir(self.blobs)
+        release_dir = self.releases / release
+        if not release_dir.exists():
+            tmp = staging / "release"
+            tmp.mkdir()
+            _write_synced(tmp / MANIFEST_NAME, manifest.to_json())
+            os.replace(tmp, release_dir)
+            _fsync_dir(self.releases)
+        current = self.release_id("current")
+        if current == release:
+            return
+        if current is not None:
+            self._point("previous", current)
+        self._point("current", release)
+
+    def _point(self, link: str, release: str) -> None:
+        """Atomically make DIR/<link> point at releases/<release>."""
+        tmp = self.root / f".{link}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(Path("releases") / release, tmp)
+        os.replace(tmp, self.root / link)
+        _fsync_dir(self.root)
+
+    def rollback(self) -> tuple[str, str]:
+        """Swap current and previous; returns (new current, new previous)."""
+        if not self.root.is_dir():
+            raise EdgepackError(f"store {self.root} does not exist")
+        with self._locked():
+            current, previous = self.release_id("current"), self.release_id("previous")
+            if previous is None or not (self.releases / previous).is_dir():
+                raise EdgepackError(f"store {self.root}: no previous release to roll back to")
+            assert current is not None
+            self._point("current", previous)
+            self._point("previous", current)
+            return previous, current
+
+
+def bundle_manifest(bundle: Path | str) -> Manifest:
+    """Read only the manifest of a bundle archive (for inspect), without installing anything."""
+    try:
+        with open(bundle, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
+            return _read_manifest(archive, str(bundle))
+    except OSError as exc:
+        raise EdgepackError(f"{bundle}: cannot open bundle: {exc.strerror or exc}") from None
+    except (tarfile.TarError, EOFError) as exc:
+        raise EdgepackError(f"{bundle}: not an edgepack bundle (unreadable archive: {exc})") from None
+
+
+def _read_bundle(
+    bundle: Path, handle: BinaryIO, staging: Path, store: Store
+) -> tuple[Manifest, list[Digest], int]:
+    """Stream the archive: manifest first, then only the blobs it declares, each verified."""
+    where = str(bundle)
+    try:
+        archive = tarfile.open(fileobj=handle, mode="r|")
+    except tarfile.TarError as exc:
+        raise EdgepackError(f"{where}: not an edgepack bundle (unreadable archive: {exc})") from None
+    try:
+        manifest = _read_manifest(archive, where)
+        _check_disk_space(manifest, store)
+        expected = {b.digest.member_name: b for b in manifest.blobs.values()}
+        staged: list[Digest] = []
+        skipped = 0
+        seen: set[str] = set()
+        while (member := archive.next()) is not None:
+            blob = expected.get(member.name)
+            if blob is None or member.name in seen:
+                kind = "duplicate" if member.name in seen else "unexpected"
+                raise EdgepackError(f"{where}: {kind} archive member {member.name!r} refused")
+            seen.add(member.name)
+            if not member.isreg():
+                raise EdgepackError(f"{where}: member {member.name!r} is a link or special file, refused")
+            if member.size != blob.zsize:
+                raise EdgepackError(
+                    f"{where}: member {member.name!r} is {member.size} bytes, manifest declares {blob.zsize}"
+                )
+            if store.has_blob(blob):
+                skipped += 1
+                continue
+            source = archive.extractfile(member)
+            assert source is not None
+            _stage_blob(source, blob, staging / str(blob.digest), where)
+            staged.append(blob.digest)
+    except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
+        raise EdgepackError(f"{where}: archive is truncated or corrupt ({exc})") from None
+    missing = [
+        b.digest
+        for b in manifest.blobs.values()
+        if b.digest.member_name not in seen and not store.has_blob(b)
+    ]
+    if missing:
+        raise EdgepackError(
+            f"{where}: {len(missing)} blob(s) neither in the bundle nor in the store, e.g. {missing[0]}"
+            " (truncated bundle, or a delta whose base is not installed)"
+        )
+    return manifest, staged, skipped
+
+
+def _read_manifest(archive: tarfile.TarFile, where: str) -> Manifest:
+    first = archive.next()
+    if first is None or first.name != MANIFEST_NAME:
+        name = "nothing" if first is None else repr(first.name)
+        raise EdgepackError(f"{where}: first archive member must be {MANIFEST_NAME}, found {name}")
+    if not first.isreg():
+        raise EdgepackError(f"{where}: {MANIFEST_NAME} is a link or special file, refused")
+    if first.size > MAX_MANIFEST_BYTES:
+        raise EdgepackError(f"{where}: {MANIFEST_NAME} is {first.size} bytes, limit {MAX_MANIFEST_BYTES}")
+    source = archive.extractfile(first)
+    assert source is not None
+    data = source.read()
+    if len(data) != first.size:
+        raise EdgepackError(f"{where}: archive is truncated inside {MANIFEST_NAME}")
+    return Manifest.from_json(data, f"{where}: {MANIFEST_NAME}")
+
+
+def _check_disk_space(manifest: Manifest, store: Store) -> None:
+    needed = sum(b.size for b in manifest.blobs.values() if not store.has_blob(b))
+    free = shutil.disk_usage(store.root).free
+    if needed > free:
+        raise EdgepackError(
+            f"store {store.root}: bundle needs {needed / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB free"
+        )
+
+
+def _stage_blob(source: BinaryIO, blob: BlobInfo, target: Path, where: str) -> None:
+    """Decompress one zstd frame into target, hashing as it goes and never beyond blob.size."""
+    hasher = hashlib.sha256()
+    written = 0
+    decompressor = zstandard.ZstdDecompressor(max_window_size=_MAX_ZSTD_WINDOW)
+    with open(target, "wb") as out, decompressor.stream_reader(source, read_across_frames=False) as reader:
+        try:
+            while chunk := reader.read(_CHUNK):
+                written += len(chunk)
+                if written > blob.size:
+                    raise EdgepackError(
+                        f"{where}: blob {blob.digest} decompresses beyond its declared {blob.size} bytes"
+                    )
+                hasher.update(chunk)
+                out.write(chunk)
+        except zstandard.ZstdError as exc:
+            raise EdgepackError(f"{where}: blob {blob.digest} is corrupt ({exc})") from None
+        out.flush()
+        os.fsync(out.fileno())
+    if written != blob.size:
+        raise EdgepackError(f"{where}: blob {blob.digest} is {written} bytes, manifest declares {blob.size}")
+    if hasher.hexdigest() != blob.digest.hex:
+        raise EdgepackError(f"{where}: blob {blob.digest} is corrupt (sha256 {hasher.hexdigest()[:12]}...)")
+    os.chmod(target, 0o444)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
