@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
-
 from edgepack.runtime.bundle_format import MANIFEST_NAME, BlobInfo, Digest, Manifest
 
 _CHUNK = 4 << 20
@@ -29,11 +28,14 @@ def compress(
     target = work_dir / f"{digest}.zst"
     compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, threads=-1)
     size = source.stat().st_size
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        with compressor.stream_writer(dst, size=size, closefd=False) as writer:
-            while chunk := src.read(_CHUNK):
-                writer.write(chunk)
-                progress(len(chunk))
+    with (
+        open(source, "rb") as src,
+        open(target, "wb") as dst,
+        compressor.stream_writer(dst, size=size, closefd=False) as writer,
+    ):
+        while chunk := src.read(_CHUNK):
+            writer.write(chunk)
+            progress(len(chunk))
     return CompressedBlob(BlobInfo(digest, size, target.stat().st_size), target)
 
 

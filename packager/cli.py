@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import click
-
 from edgepack.runtime.boards import HOST, load_board
 from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest
 from edgepack.runtime.cli import format_table

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import llama_cpp
-
 from edgepack.runtime import llama
 
 from .errors import PackagerError

@@ -25,6 +25,10 @@ class Metrics:
         )
         self.generated = Counter("edgepack_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.prompt = Counter("edgepack_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.cancelled = Counter(
+            "edgepack_generations_cancelled", "Generations stopped because the client went away", ["model"],
+            registry=r,
+        )
         self.tokens_per_second = Gauge(
             "edgepack_decode_tokens_per_second", "Decode rate of the last finished generation", ["model"], registry=r
         )

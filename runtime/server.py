@@ -37,6 +37,7 @@ class _Job:
     prompt: list[int]
     sampling: Sampling
     loop: asyncio.AbstractEventLoop
+    started: float  # when the request arrived (time.monotonic), for time to first token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Generation = field(default_factory=Generation)
@@ -77,6 +78,20 @@ class _ModelWorker:
                     post(job.events.put_nowait, exc)
                 except RuntimeError:
                     return
+            finally:
+                self._record(job)
+
+    def _record(self, job: _Job) -> None:
+        m, model, result = self.metrics, self.engine.name, job.result
+        m.generated.labels(model).inc(result.completion_tokens)
+        m.prompt.labels(model).inc(result.prompt_tokens)
+        if result.finish_reason == "cancelled":
+            m.cancelled.labels(model).inc()
+        if result.first_token_at is not None:
+            m.ttft.labels(model).observe(result.first_token_at - job.started)
+        rate = result.decode_tokens_per_second
+        if rate is not None:
+            m.tokens_per_second.labels(model).set(rate)
 
 
 class Service:
@@ -204,12 +219,12 @@ class Service:
                 f" ({engine.n_ctx}) of model {engine.name!r}",
                 param="max_tokens", code="context_length_exceeded",
             )
-        job = _Job(prompt, Sampling(max_tokens=max_tokens, **req.sampling), asyncio.get_running_loop())
+        job = _Job(prompt, Sampling(max_tokens=max_tokens, **req.sampling), asyncio.get_running_loop(), started)
         worker.submit(job)
         rid = openai_api.new_id(req.kind)
         if req.stream:
             return StreamingResponse(
-                self._stream(job, req, rid, engine.name, started),
+                self._stream(job, req, rid, engine.name),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -219,16 +234,13 @@ class Service:
                 pieces.append(piece)
         finally:
             job.cancel.set()
-        self._record(engine.name, job.result, started)
         body = openai_api.completion_body(
             req, rid, engine.name, "".join(pieces), job.result.finish_reason,
             job.result.prompt_tokens, job.result.completion_tokens,
         )
         return JSONResponse(body)
 
-    async def _stream(
-        self, job: _Job, req: CompletionRequest, rid: str, model: str, started: float
-    ) -> AsyncIterator[bytes]:
+    async def _stream(self, job: _Job, req: CompletionRequest, rid: str, model: str) -> AsyncIterator[bytes]:
         try:
             if req.kind == "chat":
                 yield _sse(openai_api.chunk_body(req, rid, model, "", None, first=True))
@@ -243,19 +255,8 @@ class Service:
             if req.include_usage:
                 yield _sse(openai_api.usage_chunk(req, rid, model, result.prompt_tokens, result.completion_tokens))
             yield b"data: [DONE]\n\n"
-            self._record(model, result, started)
         finally:
             job.cancel.set()  # a client that went away stops its generation
-
-    def _record(self, model: str, result: Generation, started: float) -> None:
-        m = self.metrics
-        m.generated.labels(model).inc(result.completion_tokens)
-        m.prompt.labels(model).inc(result.prompt_tokens)
-        if result.first_token_at is not None:
-            m.ttft.labels(model).observe(result.first_token_at - started)
-        rate = result.decode_tokens_per_second
-        if rate is not None:
-            m.tokens_per_second.labels(model).set(rate)
 
 
 async def _events(job: _Job) -> AsyncIterator[str]:

@@ -1,0 +1,112 @@
+"""Shared fixtures: tiny generated models, bundles built from them, a CLI runner, a live server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from edgepack.packager.build import BuildOptions, build  # noqa: E402
+from edgepack.runtime.boards import load_board  # noqa: E402
+from edgepack.runtime.store import Store  # noqa: E402
+from tiny_model import write_tiny_llama  # noqa: E402
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The real `edgepack` command, in a child process."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack.runtime.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def build_bundle(source: Path, output: Path, **kwargs) -> Path:
+    options = {"board": load_board("host"), "quiet": True, "bundle_version": 1, **kwargs}
+    build(BuildOptions(source=source, output=output, **options))
+    return output
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_gguf, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "tiny.edgepack"
+    return build_bundle(tiny_gguf, out, quant="Q8_0", name="tiny")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(base: str, process: subprocess.Popen, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early: {process.stderr.read() if process.stderr else ''}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become healthy")
+
+
+def start_server(store: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "edgepack.runtime.cli", "serve", "--store", str(store), "--port", str(port), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def served_store(tiny_bundle, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("store")
+    Store(store).install(tiny_bundle)
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(served_store) -> Iterator[str]:
+    process, base = start_server(served_store, "--threads", "2")
+    try:
+        wait_healthy(base, process)
+        yield base
+    finally:
+        stop_server(process)
+
+
+def post_json(url: str, doc: object, timeout: float = 60) -> tuple[int, dict]:
+    data = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())

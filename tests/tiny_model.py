@@ -1,0 +1,86 @@
+"""A tiny random llama written with the gguf writer: a valid model llama.cpp loads in milliseconds.
+
+Dimensions are multiples of 256 so every llama.cpp quant type (K-quants included) applies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+WORDS = [
+    "the", "a", "of", "and", "to", "in", "is", "it", "you", "that", "he", "was", "for", "on", "are", "with",
+    "as", "his", "they", "be", "at", "one", "have", "this", "from", "or", "had", "by", "hot", "word", "but",
+    "what", "some", "we", "can", "out", "other", "were", "all", "there", "when", "up", "use", "your", "how",
+    "said", "an", "each", "she", "which", "do", "their", "time", "if", "will", "way", "about", "many", "then",
+    "them", "write",
+]
+
+
+def vocab() -> tuple[list[str], list[float], list[int]]:
+    T = gguf.TokenType
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + ["\u2581" + w for w in WORDS]
+    types = [T.UNKNOWN, T.CONTROL, T.CONTROL] + [T.BYTE] * 256 + [T.NORMAL] * len(WORDS)
+    scores = [0.0] * 259 + [-float(i) for i in range(len(WORDS))]
+    return tokens, scores, [int(t) for t in types]
+
+
+def write_tiny_llama(
+    path: Path,
+    *,
+    n_layer: int = 4,
+    n_embd: int = 256,
+    n_ff: int = 512,
+    n_head: int = 4,
+    seed: int = 0,
+    chat_template: str | None = None,
+    name: str = "tiny-llama",
+) -> Path:
+    rng = np.random.default_rng(seed)
+    tokens, scores, types = vocab()
+    n_vocab = len(tokens)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(name)
+    writer.add_context_length(512)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
+
+    def norm() -> np.ndarray:
+        return np.ones(n_embd, dtype=np.float32)
+
+    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
+    writer.add_tensor("output_norm.weight", norm())
+    writer.add_tensor("output.weight", weight(n_vocab, n_embd))
+    for i in range(n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
+        for part in ("q", "k", "v", "output"):
+            writer.add_tensor(f"blk.{i}.attn_{part}.weight", weight(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(n_ff, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, n_ff))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
