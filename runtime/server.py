@@ -152,9 +152,10 @@ class Service:
         try:
             engines = self._load()
             self.state = "warming"
-            for engine in engines.values():  # touch the weights and build compute buffers once
+            for engine in engines.values():  # touch the weights, build compute buffers, list EOG tokens
                 prompt = engine.tokenize("Hello")
-                for _ in engine.generate(prompt, Sampling(max_tokens=2, temperature=0), Generation()):
+                warm = Sampling(max_tokens=2, temperature=0, ignore_eos=True)
+                for _ in engine.generate(prompt, warm, Generation()):
                     pass
             self.workers = {name: _ModelWorker(engine, self.metrics) for name, engine in engines.items()}
             self.state = "ready"
