@@ -60,7 +60,7 @@ def demo(work_dir: Path, board: str, question: str, port: int | None) -> None:
     store_dir = work_dir / "store"
     installed = Store(store_dir).install(bundle)
     click.echo(f"[3/5] install: release {installed.release} in {store_dir} ({installed.seconds:.2f}s)")
-    port = port or _free_port()
+    port = port or free_port()
     base = f"http://127.0.0.1:{port}"
     click.echo(f"[4/5] serve: {base}")
     server = subprocess.Popen(
@@ -68,7 +68,7 @@ def demo(work_dir: Path, board: str, question: str, port: int | None) -> None:
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        _wait_ready(base, server)
+        wait_ready(base, server)
         click.echo(f"[5/5] ask: {question}")
         answer = _post(f"{base}/v1/chat/completions", {
             "model": "gemma3-270m", "messages": [{"role": "user", "content": question}],
@@ -83,21 +83,28 @@ def demo(work_dir: Path, board: str, question: str, port: int | None) -> None:
                                 "edgepack_process_resident_memory_bytes", "edgepack_generated_tokens_total")):
                 click.echo(f"metric: {line}")
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
     click.echo("server stopped; demo done")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _wait_ready(base: str, server: subprocess.Popen, timeout: float = 120) -> None:
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM (a graceful uvicorn shutdown), then SIGKILL if it hangs."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def wait_ready(base: str, server: subprocess.Popen, timeout: float = 120) -> None:
+    """Return once GET /health answers 200; fail if the server exits or the time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:

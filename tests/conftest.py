@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,6 +15,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from edgepack.packager.build import BuildOptions, build  # noqa: E402
+from edgepack.packager.demo import free_port, wait_ready  # noqa: E402
+from edgepack.packager.demo import stop as stop_server  # noqa: E402
 from edgepack.runtime.boards import load_board  # noqa: E402
 from edgepack.runtime.store import Store  # noqa: E402
 from tiny_model import write_tiny_llama  # noqa: E402
@@ -46,27 +46,6 @@ def tiny_bundle(tiny_gguf, tmp_path_factory) -> Path:
     return build_bundle(tiny_gguf, out, quant="Q8_0", name="tiny")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(base: str, process: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early: {process.stderr.read() if process.stderr else ''}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become healthy")
-
-
 def start_server(store: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = subprocess.Popen(
@@ -74,15 +53,6 @@ def start_server(store: Path, *extra: str) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     return process, f"http://127.0.0.1:{port}"
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +66,7 @@ def served_store(tiny_bundle, tmp_path_factory) -> Path:
 def server(served_store) -> Iterator[str]:
     process, base = start_server(served_store, "--threads", "2")
     try:
-        wait_healthy(base, process)
+        wait_ready(base, process)
         yield base
     finally:
         stop_server(process)

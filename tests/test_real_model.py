@@ -6,7 +6,7 @@ import json
 
 import openai
 import pytest
-from conftest import run_cli, start_server, stop_server, wait_healthy
+from conftest import run_cli, start_server, stop_server, wait_ready
 
 pytestmark = pytest.mark.real_model
 
@@ -50,7 +50,7 @@ PROMPT = "The capital of France is"
 def test_gemma_answers_over_the_openai_api(gemma_store, reference_completion):
     process, base = start_server(gemma_store[0], "--threads", "2")
     try:
-        wait_healthy(base, process, timeout=120)
+        wait_ready(base, process, timeout=120)
         client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
         reply = client.chat.completions.create(
             model="gemma3-270m", messages=[{"role": "user", "content": "What is the capital of France?"}],
