@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import tempfile
+import time
 from pathlib import Path
 
 import click
+from edgepack.runtime import hardware
 from edgepack.runtime.boards import HOST, load_board
 from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest
 from edgepack.runtime.cli import format_table
 from edgepack.runtime.store import bundle_manifest
 
 from . import build as build_mod
-from . import gguf_info
+from . import evaluate, gguf_info, model_files
+from .evaluate import SCORINGS
 from .errors import PackagerError
 
 
@@ -78,6 +82,61 @@ def inspect(path: Path, as_json: bool) -> None:
         click.echo(format_table([("FIELD", "VALUE")] + [(k, _show(v)) for k, v in doc.items()]))
 
 
+@click.command(name="eval")
+@click.argument("reference")
+@click.argument("candidate")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Evaluation text (default: the project's own, packager/data/eval.txt).")
+@click.option("--tasks", "tasks_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL of agent prompts whose greedy answers are compared.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(16, 8192), help="Chunk size in tokens.")
+@click.option("--scoring", default="half", show_default=True, type=click.Choice(SCORINGS),
+              help="half: score the second half of each chunk (llama-perplexity's convention); all: every position.")
+@click.option("--chunks", "max_chunks", type=click.IntRange(1), help="Use at most this many chunks.")
+@click.option("--threads", default=hardware.default_threads(), show_default=True, type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def eval_command(reference: str, candidate: str, text_file: Path | None, tasks_file: Path | None, ctx: int,
+                 scoring: str, max_chunks: int | None, threads: int, as_json: bool) -> None:
+    """Measure CANDIDATE against REFERENCE (each a .gguf, or a .edgepack[#model]): PPL, KLD, top-1, tasks."""
+    started = time.monotonic()
+    text = _read_text(text_file) if text_file else evaluate.default_text("eval")
+    with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as scratch:
+        ref = model_files.resolve(reference, Path(scratch))
+        cand = model_files.resolve(candidate, Path(scratch))
+        metrics = evaluate.compare_text(ref.paths, cand.paths, text, ctx=ctx, scoring=scoring,
+                                        max_chunks=max_chunks, threads=threads)
+        tasks = None
+        if tasks_file is not None:
+            tasks = evaluate.compare_tasks(ref.paths, cand.paths, evaluate.load_tasks(tasks_file), threads=threads,
+                                           chat_template=ref.chat_template or cand.chat_template)
+    doc = evaluate.as_dict(metrics, tasks, time.monotonic() - started)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    rows = [("METRIC", "VALUE"), ("reference", ref.label), ("candidate", cand.label)]
+    rows += [
+        ("PPL reference", f"{metrics.ppl_reference:.4f}"), ("PPL candidate", f"{metrics.ppl_candidate:.4f}"),
+        ("mean KLD", f"{metrics.kld_mean:.6f}"), ("median KLD", f"{metrics.kld_median:.6f}"),
+        ("p99 KLD", f"{metrics.kld_p99:.6f}"), ("top-1 agreement", f"{metrics.top1_agreement:.2%}"),
+        ("positions scored", f"{metrics.tokens} ({metrics.chunks} chunks of {ctx}, scoring {scoring})"),
+    ]
+    if tasks is not None:
+        rows += [("task exact match", f"{tasks.exact_match:.2%} of {tasks.tasks}")]
+        if tasks.structured:
+            rows += [("tool/JSON name agreement", f"{tasks.name_agreement:.2%} of {tasks.structured}"),
+                     ("tool/JSON argument agreement", f"{tasks.arguments_agreement:.2%}")]
+    click.echo(format_table(rows))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise PackagerError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PackagerError(f"{path}: not UTF-8 text") from None
+
+
 def _bundle_table(path: Path, m: Manifest) -> str:
     head = [("FIELD", "VALUE")] + [(k, str(v)) for k, v in (
         ("bundle", path.name), ("name", m.name), ("version", m.bundle_version), ("created", m.created),
@@ -108,5 +167,5 @@ def _show(value: object) -> str:
 def register(group: click.Group) -> None:
     from .demo import demo
 
-    for command in (build, inspect, demo):
+    for command in (build, inspect, eval_command, demo):
         group.add_command(command)
