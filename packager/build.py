@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+
 from edgepack.runtime import __version__, llama
 from edgepack.runtime.boards import BoardProfile
 from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest, ModelInfo, RuntimeDefaults, check_name

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
+
 from edgepack.runtime.bundle_format import MANIFEST_NAME, BlobInfo, Digest, Manifest
 
 _CHUNK = 4 << 20

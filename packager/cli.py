@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import click
+
 from edgepack.runtime import hardware
 from edgepack.runtime.boards import HOST, load_board
 from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest
@@ -16,8 +17,8 @@ from edgepack.runtime.store import bundle_manifest
 
 from . import build as build_mod
 from . import evaluate, gguf_info, model_files
-from .evaluate import SCORINGS
 from .errors import PackagerError
+from .evaluate import SCORINGS
 
 
 @click.command()

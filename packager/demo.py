@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import click
+
 from edgepack.runtime.store import Store
 
 from . import build as build_mod

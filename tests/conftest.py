@@ -14,12 +14,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from tiny_model import write_tiny_llama  # noqa: E402
+
 from edgepack.packager.build import BuildOptions, build  # noqa: E402
 from edgepack.packager.demo import free_port, wait_ready  # noqa: E402
 from edgepack.packager.demo import stop as stop_server  # noqa: E402
 from edgepack.runtime.boards import load_board  # noqa: E402
 from edgepack.runtime.store import Store  # noqa: E402
-from tiny_model import write_tiny_llama  # noqa: E402
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -7,11 +7,12 @@ import tarfile
 
 import pytest
 from conftest import build_bundle, run_cli
+from tiny_model import write_tiny_llama
+
 from edgepack.packager import gguf_info, segment
 from edgepack.packager.errors import PackagerError
 from edgepack.runtime.bundle_format import Manifest
 from edgepack.runtime.engine import Engine, Generation, Sampling
-from tiny_model import write_tiny_llama
 
 
 def manifest_of(bundle) -> Manifest:

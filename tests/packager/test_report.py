@@ -8,6 +8,7 @@ import sys
 
 import matplotlib.image
 import pytest
+
 from edgepack.packager.report import BuildReport, CandidateRow, LayerRow, TensorRow, write_report
 
 MIB = 1024 * 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from edgepack.runtime.engine import Engine, Generation, Sampling, _StopMatcher
 from edgepack.runtime.errors import EdgepackError
 

@@ -211,6 +211,7 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
     import threading
 
     from conftest import free_port
+
     from edgepack.runtime.loader import load_models, resolve_config
     from edgepack.runtime.server import Service
     from edgepack.runtime.store import Store

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from conftest import build_bundle, run_cli
+
 from edgepack.runtime.bundle_format import Digest, Manifest
 from edgepack.runtime.errors import EdgepackError
 from edgepack.runtime.store import Store
