@@ -19,7 +19,7 @@ from edgepack.runtime import __version__, llama
 from edgepack.runtime.boards import BoardProfile
 from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest, ModelInfo, RuntimeDefaults, check_name
 
-from . import bundle_writer, chat_templates, gguf_info, quant_types, quantize, segment
+from . import bundle_writer, chat_templates, compress, evaluate, gates, gguf_info, quant_types, report, segment
 from .errors import PackagerError
 
 
@@ -36,6 +36,18 @@ class BuildOptions:
     blocks_per_segment: int = 4
     zstd_level: int = 9
     quiet: bool = False
+    calibration: Path | None = None  # calibration text; None: the project's default text
+    no_calibration: bool = False
+    imatrix: Path | None = None
+    target_size: int | None = None  # bytes
+    target_bpw: float | None = None
+    prune: str | None = None  # "auto" or a block count
+    tier: str | None = None
+    eval_text: Path | None = None
+    tasks: Path | None = None
+    no_eval: bool = False
+    report: Path | None = None
+    threads: int = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +61,8 @@ class BuildResult:
     segments: int
     seconds: float
     notes: tuple[str, ...]
+    quality: dict
+    steps: tuple[tuple[str, float], ...]
 
 
 def build(opts: BuildOptions) -> BuildResult:
@@ -69,16 +83,15 @@ def build(opts: BuildOptions) -> BuildResult:
 
     with tempfile.TemporaryDirectory(prefix="edgepack-build-", dir=opts.output.parent) as tmp:
         work = Path(tmp)
-        model_path = source.path
-        if qtype is not None:
-            model_path = work / "model.gguf"
-            with ui.bar(len(source.tensors), f"quantize {source.file_type} -> {qtype.name}") as bar:
-                quantize.quantize(
-                    source.path, model_path, qtype,
-                    allow_requantize=opts.allow_requantize,
-                    progress=lambda done, total: bar.update(done - bar.pos),
-                )
-        model = gguf_info.read(model_path) if qtype is not None else source
+        result = compress.compress(source, work, _quality_options(opts, source, qtype, template), ui.step)
+        model_path = result.model
+        model = gguf_info.read(model_path) if model_path != source.path else source
+        if opts.report is not None:
+            _write_report(opts, name, source, result)
+        if result.verdict is not None:
+            ui.note(result.verdict.message)
+            if not result.verdict.passed:
+                raise PackagerError(f"quality gate: {result.verdict.message}; no bundle written")
         seg_dir = work / "segments"
         seg_dir.mkdir()
         tensor_bytes = sum(t.n_bytes for t in model.tensors)
@@ -108,6 +121,8 @@ def build(opts: BuildOptions) -> BuildResult:
                     chat_template=template,
                     context_length=model.context_length,
                     source={"file": opts.source.name, "size": source.size, "file_type": source.file_type},
+                    quality=result.quality,
+                    plan=result.plan,
                 ),
             ),
             runtime=RuntimeDefaults(
@@ -130,7 +145,56 @@ def build(opts: BuildOptions) -> BuildResult:
         segments=len(segments),
         seconds=time.monotonic() - started,
         notes=tuple(notes),
+        quality=result.quality,
+        steps=tuple(result.steps),
     )
+
+
+def _quality_options(opts: BuildOptions, source: gguf_info.GGUFInfo, qtype: quant_types.QuantType | None,
+                     template: str | None) -> compress.QualityOptions:
+    if opts.tier is not None:
+        gates.tolerance(opts.tier)  # validate before any heavy work
+    calibration, calibration_name = None, ""
+    if not opts.no_calibration:
+        calibration_name = opts.calibration.name if opts.calibration else "edgepack calibration.txt"
+        calibration = evaluate.read_text(opts.calibration) if opts.calibration else evaluate.default_text("calibration")
+    eval_text = None
+    if not opts.no_eval or opts.tier is not None:
+        eval_text = evaluate.read_text(opts.eval_text) if opts.eval_text else evaluate.default_text("eval")
+    target = opts.target_size
+    if opts.target_bpw is not None:
+        target = int(opts.target_bpw * source.parameters / 8) + (source.size - sum(t.n_bytes for t in source.tensors))
+    return compress.QualityOptions(
+        quant=qtype,
+        allow_requantize=opts.allow_requantize,
+        calibration_text=calibration,
+        calibration_name=calibration_name,
+        imatrix_file=opts.imatrix,
+        target_bytes=target,
+        prune=int(opts.prune) if opts.prune and opts.prune.isdigit() else opts.prune,
+        tier=opts.tier,
+        eval_text=eval_text,
+        tasks=evaluate.load_tasks(opts.tasks) if opts.tasks else None,
+        chat_template=template,
+        measure_candidates=opts.report is not None,
+        threads=opts.threads,
+    )
+
+
+def _write_report(opts: BuildOptions, name: str, source: gguf_info.GGUFInfo, result: compress.Compressed) -> None:
+    assert opts.report is not None
+    verdict = result.verdict.message if result.verdict else ""
+    report.write_report(opts.report, report.BuildReport(
+        model=name,
+        reference=f"source {source.path.name} ({source.file_type})",
+        reference_ppl=result.quality.get("ppl_reference"),
+        candidates=tuple(result.candidates),
+        layers=tuple(result.layers),
+        tensors=tuple(result.tensors),
+        steps=tuple(result.steps),
+        tier=opts.tier,
+        verdict=verdict,
+    ))
 
 
 def _choose_quant(source: gguf_info.GGUFInfo, opts: BuildOptions) -> tuple[quant_types.QuantType | None, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -16,9 +17,10 @@ from edgepack.runtime.cli import format_table
 from edgepack.runtime.store import bundle_manifest
 
 from . import build as build_mod
-from . import evaluate, gguf_info, model_files
+from . import evaluate, gguf_info, imatrix, model_files
 from .errors import PackagerError
-from .evaluate import SCORINGS
+from .evaluate import SCORINGS, read_text
+from .gates import TIERS
 
 
 @click.command()
@@ -33,15 +35,39 @@ from .evaluate import SCORINGS
 @click.option("--name", help="Model name clients use (default: from the file name).")
 @click.option("--bundle-version", type=click.IntRange(0), help="Monotonic bundle version (default: build time).")
 @click.option("--blocks-per-segment", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--calibration", help="Calibration text for the importance matrix (default: the project's own "
+                                     "text), or 'none' to quantize without one.")
+@click.option("--imatrix", "imatrix_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A precomputed importance matrix (edgepack calibrate / llama-imatrix GGUF format).")
+@click.option("--target-size", help="Plan per-tensor types to fit this size: bytes or with a unit (160MiB, 1.2GB).")
+@click.option("--target-bpw", type=click.FloatRange(1, 32), help="Plan per-tensor types for these bits per weight.")
+@click.option("--prune", help="Drop blocks: 'auto' (as many as the --tier allows) or a count.")
+@click.option("--tier", type=click.Choice(list(TIERS)), help="Tolerance tier: refuse a model that degrades more.")
+@click.option("--eval-text", type=click.Path(dir_okay=False, path_type=Path),
+              help="Text to measure quality on (default: the project's own evaluation text).")
+@click.option("--tasks", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL agent prompts: the answers must stay the same (part of the tier's measure).")
+@click.option("--no-eval", is_flag=True, help="Do not measure quality (not with --tier).")
+@click.option("--report", type=click.Path(file_okay=False, path_type=Path),
+              help="Write a report (tables, plots) of the candidates, layers and types to this directory.")
+@click.option("--threads", default=hardware.default_threads(), show_default=True, type=click.IntRange(1))
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def build(source: Path, output: Path, board: str, quant: str | None, allow_requantize: bool,
           chat_template: str | None, name: str | None, bundle_version: int | None, blocks_per_segment: int,
-          quiet: bool) -> None:
+          calibration: str | None, imatrix_file: Path | None, target_size: str | None, target_bpw: float | None,
+          prune: str | None, tier: str | None, eval_text: Path | None, tasks: Path | None, no_eval: bool,
+          report: Path | None, threads: int, quiet: bool) -> None:
     """Quantize SOURCE (a GGUF model) for a board and write one compressed, verifiable bundle."""
+    if prune is not None and prune != "auto" and not prune.isdigit():
+        raise PackagerError(f"--prune {prune!r}: expected 'auto' or a number of blocks")
     result = build_mod.build(build_mod.BuildOptions(
         source=source, output=output, board=load_board(board), quant=quant, allow_requantize=allow_requantize,
         chat_template=chat_template, name=name, bundle_version=bundle_version,
         blocks_per_segment=blocks_per_segment, quiet=quiet,
+        calibration=None if calibration in (None, "none") else Path(calibration),
+        no_calibration=calibration == "none", imatrix=imatrix_file,
+        target_size=parse_size(target_size) if target_size else None, target_bpw=target_bpw, prune=prune,
+        tier=tier, eval_text=eval_text, tasks=tasks, no_eval=no_eval, report=report, threads=threads,
     ))
     model = result.manifest.models[0]
     rows = [
@@ -51,6 +77,19 @@ def build(source: Path, output: Path, board: str, quant: str | None, allow_requa
         ("bundle", _mib(result.bundle_size), "", "", f"{result.bundle_size / result.source_size:.0%} of source"),
     ]
     click.echo(format_table(rows))
+    quality = result.quality
+    if "kld_mean" in quality:
+        click.echo(f"quality vs source: PPL {quality['ppl_reference']:.3f} -> {quality['ppl_candidate']:.3f}, "
+                   f"mean KLD {quality['kld_mean']:.5f}, p99 KLD {quality['kld_p99']:.4f}, "
+                   f"top-1 agreement {quality['top1_agreement']:.2%} ({quality['tokens']} positions)")
+    if model.plan:
+        types = ", ".join(f"{k}x{v}" for k, v in model.plan["types"].items())
+        click.echo(f"plan: {len(model.plan['tensors'])} tensors planned for {model.plan['target_bytes']:,} bytes "
+                   f"(got {model.plan['size']:,}): {types}")
+    if quality.get("pruned_layers"):
+        click.echo(f"pruned blocks: {quality['pruned_layers']}")
+    if result.steps:
+        click.echo("steps: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.steps))
     click.echo(f"wrote {result.output} ({model.name}, {model.parameters / 1e6:.1f}M parameters, "
                f"board {result.manifest.board}) in {result.seconds:.1f}s")
 
@@ -100,7 +139,7 @@ def eval_command(reference: str, candidate: str, text_file: Path | None, tasks_f
                  scoring: str, max_chunks: int | None, threads: int, as_json: bool) -> None:
     """Measure CANDIDATE against REFERENCE (each a .gguf, or a .edgepack[#model]): PPL, KLD, top-1, tasks."""
     started = time.monotonic()
-    text = _read_text(text_file) if text_file else evaluate.default_text("eval")
+    text = read_text(text_file) if text_file else evaluate.default_text("eval")
     with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as scratch:
         ref = model_files.resolve(reference, Path(scratch))
         cand = model_files.resolve(candidate, Path(scratch))
@@ -129,13 +168,35 @@ def eval_command(reference: str, candidate: str, text_file: Path | None, tasks_f
     click.echo(format_table(rows))
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError as exc:
-        raise PackagerError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise PackagerError(f"{path}: not UTF-8 text") from None
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--text", "text_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Calibration text (default: the project's own, packager/data/calibration.txt).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The importance matrix to write (GGUF, llama.cpp's imatrix format).")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(16, 8192))
+@click.option("--chunks", "max_chunks", type=click.IntRange(1), help="Use at most this many chunks.")
+@click.option("--threads", default=hardware.default_threads(), show_default=True, type=click.IntRange(1))
+def calibrate(model: Path, text_file: Path | None, output: Path, ctx: int, max_chunks: int | None,
+              threads: int) -> None:
+    """Collect MODEL's importance matrix (mean squared activations per input channel) over a text."""
+    text = read_text(text_file) if text_file else evaluate.default_text("calibration")
+    dataset = text_file.name if text_file else "edgepack calibration.txt"
+    matrix = imatrix.collect([model], text, ctx=ctx, threads=threads, max_chunks=max_chunks, dataset=dataset)
+    imatrix.save(matrix, output)
+    click.echo(f"wrote {output}: {len(matrix.sums)} tensors, {matrix.chunks} chunks of {ctx} tokens")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'160MiB', '1.5GB', '123456' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise PackagerError(f"size {text!r}: expected bytes or a number with B, KB, MB, GB, KiB, MiB or GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
 def _bundle_table(path: Path, m: Manifest) -> str:
@@ -168,5 +229,5 @@ def _show(value: object) -> str:
 def register(group: click.Group) -> None:
     from .demo import demo
 
-    for command in (build, inspect, eval_command, demo):
+    for command in (build, inspect, eval_command, calibrate, demo):
         group.add_command(command)

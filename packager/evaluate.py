@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from .errors import PackagerError
 from .forward import Forward
 
 SCORINGS = ("half", "all")
+DATA_DIR = Path(__file__).parent / "data"
 _TASK_MAX_TOKENS = 96
 
 
@@ -50,11 +50,20 @@ class TaskMetrics:
 
 def default_text(kind: str = "eval") -> str:
     """The project's own evaluation or calibration text (packager/data, CC0)."""
-    return (resources.files("edgepack.packager") / "data" / f"{kind}.txt").read_text()
+    return (DATA_DIR / f"{kind}.txt").read_text()
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise PackagerError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise PackagerError(f"{path}: not UTF-8 text") from None
 
 
 def default_tasks_path() -> Path:
-    return Path(str(resources.files("edgepack.packager") / "data" / "tasks.jsonl"))
+    return DATA_DIR / "tasks.jsonl"
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -117,11 +117,14 @@ class Forward:
     def tokenize(self, text: str) -> list[int]:
         """Like llama.cpp's tools: special tokens added (BOS), special text not parsed."""
         data = text.encode()
-        tokens = (llama_cpp.llama_token * (len(data) + 16))()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, len(tokens), True, False)
-        if n < 0:
-            raise PackagerError("tokenization failed")
-        return list(tokens[:n])
+        capacity = len(data) + 16
+        for _ in range(2):
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, True, False)
+            if n >= 0:
+                return list(tokens[:n])
+            capacity = -n
+        raise PackagerError("tokenization failed")
 
     def chunks(self, tokens: list[int], max_chunks: int | None = None) -> list[list[int]]:
         """Consecutive n_ctx-token chunks, each starting with BOS when the model adds one (as llama-perplexity)."""
@@ -137,7 +140,7 @@ class Forward:
             out.append(chunk)
         return out
 
-    def run(self, tokens: list[int], logits_from: int = 0) -> np.ndarray:
+    def run(self, tokens: list[int], logits_from: int = 0, keep_logits: bool = True) -> np.ndarray | None:
         """Evaluate one chunk from an empty cache; logits (float32) of positions logits_from.. ."""
         if len(tokens) > self.n_ctx:
             raise PackagerError(f"chunk of {len(tokens)} tokens exceeds n_ctx {self.n_ctx}")
@@ -152,6 +155,8 @@ class Forward:
             batch.logits[i] = i >= logits_from
         if llama_cpp.llama_decode(self._ctx, batch) != 0:
             raise PackagerError(f"llama.cpp failed to evaluate a chunk: {llama.last_error()}")
+        if not keep_logits:
+            return None
         rows = len(tokens) - logits_from
         pointer = llama_cpp.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab)).copy()

@@ -75,7 +75,9 @@ class ModelInfo:
     segments: tuple[Digest, ...]  # ordered GGUF splits; segments[0] holds the metadata
     chat_template: str | None  # manifest override (a llama.cpp built-in template name)
     context_length: int
-    source: dict[str, Any] = field(default_factory=dict)  # file name, size, sha256 of the source
+    source: dict[str, Any] = field(default_factory=dict)  # file name, size, type of the source
+    quality: dict[str, Any] = field(default_factory=dict)  # measured against the source (edgepack eval)
+    plan: dict[str, Any] = field(default_factory=dict)  # per-tensor types chosen under a size budget
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,8 @@ def _parse_model(m: _Fields, blobs: dict[Digest, BlobInfo]) -> ModelInfo:
         chat_template=m.get("chat_template", (str, type(None)), "a string or null", None),
         context_length=m.count("context_length", 0),
         source=m.get("source", dict, "an object", {}),
+        quality=m.get("quality", dict, "an object", {}),
+        plan=m.get("plan", dict, "an object", {}),
     )
 
 
