@@ -70,7 +70,9 @@ def collect(paths: list[Path], text: str, *, ctx: int = 512, threads: int = 2, m
         if not chunks:
             raise PackagerError(f"calibration text is shorter than one chunk of {ctx} tokens")
         for chunk in chunks:
-            model.run(chunk, len(chunk) - 1)
+            # Outputs for every position, so the output projection (often the largest tensor, or the
+            # tied token embedding) is measured too (llama-imatrix's --process-output).
+            model.run(chunk, 0, keep_logits=False)
             imatrix.chunks += 1
     if not imatrix.sums:
         raise PackagerError("no activations were collected (is this a dense llama.cpp model?)")

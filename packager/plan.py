@@ -27,7 +27,7 @@ from .imatrix import Imatrix
 # Pure llama.cpp quantizations that provide the per-tensor options (K-quants fall back to legacy
 # 32-blocks where a row is not a multiple of 256, as llama.cpp decides).
 LADDER = ("Q8_0", "Q6_K", "Q5_K_S", "Q4_K_S", "Q3_K_S", "Q2_K")
-_UNITS = 8000  # budget resolution of the knapsack
+_UNITS = 20000  # budget resolution of the knapsack
 
 
 @dataclass(frozen=True)
@@ -145,17 +145,29 @@ def _base_type(ladder: Ladder, target_bytes: int) -> str:
 def knapsack(items: list[tuple[Option, ...]], budget: int) -> list[int]:
     """Multiple-choice knapsack: one option per item, total bytes <= budget, least total error.
 
-    Dynamic programming over the budget in _UNITS steps; option costs are rounded up, so the result
-    never exceeds the budget.
+    Dynamic programming over the budget in _UNITS steps. Costs are rounded to the nearest step; if the
+    rounded choice overshoots the real budget, the step budget shrinks by the overshoot and it runs again.
     """
-    unit = max(1, -(-budget // _UNITS))
+    capacity_bytes = budget
+    for _ in range(8):
+        picks = _knapsack_units(items, capacity_bytes)
+        total = sum(items[i][k].n_bytes for i, k in enumerate(picks))
+        if total <= budget:
+            return picks
+        capacity_bytes -= total - budget
+    raise PackagerError("no combination of types fits the budget")
+
+
+def _knapsack_units(items: list[tuple[Option, ...]], budget: int) -> list[int]:
+    unit = max(1, budget // _UNITS)
     capacity = budget // unit
+    costs = [[round(o.n_bytes / unit) for o in options] for options in items]
     best = np.zeros(capacity + 1)  # least error using at most b units, over the items so far
     picks = np.zeros((len(items), capacity + 1), dtype=np.int8)
     for i, options in enumerate(items):
         candidate = np.full((len(options), capacity + 1), np.inf)
         for k, option in enumerate(options):
-            cost = -(-option.n_bytes // unit)
+            cost = costs[i][k]
             if cost <= capacity:
                 candidate[k, cost:] = best[: capacity + 1 - cost] + option.error
         picks[i] = candidate.argmin(axis=0)
@@ -167,5 +179,5 @@ def knapsack(items: list[tuple[Option, ...]], budget: int) -> list[int]:
     for i in range(len(items) - 1, -1, -1):
         k = int(picks[i, remaining])
         chosen.append(k)
-        remaining -= -(-items[i][k].n_bytes // unit)
+        remaining -= costs[i][k]
     return chosen[::-1]
