@@ -1,13 +1,19 @@
-"""`edgepack build`: source GGUF -> quantized (by llama.cpp) -> GGUF splits -> one verifiable bundle."""
+"""`edgepack build`: source GGUF(s) -> quantized (by llama.cpp) -> GGUF splits -> one verifiable bundle.
+
+A bundle holds one model, or (from a recipe) several models, LoRA adapters and agents; segments that
+models share are stored once. With `since`, the archive carries only the blobs the old bundle lacks.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,17 +23,30 @@ import click
 
 from edgepack.runtime import __version__, llama
 from edgepack.runtime.boards import BoardProfile
-from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest, ModelInfo, RuntimeDefaults, check_name
+from edgepack.runtime.bundle_format import (
+    BUNDLE_SUFFIX,
+    MEDIA_GGUF_LORA,
+    AdapterInfo,
+    AgentInfo,
+    Digest,
+    Manifest,
+    ModelInfo,
+    RuntimeDefaults,
+    check_name,
+)
+from edgepack.runtime.store import bundle_manifest
 
 from . import bundle_writer, chat_templates, compress, evaluate, gates, gguf_info, quant_types, report, segment
 from .errors import PackagerError
+from .recipe import Recipe
 
 
 @dataclass(frozen=True)
 class BuildOptions:
-    source: Path
     output: Path
     board: BoardProfile
+    source: Path | None = None  # one model, or:
+    recipe: Recipe | None = None  # several models, adapters and agents
     quant: str | None = None  # a type name, "keep", or None for the default
     allow_requantize: bool = False
     chat_template: str | None = None
@@ -47,22 +66,68 @@ class BuildOptions:
     tasks: Path | None = None
     no_eval: bool = False
     report: Path | None = None
+    since: Path | None = None  # write a delta against this older bundle
     threads: int = 2
+
+
+@dataclass(frozen=True)
+class _ModelJob:
+    name: str
+    source: Path
+    quant: str | None
+    chat_template: str | None
+    target_size: int | None
+    tier: str | None
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    info: ModelInfo
+    source_size: int
+    model_size: int
+    bits_per_weight: float
+    quality: dict
+    steps: tuple[tuple[str, float], ...]
+    notes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class BuildResult:
     output: Path
     manifest: Manifest
-    source_size: int
-    model_size: int
+    models: tuple[ModelResult, ...]
     bundle_size: int
-    bits_per_weight: float
-    segments: int
+    blobs_shipped: int
+    shared_bytes: int  # bytes of segments used by more than one model, counted once per extra use
     seconds: float
-    notes: tuple[str, ...]
-    quality: dict
-    steps: tuple[tuple[str, float], ...]
+
+    @property
+    def first(self) -> ModelResult:
+        return self.models[0]
+
+    @property
+    def source_size(self) -> int:
+        return sum(m.source_size for m in self.models)
+
+    @property
+    def model_size(self) -> int:
+        return self.first.model_size
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.first.bits_per_weight
+
+    @property
+    def segments(self) -> int:
+        return len(self.first.info.segments)
+
+    @property
+    def quality(self) -> dict:
+        return self.first.quality
+
+    @property
+    def steps(self) -> tuple[tuple[str, float], ...]:
+        return self.first.steps
 
 
 def build(opts: BuildOptions) -> BuildResult:
@@ -72,96 +137,162 @@ def build(opts: BuildOptions) -> BuildResult:
         raise PackagerError(f"output {opts.output} must end in {BUNDLE_SUFFIX}")
     if not opts.output.parent.is_dir():
         raise PackagerError(f"output directory {opts.output.parent} does not exist")
-    ui.step("reading source")
-    source = gguf_info.read(opts.source)
-    name = check_name(opts.name or _default_name(opts.source), "model name")
-    template, template_note = chat_templates.choose(source.architecture, source.chat_template, opts.chat_template)
-    qtype, quant_note = _choose_quant(source, opts)
-    notes = [n for n in (quant_note, template_note) if n]
-    for note in notes:
-        ui.note(note)
-
+    if (opts.source is None) == (opts.recipe is None):
+        raise PackagerError("build needs either a SOURCE model or --recipe")
+    old = bundle_manifest(opts.since) if opts.since is not None else None
+    jobs = _jobs(opts)
+    bundle_name = check_name(opts.name or (_default_name(opts.recipe.path) if opts.recipe else jobs[0].name),
+                             "bundle name")
     with tempfile.TemporaryDirectory(prefix="edgepack-build-", dir=opts.output.parent) as tmp:
         work = Path(tmp)
-        result = compress.compress(source, work, _quality_options(opts, source, qtype, template), ui.step)
-        model_path = result.model
-        model = gguf_info.read(model_path) if model_path != source.path else source
-        if opts.report is not None:
-            _write_report(opts, name, source, result)
-        if result.verdict is not None:
-            ui.note(result.verdict.message)
-            if not result.verdict.passed:
-                raise PackagerError(f"quality gate: {result.verdict.message}; no bundle written")
-        seg_dir = work / "segments"
-        seg_dir.mkdir()
-        tensor_bytes = sum(t.n_bytes for t in model.tensors)
-        with ui.bar(tensor_bytes, "segment") as bar:
-            segments = segment.write_segments(model, seg_dir, opts.blocks_per_segment, bar.update)
-        blobs: dict = {}
-        with ui.bar(sum(s.size for s in segments), "compress (zstd)") as bar:
-            for seg in segments:
-                if seg.digest not in blobs:
-                    blobs[seg.digest] = bundle_writer.compress(seg.path, seg.digest, work, opts.zstd_level, bar.update)
+        blobs: dict[Digest, bundle_writer.CompressedBlob] = {}
+        results = []
+        for job in jobs:
+            result, segments = _build_model(job, opts, work / job.name, ui)
+            results.append(result)
+            with ui.bar(sum(s.size for s in segments), f"compress {job.name} (zstd)") as bar:
+                for seg in segments:
+                    if seg.digest not in blobs:
+                        blobs[seg.digest] = bundle_writer.compress(seg.path, seg.digest, work, opts.zstd_level,
+                                                                   bar.update)
+                    else:
+                        bar.update(seg.size)
+        adapters = _adapters(opts.recipe, results, blobs, work, opts.zstd_level, ui) if opts.recipe else ()
+        agents = tuple(
+            AgentInfo(a.name, a.model, a.adapter, a.system_prompt, a.sampling, a.tier, a.latency_sla_ms)
+            for a in (opts.recipe.agents if opts.recipe else ())
+        )
         created = _now()
+        context = min(r.info.context_length or opts.board.n_ctx for r in results)
         manifest = Manifest(
-            name=name,
+            name=bundle_name,
             bundle_version=opts.bundle_version if opts.bundle_version is not None else int(created.timestamp()),
             created=created.isoformat().replace("+00:00", "Z"),
             builder=f"edgepack {__version__}",
             llama_cpp_version=llama.version(),
             board=opts.board.name,
-            models=(
-                ModelInfo(
-                    name=name,
-                    architecture=model.architecture,
-                    parameters=model.parameters,
-                    file_type=model.file_type,
-                    quant_types=model.quant_types,
-                    segments=tuple(s.digest for s in segments),
-                    chat_template=template,
-                    context_length=model.context_length,
-                    source={"file": opts.source.name, "size": source.size, "file_type": source.file_type},
-                    quality=result.quality,
-                    plan=result.plan,
-                ),
-            ),
-            runtime=RuntimeDefaults(
-                threads=opts.board.threads,
-                n_ctx=min(opts.board.n_ctx, model.context_length or opts.board.n_ctx),
-            ),
+            models=tuple(r.info for r in results),
+            runtime=RuntimeDefaults(threads=opts.board.threads, n_ctx=min(opts.board.n_ctx, context)),
             blobs={d: b.info for d, b in blobs.items()},
+            adapters=adapters,
+            agents=agents,
+            delta_since=f"{old.name} v{old.bundle_version}" if old else None,
         )
-        ui.step("write bundle")
-        bundle_size = bundle_writer.write_archive(
-            opts.output, manifest, list(blobs.values()), int(created.timestamp())
-        )
-    return BuildResult(
-        output=opts.output,
-        manifest=manifest,
-        source_size=source.size,
-        model_size=model.size,
-        bundle_size=bundle_size,
-        bits_per_weight=model.bits_per_weight,
-        segments=len(segments),
-        seconds=time.monotonic() - started,
-        notes=tuple(notes),
+        shipped = [b for d, b in blobs.items() if old is None or d not in old.blobs]
+        ui.step("write bundle" + (f" (delta: {len(shipped)} of {len(blobs)} blobs)" if old else ""))
+        bundle_size = bundle_writer.write_archive(opts.output, manifest, shipped, int(created.timestamp()))
+    uses = Counter(d for r in results for d in r.info.segments)
+    shared = sum(manifest.blobs[d].size * (n - 1) for d, n in uses.items() if n > 1)
+    return BuildResult(opts.output, manifest, tuple(results), bundle_size, len(shipped), shared,
+                       time.monotonic() - started)
+
+
+def _jobs(opts: BuildOptions) -> list[_ModelJob]:
+    if opts.recipe is None:
+        assert opts.source is not None
+        name = check_name(opts.name or _default_name(opts.source), "model name")
+        return [_ModelJob(name, opts.source, opts.quant, opts.chat_template, opts.target_size, opts.tier)]
+    return [
+        _ModelJob(m.name, m.source, m.quant or opts.quant, m.chat_template or opts.chat_template,
+                  parse_size(m.target_size) if m.target_size else opts.target_size,
+                  opts.tier or opts.recipe.model_tier(m))
+        for m in opts.recipe.models
+    ]
+
+
+def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui) -> tuple[ModelResult, list]:
+    work.mkdir(parents=True)
+    ui.step(f"{job.name}: reading {job.source.name}")
+    source = gguf_info.read(job.source)
+    template, template_note = chat_templates.choose(source.architecture, source.chat_template, job.chat_template)
+    qtype, quant_note = _choose_quant(source, job.quant, opts)
+    notes = tuple(n for n in (quant_note, template_note) if n)
+    for note in notes:
+        ui.note(note)
+    result = compress.compress(source, work, _quality_options(opts, job, source, qtype, template), ui.step)
+    model = gguf_info.read(result.model) if result.model != source.path else source
+    if opts.report is not None:
+        directory = opts.report if opts.recipe is None else opts.report / job.name
+        _write_report(directory, job, source, result)
+    if result.verdict is not None:
+        ui.note(result.verdict.message)
+        if not result.verdict.passed:
+            raise PackagerError(f"quality gate ({job.name}): {result.verdict.message}; no bundle written")
+    seg_dir = work / "segments"
+    seg_dir.mkdir()
+    with ui.bar(sum(t.n_bytes for t in model.tensors), f"segment {job.name}") as bar:
+        segments = segment.write_segments(model, seg_dir, opts.blocks_per_segment, bar.update)
+    info = ModelInfo(
+        name=job.name,
+        architecture=model.architecture,
+        parameters=model.parameters,
+        file_type=model.file_type,
+        quant_types=model.quant_types,
+        segments=tuple(s.digest for s in segments),
+        chat_template=template,
+        context_length=model.context_length,
+        source={"file": job.source.name, "size": source.size, "file_type": source.file_type},
         quality=result.quality,
-        steps=tuple(result.steps),
+        plan=result.plan,
     )
+    return ModelResult(info, source.size, model.size, model.bits_per_weight, result.quality,
+                       tuple(result.steps), notes), segments
 
 
-def _quality_options(opts: BuildOptions, source: gguf_info.GGUFInfo, qtype: quant_types.QuantType | None,
-                     template: str | None) -> compress.QualityOptions:
-    if opts.tier is not None:
-        gates.tolerance(opts.tier)  # validate before any heavy work
+def _adapters(recipe: Recipe, results: list[ModelResult], blobs: dict, work: Path, level: int,
+              ui: _Ui) -> tuple[AdapterInfo, ...]:
+    """LoRA adapters ship as they are, one blob each, after checking they fit their base's architecture."""
+    arch = {r.info.name: r.info.architecture for r in results}
+    out = []
+    for spec in recipe.adapters:
+        ui.step(f"adapter {spec.name}: {spec.source.name}")
+        adapter = gguf_info.read(spec.source)
+        if adapter.general_type != "adapter":
+            raise PackagerError(f"{spec.source}: not a LoRA adapter GGUF (general.type is {adapter.general_type!r})")
+        if adapter.architecture != arch[spec.base]:
+            raise PackagerError(f"{spec.source}: adapter is for {adapter.architecture!r}, its base {spec.base!r} "
+                                f"is {arch[spec.base]!r}")
+        digest = Digest(_sha256(spec.source))
+        if digest not in blobs:
+            blob = bundle_writer.compress(spec.source, digest, work, level, lambda n: None)
+            blobs[digest] = bundle_writer.CompressedBlob(
+                type(blob.info)(digest, blob.info.size, blob.info.zsize, MEDIA_GGUF_LORA), blob.path)
+        out.append(AdapterInfo(spec.name, spec.base, digest, spec.scale))
+    return tuple(out)
+
+
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'160MiB', '1.5GB', '123456' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise PackagerError(f"size {text!r}: expected bytes or a number with B, KB, MB, GB, KiB, MiB or GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def _quality_options(opts: BuildOptions, job: _ModelJob, source: gguf_info.GGUFInfo,
+                     qtype: quant_types.QuantType | None, template: str | None) -> compress.QualityOptions:
+    if job.tier is not None:
+        gates.tolerance(job.tier)  # validate before any heavy work
     calibration, calibration_name = None, ""
     if not opts.no_calibration:
         calibration_name = opts.calibration.name if opts.calibration else "edgepack calibration.txt"
         calibration = evaluate.read_text(opts.calibration) if opts.calibration else evaluate.default_text("calibration")
     eval_text = None
-    if not opts.no_eval or opts.tier is not None:
+    if not opts.no_eval or job.tier is not None:
         eval_text = evaluate.read_text(opts.eval_text) if opts.eval_text else evaluate.default_text("eval")
-    target = opts.target_size
+    target = job.target_size
     if opts.target_bpw is not None:
         target = int(opts.target_bpw * source.parameters / 8) + (source.size - sum(t.n_bytes for t in source.tensors))
     return compress.QualityOptions(
@@ -172,7 +303,7 @@ def _quality_options(opts: BuildOptions, source: gguf_info.GGUFInfo, qtype: quan
         imatrix_file=opts.imatrix,
         target_bytes=target,
         prune=int(opts.prune) if opts.prune and opts.prune.isdigit() else opts.prune,
-        tier=opts.tier,
+        tier=job.tier,
         eval_text=eval_text,
         tasks=evaluate.load_tasks(opts.tasks) if opts.tasks else None,
         chat_template=template,
@@ -181,25 +312,24 @@ def _quality_options(opts: BuildOptions, source: gguf_info.GGUFInfo, qtype: quan
     )
 
 
-def _write_report(opts: BuildOptions, name: str, source: gguf_info.GGUFInfo, result: compress.Compressed) -> None:
-    assert opts.report is not None
+def _write_report(directory: Path, job: _ModelJob, source: gguf_info.GGUFInfo, result: compress.Compressed) -> None:
     verdict = result.verdict.message if result.verdict else ""
-    report.write_report(opts.report, report.BuildReport(
-        model=name,
+    report.write_report(directory, report.BuildReport(
+        model=job.name,
         reference=f"source {source.path.name} ({source.file_type})",
         reference_ppl=result.quality.get("ppl_reference"),
         candidates=tuple(result.candidates),
         layers=tuple(result.layers),
         tensors=tuple(result.tensors),
         steps=tuple(result.steps),
-        tier=opts.tier,
+        tier=job.tier,
         verdict=verdict,
     ))
 
 
-def _choose_quant(source: gguf_info.GGUFInfo, opts: BuildOptions) -> tuple[quant_types.QuantType | None, str]:
+def _choose_quant(source: gguf_info.GGUFInfo, requested: str | None,
+                  opts: BuildOptions) -> tuple[quant_types.QuantType | None, str]:
     """The type to quantize to (None: keep the source's tensors) and a note saying why."""
-    requested = opts.quant
     if requested is not None and requested.lower() == quant_types.KEEP:
         return None, f"keeping the source's types ({source.file_type})"
     if requested is None and source.quantized:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -18,23 +17,29 @@ from edgepack.runtime.store import bundle_manifest
 
 from . import build as build_mod
 from . import evaluate, gguf_info, imatrix, model_files
+from . import recipe as recipe_mod
+from .build import parse_size
 from .errors import PackagerError
 from .evaluate import SCORINGS, read_text
 from .gates import TIERS
 
 
 @click.command()
-@click.argument("source", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("source", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help=f"The bundle to write (*{BUNDLE_SUFFIX}).")
-@click.option("--board", default=HOST, show_default=True, help="Target board profile (see `edgepack boards`).")
+@click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
+              help="A TOML recipe of models, adapters and agents (see `edgepack init`) instead of SOURCE.")
+@click.option("--board", help="Target board profile (see `edgepack boards`; default: the recipe's, else this host).")
 @click.option("--quant", help="llama.cpp type (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q3_K_M, Q2_K, ...) or 'keep'; "
                               "default: the board's, or keep for an already quantized source.")
 @click.option("--allow-requantize", is_flag=True, help="Requantize an already quantized source.")
 @click.option("--chat-template", help="A llama.cpp built-in template name (gemma, chatml, llama3, ...).")
-@click.option("--name", help="Model name clients use (default: from the file name).")
+@click.option("--name", help="Model name clients use (default: from the file name); with a recipe, the bundle's.")
 @click.option("--bundle-version", type=click.IntRange(0), help="Monotonic bundle version (default: build time).")
 @click.option("--blocks-per-segment", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--since", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write a delta: only the blobs this older bundle does not have.")
 @click.option("--calibration", help="Calibration text for the importance matrix (default: the project's own "
                                      "text), or 'none' to quantize without one.")
 @click.option("--imatrix", "imatrix_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -52,46 +57,76 @@ from .gates import TIERS
               help="Write a report (tables, plots) of the candidates, layers and types to this directory.")
 @click.option("--threads", default=hardware.default_threads(), show_default=True, type=click.IntRange(1))
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def build(source: Path, output: Path, board: str, quant: str | None, allow_requantize: bool,
-          chat_template: str | None, name: str | None, bundle_version: int | None, blocks_per_segment: int,
-          calibration: str | None, imatrix_file: Path | None, target_size: str | None, target_bpw: float | None,
-          prune: str | None, tier: str | None, eval_text: Path | None, tasks: Path | None, no_eval: bool,
-          report: Path | None, threads: int, quiet: bool) -> None:
-    """Quantize SOURCE (a GGUF model) for a board and write one compressed, verifiable bundle."""
+def build(source: Path | None, output: Path, recipe: Path | None, board: str | None, quant: str | None,
+          allow_requantize: bool, chat_template: str | None, name: str | None, bundle_version: int | None,
+          blocks_per_segment: int, since: Path | None, calibration: str | None, imatrix_file: Path | None,
+          target_size: str | None, target_bpw: float | None, prune: str | None, tier: str | None,
+          eval_text: Path | None, tasks: Path | None, no_eval: bool, report: Path | None, threads: int,
+          quiet: bool) -> None:
+    """Quantize SOURCE (a GGUF model), or the models of a --recipe, for a board and write one compressed,
+    verifiable bundle."""
     if prune is not None and prune != "auto" and not prune.isdigit():
         raise PackagerError(f"--prune {prune!r}: expected 'auto' or a number of blocks")
+    if (source is None) == (recipe is None):
+        raise PackagerError("give either a SOURCE model or --recipe FILE")
+    parsed = recipe_mod.load(recipe) if recipe else None
     result = build_mod.build(build_mod.BuildOptions(
-        source=source, output=output, board=load_board(board), quant=quant, allow_requantize=allow_requantize,
-        chat_template=chat_template, name=name, bundle_version=bundle_version,
-        blocks_per_segment=blocks_per_segment, quiet=quiet,
+        source=source, recipe=parsed, output=output, board=load_board(board or (parsed and parsed.board) or HOST),
+        quant=quant, allow_requantize=allow_requantize, chat_template=chat_template, name=name,
+        bundle_version=bundle_version, blocks_per_segment=blocks_per_segment, quiet=quiet, since=since,
         calibration=None if calibration in (None, "none") else Path(calibration),
         no_calibration=calibration == "none", imatrix=imatrix_file,
         target_size=parse_size(target_size) if target_size else None, target_bpw=target_bpw, prune=prune,
         tier=tier, eval_text=eval_text, tasks=tasks, no_eval=no_eval, report=report, threads=threads,
     ))
-    model = result.manifest.models[0]
-    rows = [
-        ("", "SIZE", "BITS/WEIGHT", "SEGMENTS", "TYPE"),
-        ("source", _mib(result.source_size), "", "", model.source.get("file_type", "")),
-        ("model", _mib(result.model_size), f"{result.bits_per_weight:.2f}", str(result.segments), model.file_type),
-        ("bundle", _mib(result.bundle_size), "", "", f"{result.bundle_size / result.source_size:.0%} of source"),
-    ]
+    rows = [("MODEL", "SOURCE", "MODEL SIZE", "BITS/WEIGHT", "SEGMENTS", "TYPE")]
+    for m in result.models:
+        rows.append((m.info.name, f"{_mib(m.source_size)} {m.info.source.get('file_type', '')}",
+                     _mib(m.model_size), f"{m.bits_per_weight:.2f}", str(len(m.info.segments)), m.info.file_type))
     click.echo(format_table(rows))
-    quality = result.quality
+    for m in result.models:
+        _echo_model_details(m, len(result.models) > 1)
+    if result.manifest.adapters:
+        click.echo("adapters: " + ", ".join(f"{a.name} (on {a.base})" for a in result.manifest.adapters))
+    if result.manifest.agents:
+        click.echo("agents: " + ", ".join(a.name for a in result.manifest.agents))
+    if result.shared_bytes:
+        click.echo(f"shared segments: {_mib(result.shared_bytes)} stored once instead of per model")
+    delta = f" (delta since {result.manifest.delta_since}: {result.blobs_shipped} of " \
+            f"{len(result.manifest.blobs)} blobs)" if result.manifest.delta_since else ""
+    click.echo(f"bundle: {_mib(result.bundle_size)}, {result.bundle_size / result.source_size:.0%} of the sources"
+               f"{delta}")
+    click.echo(f"wrote {result.output} ({result.manifest.name}, board {result.manifest.board}) "
+               f"in {result.seconds:.1f}s")
+
+
+def _echo_model_details(m: build_mod.ModelResult, prefix_name: bool) -> None:
+    prefix = f"{m.info.name}: " if prefix_name else ""
+    quality = m.quality
     if "kld_mean" in quality:
-        click.echo(f"quality vs source: PPL {quality['ppl_reference']:.3f} -> {quality['ppl_candidate']:.3f}, "
+        click.echo(f"{prefix}quality vs source: PPL {quality['ppl_reference']:.3f} -> {quality['ppl_candidate']:.3f}, "
                    f"mean KLD {quality['kld_mean']:.5f}, p99 KLD {quality['kld_p99']:.4f}, "
                    f"top-1 agreement {quality['top1_agreement']:.2%} ({quality['tokens']} positions)")
-    if model.plan:
-        types = ", ".join(f"{k}x{v}" for k, v in model.plan["types"].items())
-        click.echo(f"plan: {len(model.plan['tensors'])} tensors planned for {model.plan['target_bytes']:,} bytes "
-                   f"(got {model.plan['size']:,}): {types}")
+    if m.info.plan:
+        plan = m.info.plan
+        types = ", ".join(f"{k}x{v}" for k, v in plan["types"].items())
+        click.echo(f"{prefix}plan: {len(plan['tensors'])} tensors planned for {plan['target_bytes']:,} bytes "
+                   f"(got {plan['size']:,}): {types}")
     if quality.get("pruned_layers"):
-        click.echo(f"pruned blocks: {quality['pruned_layers']}")
-    if result.steps:
-        click.echo("steps: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in result.steps))
-    click.echo(f"wrote {result.output} ({model.name}, {model.parameters / 1e6:.1f}M parameters, "
-               f"board {result.manifest.board}) in {result.seconds:.1f}s")
+        click.echo(f"{prefix}pruned blocks: {quality['pruned_layers']}")
+    if m.steps:
+        click.echo(f"{prefix}steps: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in m.steps))
+
+
+@click.command()
+@click.argument("path", default="edgepack.toml", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(path: Path, force: bool) -> None:
+    """Write a commented example recipe (default: edgepack.toml)."""
+    if path.exists() and not force:
+        raise PackagerError(f"{path} exists: pass --force to overwrite it")
+    path.write_text(recipe_mod.EXAMPLE)
+    click.echo(f"wrote {path}: edit the sources, then `edgepack build --recipe {path} -o agents.edgepack`")
 
 
 @click.command()
@@ -187,18 +222,6 @@ def calibrate(model: Path, text_file: Path | None, output: Path, ctx: int, max_c
     click.echo(f"wrote {output}: {len(matrix.sums)} tensors, {matrix.chunks} chunks of {ctx} tokens")
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'160MiB', '1.5GB', '123456' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise PackagerError(f"size {text!r}: expected bytes or a number with B, KB, MB, GB, KiB, MiB or GiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
-
-
 def _bundle_table(path: Path, m: Manifest) -> str:
     head = [("FIELD", "VALUE")] + [(k, str(v)) for k, v in (
         ("bundle", path.name), ("name", m.name), ("version", m.bundle_version), ("created", m.created),
@@ -229,5 +252,5 @@ def _show(value: object) -> str:
 def register(group: click.Group) -> None:
     from .demo import demo
 
-    for command in (build, inspect, eval_command, calibrate, demo):
+    for command in (build, init, inspect, eval_command, calibrate, demo):
         group.add_command(command)

@@ -32,6 +32,7 @@ class GGUFInfo:
     size: int
     architecture: str
     name: str | None
+    general_type: str | None  # "model", "adapter", "imatrix", ... when the file says
     file_type: str  # e.g. "Q4_K_M", or "unknown (N)"
     quantized: bool
     parameters: int
@@ -97,6 +98,7 @@ def read(path: Path | str) -> GGUFInfo:
         size=path.stat().st_size,
         architecture=arch,
         name=value("general.name"),
+        general_type=value("general.type"),
         file_type=file_type,
         quantized=quantized,
         parameters=sum(t.n_elements for t in tensors),

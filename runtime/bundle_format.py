@@ -23,6 +23,7 @@ BUNDLE_SUFFIX = ".edgepack"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_BLOB_BYTES = 64 * 1024**3  # one segment; far above any split a board can hold
 MEDIA_GGUF_SEGMENT = "application/vnd.edgepack.gguf-split"
+MEDIA_GGUF_LORA = "application/vnd.edgepack.gguf-lora"
 
 _DIGEST_RE = re.compile(r"sha256[-:]([0-9a-f]{64})")
 
@@ -81,6 +82,27 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    base: str  # the model it applies to
+    digest: Digest  # the adapter's GGUF, one blob
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What clients name in "model": a model, optionally with an adapter, a system prompt, defaults."""
+
+    name: str
+    model: str
+    adapter: str | None = None
+    system_prompt: str | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    tier: str | None = None
+    latency_sla_ms: int | None = None
+
+
+@dataclass(frozen=True)
 class RuntimeDefaults:
     threads: int | None = None  # None: physical cores of the device
     n_ctx: int = 4096
@@ -99,7 +121,19 @@ class Manifest:
     models: tuple[ModelInfo, ...]
     runtime: RuntimeDefaults
     blobs: dict[Digest, BlobInfo]
+    adapters: tuple[AdapterInfo, ...] = ()
+    agents: tuple[AgentInfo, ...] = ()  # empty: every model is an agent of its own name
+    delta_since: str | None = None  # a delta bundle: the blobs of this release are not in the archive
     format_version: int = FORMAT_VERSION
+
+    def agent_list(self) -> tuple[AgentInfo, ...]:
+        return self.agents or tuple(AgentInfo(m.name, m.name) for m in self.models)
+
+    def adapter(self, name: str) -> AdapterInfo:
+        for adapter in self.adapters:
+            if adapter.name == name:
+                return adapter
+        raise EdgepackError(f"bundle {self.name!r} has no adapter {name!r}")
 
     def model(self, name: str | None) -> ModelInfo:
         if name is None:
@@ -121,6 +155,9 @@ class Manifest:
             "models": [
                 {**asdict(m), "segments": [str(d) for d in m.segments]} for m in self.models
             ],
+            "adapters": [{**asdict(a), "digest": str(a.digest)} for a in self.adapters],
+            "agents": [asdict(a) for a in self.agents],
+            "delta_since": self.delta_since,
             "runtime": asdict(self.runtime),
             "blobs": {
                 str(d): {"size": b.size, "zsize": b.zsize, "media_type": b.media_type}
@@ -226,7 +263,17 @@ def _parse_manifest(f: _Fields) -> Manifest:
         n_batch=r.count("n_batch", 512, minimum=1),
         max_tokens=r.count("max_tokens", 512, minimum=1),
     )
+    model_names = {m.name for m in models}
+    adapters = tuple(_parse_adapter(a, blobs, model_names) for a in f.items("adapters")) if "adapters" in f.doc else ()
+    adapter_base = {a.name: a.base for a in adapters}
+    agents = tuple(_parse_agent(a, model_names, adapter_base) for a in f.items("agents")) if "agents" in f.doc else ()
+    for kind, names in (("adapters", [a.name for a in adapters]), ("agents", [a.name for a in agents])):
+        if len(set(names)) != len(names):
+            f.fail(kind, "unique names", names)
     return Manifest(
+        adapters=adapters,
+        agents=agents,
+        delta_since=f.get("delta_since", (str, type(None)), "a string or null", None),
         name=_safe_name(f, "name"),
         bundle_version=f.count("bundle_version"),
         created=f.text("created"),
@@ -264,6 +311,35 @@ def _parse_model(m: _Fields, blobs: dict[Digest, BlobInfo]) -> ModelInfo:
         source=m.get("source", dict, "an object", {}),
         quality=m.get("quality", dict, "an object", {}),
         plan=m.get("plan", dict, "an object", {}),
+    )
+
+
+def _parse_adapter(a: _Fields, blobs: dict[Digest, BlobInfo], models: set[str]) -> AdapterInfo:
+    digest = a.digest(a.get("digest", str, "a digest"), "digest")
+    if digest not in blobs:
+        a.fail("digest", "a digest listed in blobs", str(digest))
+    base = a.text("base")
+    if base not in models:
+        a.fail("base", "the name of a model of this bundle", base)
+    scale = a.get("scale", (int, float), "a number", 1.0)
+    return AdapterInfo(_safe_name(a, "name"), base, digest, float(scale))
+
+
+def _parse_agent(a: _Fields, models: set[str], adapter_base: dict[str, str]) -> AgentInfo:
+    model = a.text("model")
+    if model not in models:
+        a.fail("model", "the name of a model of this bundle", model)
+    adapter = a.get("adapter", (str, type(None)), "a string or null", None)
+    if adapter is not None and adapter_base.get(adapter) != model:
+        a.fail("adapter", f"an adapter of model {model!r}", adapter)
+    sampling = a.get("sampling", dict, "an object", {})
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in sampling.values()):
+        a.fail("sampling", "an object of numbers", sampling)
+    return AgentInfo(
+        name=_safe_name(a, "name"), model=model, adapter=adapter,
+        system_prompt=a.get("system_prompt", (str, type(None)), "a string or null", None),
+        sampling=sampling, tier=a.get("tier", (str, type(None)), "a string or null", None),
+        latency_sla_ms=a.get("latency_sla_ms", (int, type(None)), "an integer or null", None),
     )
 
 

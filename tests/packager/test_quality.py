@@ -142,7 +142,7 @@ def test_gate_refuses_a_too_lossy_candidate_and_writes_no_bundle(tiny_gguf, tmp_
     result = run_cli("build", str(tiny_gguf), "-o", str(out), "--quant", "Q2_K", "--tier", "critical",
                      "--report", str(tmp_path / "report"), "-q")
     assert result.returncode == 1
-    assert "quality gate: exceeds the critical tier" in result.stderr
+    assert "quality gate (tiny): exceeds the critical tier" in result.stderr
     assert not out.exists() and (tmp_path / "report" / "report.md").exists()
     ok = build_bundle(tiny_gguf, tmp_path / "ok.edgepack", quant="F16", tier="low-risk")
     quality = manifest_of(ok).models[0].quality
