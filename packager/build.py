@@ -7,6 +7,7 @@ models share are stored once. With `since`, the archive carries only the blobs t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -141,14 +142,15 @@ def build(opts: BuildOptions) -> BuildResult:
         raise PackagerError("build needs either a SOURCE model or --recipe")
     old = bundle_manifest(opts.since) if opts.since is not None else None
     jobs = _jobs(opts)
-    bundle_name = check_name(opts.name or (_default_name(opts.recipe.path) if opts.recipe else jobs[0].name),
-                             "bundle name")
+    default = _default_name(Path(opts.output.stem)) if opts.recipe else jobs[0].name
+    bundle_name = check_name(opts.name or default, "bundle name")
     with tempfile.TemporaryDirectory(prefix="edgepack-build-", dir=opts.output.parent) as tmp:
         work = Path(tmp)
         blobs: dict[Digest, bundle_writer.CompressedBlob] = {}
         results = []
+        imatrix_cache: dict = {}
         for job in jobs:
-            result, segments = _build_model(job, opts, work / job.name, ui)
+            result, segments = _build_model(job, opts, work / job.name, ui, imatrix_cache)
             results.append(result)
             with ui.bar(sum(s.size for s in segments), f"compress {job.name} (zstd)") as bar:
                 for seg in segments:
@@ -200,7 +202,8 @@ def _jobs(opts: BuildOptions) -> list[_ModelJob]:
     ]
 
 
-def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui) -> tuple[ModelResult, list]:
+def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui,
+                 imatrix_cache: dict) -> tuple[ModelResult, list]:
     work.mkdir(parents=True)
     ui.step(f"{job.name}: reading {job.source.name}")
     source = gguf_info.read(job.source)
@@ -209,7 +212,8 @@ def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui) -> tup
     notes = tuple(n for n in (quant_note, template_note) if n)
     for note in notes:
         ui.note(note)
-    result = compress.compress(source, work, _quality_options(opts, job, source, qtype, template), ui.step)
+    options = dataclasses.replace(_quality_options(opts, job, source, qtype, template), imatrix_cache=imatrix_cache)
+    result = compress.compress(source, work, options, ui.step)
     model = gguf_info.read(result.model) if result.model != source.path else source
     if opts.report is not None:
         directory = opts.report if opts.recipe is None else opts.report / job.name

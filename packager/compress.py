@@ -39,6 +39,9 @@ class QualityOptions:
     chat_template: str | None = None
     measure_candidates: bool = False  # also measure the uniform ladder types (for the report)
     threads: int = 2
+    # Importance matrices by (architecture, parameters), shared by the models of one build: variants of a
+    # base then quantize their identical tensors identically, so those segments stay shared.
+    imatrix_cache: dict[tuple[str, int], imatrix.Imatrix] | None = None
 
 
 @dataclass
@@ -76,8 +79,12 @@ def compress(source: GGUFInfo, work: Path, opts: QualityOptions, note: Callable[
     if opts.imatrix_file is not None:
         matrix = step("load imatrix", imatrix.load, opts.imatrix_file)
     elif opts.calibration_text is not None:
-        matrix = step("calibrate (imatrix)", imatrix.collect, [source.path], opts.calibration_text,
-                      threads=opts.threads, max_chunks=CALIBRATION_CHUNKS, dataset=opts.calibration_name)
+        key = (source.architecture, source.parameters)
+        cache = opts.imatrix_cache if opts.imatrix_cache is not None else {}
+        if key not in cache:
+            cache[key] = step("calibrate (imatrix)", imatrix.collect, [source.path], opts.calibration_text,
+                              threads=opts.threads, max_chunks=CALIBRATION_CHUNKS, dataset=opts.calibration_name)
+        matrix = cache[key]
 
     pruned: list[int] = []
     if opts.prune is not None:

@@ -163,7 +163,7 @@ def load(path: Path) -> Recipe:
     except tomllib.TOMLDecodeError as exc:
         raise PackagerError(f"{path}: not valid TOML ({exc})") from None
     top = _Table(path, "", doc)
-    top.unknown({"board", "name", "models", "adapters", "agents"})
+    top.unknown({"board", "models", "adapters", "agents"})
     board = top.get("board", str, "a board name")
     models = tuple(_model(_Table(path, f"models.{k}", v), k) for k, v in _tables(top, "models").items())
     if not models:

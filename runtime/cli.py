@@ -67,6 +67,14 @@ def rollback(store_dir: Path) -> None:
 
 @cli.command()
 @_store_option
+def gc(store_dir: Path) -> None:
+    """Remove blobs and releases that neither the current nor the previous release needs."""
+    releases, blobs, freed = Store(store_dir).gc()
+    click.echo(f"removed {len(releases)} release(s) and {blobs} blob(s), freed {freed / 2**20:.1f} MiB")
+
+
+@cli.command()
+@_store_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--threads", type=int, help="Threads per model (default: the board's, else physical cores).")
@@ -83,6 +91,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     config = resolve_config(manifest, threads, n_ctx)
     for info in manifest.models:
         store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
+    store.adapter_paths(manifest)
     server: uvicorn.Server | None = None
 
     def on_ready() -> None:
@@ -94,10 +103,12 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         if server is not None:
             server.should_exit = True
 
-    names = [m.name for m in manifest.models]
+    agents = list(manifest.agent_list())
+    names = [a.name for a in agents]
     service = Service(
-        lambda: load_models(store, manifest, config), names,
-        default_max_tokens=config.max_tokens, on_ready=on_ready, on_failure=on_failure,
+        lambda: load_models(store, manifest, config), agents,
+        default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in manifest.adapters},
+        on_ready=on_ready, on_failure=on_failure,
     )
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on http://{host}:{port}", err=True)
     server = uvicorn.Server(

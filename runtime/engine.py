@@ -92,8 +92,31 @@ class Engine:
         self.chat_template = chat_template or self._model_chat_template()
         self._eog_tokens: list[int] | None = None
         self._one = (llama_cpp.llama_token * 1)()
+        self._adapters: dict[str, ctypes.c_void_p] = {}
+
+    def load_adapter(self, name: str, path: Path) -> None:
+        """Load a LoRA adapter (GGUF) once; generations name it to apply it on top of the base."""
+        adapter = llama_cpp.llama_adapter_lora_init(self._model, str(path).encode())
+        if not adapter:
+            raise EdgepackError(f"llama.cpp could not load adapter {name!r} for {self.name!r}: {llama.last_error()}")
+        self._adapters[name] = adapter
+
+    def _apply_adapter(self, lora: tuple[str, float] | None) -> None:
+        if lora is None:
+            status = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            name, scale = lora
+            if name not in self._adapters:
+                raise EdgepackError(f"model {self.name!r} has no adapter {name!r}")
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._adapters[name])
+            status = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, (ctypes.c_float * 1)(scale))
+        if status != 0:
+            raise EdgepackError(f"llama.cpp could not set the adapter on {self.name!r}")
 
     def close(self) -> None:
+        for adapter in self._adapters.values():
+            llama_cpp.llama_adapter_lora_free(adapter)
+        self._adapters = {}
         if self._ctx:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -181,13 +204,16 @@ class Engine:
             )
 
     def generate(
-        self, prompt: list[int], sampling: Sampling, result: Generation, cancel: threading.Event | None = None
+        self, prompt: list[int], sampling: Sampling, result: Generation, cancel: threading.Event | None = None,
+        lora: tuple[str, float] | None = None,
     ) -> Iterator[str]:
-        """Yield text deltas; `result` holds counts, timings and the finish reason."""
+        """Yield text deltas; `result` holds counts, timings and the finish reason. `lora` is an adapter
+        name and scale to apply for this generation (None: the base model alone)."""
         if not prompt:
             raise EdgepackError("empty prompt")
         self.check_fits(len(prompt), sampling.max_tokens)
         with self._lock:
+            self._apply_adapter(lora)
             yield from self._generate_locked(prompt, sampling, result, cancel)
 
     def _decode(self, tokens: ctypes.Array, n: int) -> None:

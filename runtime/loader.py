@@ -49,6 +49,8 @@ def load_models(store: Store, manifest: Manifest, config: ServeConfig) -> dict[s
                 threads=config.threads,
                 chat_template=info.chat_template,
             )
+        for name, path in store.adapter_paths(manifest).items():
+            engines[manifest.adapter(name).base].load_adapter(name, path)
     except BaseException:
         for engine in engines.values():
             engine.close()

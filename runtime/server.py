@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import openai_api
+from .bundle_format import AgentInfo
 from .engine import Engine, Generation, Sampling
 from .errors import EdgepackError
 from .metrics import Metrics
@@ -39,6 +40,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     started: float  # when the request arrived (time.monotonic), for time to first token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    lora: tuple[str, float] | None = None  # the agent's adapter and scale
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Generation = field(default_factory=Generation)
 
@@ -68,7 +70,7 @@ class _ModelWorker:
                 continue
             post = job.loop.call_soon_threadsafe
             try:
-                for text in self.engine.generate(job.prompt, job.sampling, job.result, job.cancel):
+                for text in self.engine.generate(job.prompt, job.sampling, job.result, job.cancel, job.lora):
                     post(job.events.put_nowait, text)
                 post(job.events.put_nowait, _DONE)
             except RuntimeError:  # the event loop is gone: the server is shutting down
@@ -100,14 +102,16 @@ class Service:
     def __init__(
         self,
         load: Callable[[], dict[str, Engine]],
-        model_names: list[str],
+        agents: list[AgentInfo],
         *,
         default_max_tokens: int = 512,
+        adapter_scales: dict[str, float] | None = None,
         on_ready: Callable[[], None] = lambda: None,
         on_failure: Callable[[str], None] = lambda message: None,
     ) -> None:
         self.metrics = Metrics()
-        self.model_names = model_names
+        self.agents = {agent.name: agent for agent in agents}
+        self.adapter_scales = adapter_scales or {}
         self.default_max_tokens = default_max_tokens
         self.state = "loading"
         self.error: str | None = None
@@ -177,7 +181,7 @@ class Service:
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: Request) -> Response:
-        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "edgepack"} for n in self.model_names]
+        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "edgepack"} for n in self.agents]
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: Request) -> Response:
@@ -188,44 +192,51 @@ class Service:
 
     # ---- generation ----
 
-    def _worker(self, model: str | None) -> _ModelWorker:
+    def _agent(self, name: str | None) -> AgentInfo:
         if self.state != "ready":
             raise ApiError(503, f"the server is {self.state}; retry when /health says ok", code="not_ready")
-        if model is None:
-            if len(self.workers) == 1:
-                return next(iter(self.workers.values()))
-            raise ApiError(400, "'model' is required: this server has several models", param="model")
-        worker = self.workers.get(model)
-        if worker is None:
-            known = ", ".join(self.workers)
-            raise ApiError(404, f"model {model!r} does not exist; available: {known}", param="model",
+        if name is None:
+            if len(self.agents) == 1:
+                return next(iter(self.agents.values()))
+            raise ApiError(400, "'model' is required: this server has several agents", param="model")
+        agent = self.agents.get(name)
+        if agent is None:
+            known = ", ".join(self.agents)
+            raise ApiError(404, f"model {name!r} does not exist; available: {known}", param="model",
                            code="model_not_found")
-        return worker
+        return agent
 
     async def _complete(self, req: CompletionRequest) -> Response:
         started = time.monotonic()
-        worker = self._worker(req.model)
+        agent = self._agent(req.model)
+        worker = self.workers[agent.model]
         engine = worker.engine
+        messages = list(req.messages)
+        if agent.system_prompt and not any(role == "system" for role, _ in messages):
+            messages.insert(0, ("system", agent.system_prompt))
         try:
-            text = engine.format_chat(list(req.messages)) if req.kind == "chat" else req.prompt
+            text = engine.format_chat(messages) if req.kind == "chat" else req.prompt
         except EdgepackError as exc:
             raise ApiError(400, str(exc)) from None
         prompt = engine.tokenize(text)
         room = engine.n_ctx - len(prompt)
-        max_tokens = req.max_tokens or min(self.default_max_tokens, room)
+        defaults = dict(agent.sampling)
+        max_tokens = req.max_tokens or min(int(defaults.pop("max_tokens", self.default_max_tokens)), room)
         if max_tokens < 1 or len(prompt) + max_tokens > engine.n_ctx:
             raise ApiError(
                 400,
                 f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context size"
-                f" ({engine.n_ctx}) of model {engine.name!r}",
+                f" ({engine.n_ctx}) of model {agent.name!r}",
                 param="max_tokens", code="context_length_exceeded",
             )
-        job = _Job(prompt, Sampling(max_tokens=max_tokens, **req.sampling), asyncio.get_running_loop(), started)
+        sampling = Sampling(max_tokens=max_tokens, **{**defaults, **req.sampling})
+        lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
+        job = _Job(prompt, sampling, asyncio.get_running_loop(), started, lora=lora)
         worker.submit(job)
         rid = openai_api.new_id(req.kind)
         if req.stream:
             return StreamingResponse(
-                self._stream(job, req, rid, engine.name),
+                self._stream(job, req, rid, agent.name),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -236,7 +247,7 @@ class Service:
         finally:
             job.cancel.set()
         body = openai_api.completion_body(
-            req, rid, engine.name, "".join(pieces), job.result.finish_reason,
+            req, rid, agent.name, "".join(pieces), job.result.finish_reason,
             job.result.prompt_tokens, job.result.completion_tokens,
         )
         return JSONResponse(body)

@@ -82,6 +82,15 @@ class Store:
             paths.append(self.blob_path(digest))
         return paths
 
+    def adapter_paths(self, manifest: Manifest) -> dict[str, Path]:
+        """Adapter name -> its GGUF in the store, checked to be present."""
+        paths = {}
+        for adapter in manifest.adapters:
+            if not self.has_blob(manifest.blobs[adapter.digest]):
+                raise EdgepackError(f"store {self.root}: blob {adapter.digest} of adapter {adapter.name!r} is missing")
+            paths[adapter.name] = self.blob_path(adapter.digest)
+        return paths
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
@@ -156,6 +165,32 @@ class Store:
         os.symlink(Path("releases") / release, tmp)
         os.replace(tmp, self.root / link)
         _fsync_dir(self.root)
+
+    def gc(self) -> tuple[list[str], int, int]:
+        """Remove releases other than current and previous, and blobs those two do not reference.
+
+        Returns (releases removed, blobs removed, bytes freed)."""
+        if not self.root.is_dir():
+            raise EdgepackError(f"store {self.root} does not exist")
+        with self._locked():
+            kept = {r for r in (self.release_id("current"), self.release_id("previous")) if r}
+            referenced: set[str] = set()
+            for release in kept:
+                referenced.update(str(d) for d in self.manifest("current" if release == self.release_id() else
+                                                                "previous").blobs)
+            removed_releases = []
+            if self.releases.is_dir():
+                for release in sorted(p for p in self.releases.iterdir() if p.name not in kept):
+                    shutil.rmtree(release)
+                    removed_releases.append(release.name)
+            removed, freed = 0, 0
+            if self.blobs.is_dir():
+                for blob in sorted(self.blobs.iterdir()):
+                    if blob.name not in referenced:
+                        freed += blob.stat().st_size
+                        blob.unlink()
+                        removed += 1
+            return removed_releases, removed, freed
 
     def rollback(self) -> tuple[str, str]:
         """Swap current and previous; returns (new current, new previous)."""

@@ -37,8 +37,12 @@ def write_tiny_llama(
     seed: int = 0,
     chat_template: str | None = None,
     name: str = "tiny-llama",
+    changed_blocks: set[int] | frozenset[int] = frozenset(),
+    changed_seed: int = 1000,
 ) -> Path:
+    """`changed_blocks` get weights from another random stream (changed_seed): a fine-tune of those blocks."""
     rng = np.random.default_rng(seed)
+    other = np.random.default_rng(changed_seed)
     tokens, scores, types = vocab()
     n_vocab = len(tokens)
     writer = gguf.GGUFWriter(str(path), "llama")
@@ -62,8 +66,9 @@ def write_tiny_llama(
     if chat_template:
         writer.add_chat_template(chat_template)
 
-    def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
+    def weight(*shape: int, changed: bool = False) -> np.ndarray:
+        values = (rng.standard_normal(shape) * 0.08).astype(np.float32)  # always drawn: blocks stay aligned
+        return (other.standard_normal(shape) * 0.08).astype(np.float32) if changed else values
 
     def norm() -> np.ndarray:
         return np.ones(n_embd, dtype=np.float32)
@@ -72,13 +77,35 @@ def write_tiny_llama(
     writer.add_tensor("output_norm.weight", norm())
     writer.add_tensor("output.weight", weight(n_vocab, n_embd))
     for i in range(n_layer):
+        changed = i in changed_blocks
         writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
         for part in ("q", "k", "v", "output"):
-            writer.add_tensor(f"blk.{i}.attn_{part}.weight", weight(n_embd, n_embd))
+            writer.add_tensor(f"blk.{i}.attn_{part}.weight", weight(n_embd, n_embd, changed=changed))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(n_ff, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, n_ff))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(n_ff, n_embd, changed=changed))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(n_ff, n_embd, changed=changed))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, n_ff, changed=changed))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_tiny_lora(path: Path, *, n_embd: int = 256, n_layer: int = 4, rank: int = 8, seed: int = 1,
+                    alpha: float = 16.0) -> Path:
+    """A LoRA adapter GGUF for the tiny llama: attn_q and attn_v of every block, in llama.cpp's layout
+    (lora_a: ne = [n_in, rank], lora_b: ne = [rank, n_out])."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    for i in range(n_layer):
+        for part in ("q", "v"):
+            name = f"blk.{i}.attn_{part}.weight"
+            writer.add_tensor(f"{name}.lora_a", (rng.standard_normal((rank, n_embd)) * 0.5).astype(np.float32))
+            writer.add_tensor(f"{name}.lora_b", (rng.standard_normal((n_embd, rank)) * 0.5).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -212,6 +212,7 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
 
     from conftest import free_port
 
+    from edgepack.runtime.bundle_format import AgentInfo
     from edgepack.runtime.loader import load_models, resolve_config
     from edgepack.runtime.server import Service
     from edgepack.runtime.store import Store
@@ -226,7 +227,7 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
         return load_models(store, manifest, config)
 
     port = free_port()
-    service = Service(gated_load, ["tiny"])
+    service = Service(gated_load, [AgentInfo("tiny", "tiny")])
     server, thread = _serve_in_thread(service, port)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -246,12 +247,13 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
         thread.join(10)
 
     failures = []
+    from edgepack.runtime.bundle_format import AgentInfo
 
     def broken_load():
         raise RuntimeError("segment sha256-x is unreadable")
 
     port = free_port()
-    service = Service(broken_load, ["tiny"], on_failure=failures.append)
+    service = Service(broken_load, [AgentInfo("tiny", "tiny")], on_failure=failures.append)
     server, thread = _serve_in_thread(service, port)
     try:
         deadline = time.monotonic() + 10
