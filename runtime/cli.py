@@ -79,7 +79,10 @@ def gc(store_dir: Path) -> None:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--threads", type=int, help="Threads per model (default: the board's, else physical cores).")
 @click.option("--ctx", "n_ctx", type=int, help="Context size per model (default: the bundle's).")
-def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None) -> None:
+@click.option("--repack", default="auto", show_default=True, type=click.Choice(["auto", "always", "never"]),
+              help="llama.cpp weight repacking: faster kernels for some types, but private copies of the weights; "
+                   "auto repacks only models that share no segment with another.")
+def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -88,7 +91,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
 
     store = Store(store_dir)
     manifest = store.manifest()
-    config = resolve_config(manifest, threads, n_ctx)
+    config = resolve_config(manifest, threads, n_ctx, repack)
     for info in manifest.models:
         store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
     store.adapter_paths(manifest)

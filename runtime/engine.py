@@ -67,11 +67,12 @@ class Engine:
         n_batch: int,
         threads: int,
         chat_template: str | None = None,
+        repack: bool = True,
     ) -> None:
         self.name = name
         self.threads = threads
         self._lock = threading.Lock()
-        self._model = llama.load_model(paths)
+        self._model = llama.load_model(paths, repack=repack)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         params = llama_cpp.llama_context_default_params()

@@ -75,11 +75,15 @@ def version() -> str:
     return f"llama.cpp {native_text} (llama-cpp-python {llama_cpp.__version__})"
 
 
-def load_model(paths: list[Path], *, use_mmap: bool = True) -> ctypes.c_void_p:
-    """Load a model from its ordered GGUF split files (any names) with llama.cpp's split loader."""
+def load_model(paths: list[Path], *, use_mmap: bool = True, repack: bool = True) -> ctypes.c_void_p:
+    """Load a model from its ordered GGUF split files (any names) with llama.cpp's split loader.
+
+    repack lets llama.cpp's CPU backend copy weights into private, kernel-friendly buffers ("extra buffer
+    types"): faster for some types, but those bytes are no longer the shared, mmap'd page cache."""
     init()
     params = llama_cpp.llama_model_default_params()
     params.use_mmap = use_mmap
+    params.use_extra_bufts = repack
     params.n_gpu_layers = 0
     raw = [str(p).encode() for p in paths]
     array = (ctypes.c_char_p * len(raw))(*raw)

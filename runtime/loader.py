@@ -10,6 +10,8 @@ from .engine import Engine
 from .errors import EdgepackError
 from .store import Store
 
+REPACK_MODES = ("auto", "always", "never")
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -17,9 +19,11 @@ class ServeConfig:
     n_ctx: int
     n_batch: int
     max_tokens: int
+    repack: str = "auto"  # auto: repack only models that share no segment with another model
 
 
-def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None) -> ServeConfig:
+def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None,
+                   repack: str = "auto") -> ServeConfig:
     """Flags win; then the bundle's board profile (capped at the CPUs we may use); then physical cores."""
     if threads is not None and threads < 1:
         raise EdgepackError(f"--threads must be at least 1, got {threads}")
@@ -34,11 +38,28 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         n_ctx=n_ctx or defaults.n_ctx,
         n_batch=defaults.n_batch,
         max_tokens=defaults.max_tokens,
+        repack=repack,
     )
+
+
+def repacked_models(manifest: Manifest, mode: str) -> set[str]:
+    """The models to load with llama.cpp's weight repacking: repacked bytes are private per process and
+    model, so models that share segments (the page cache holds them once) are loaded without it."""
+    if mode not in REPACK_MODES:
+        raise EdgepackError(f"--repack {mode!r}: choose {', '.join(REPACK_MODES)}")
+    if mode != "auto":
+        return {m.name for m in manifest.models} if mode == "always" else set()
+    sharing = set()
+    for model in manifest.models:
+        others = {d for m in manifest.models if m.name != model.name for d in m.segments[1:]}
+        if others & set(model.segments[1:]):
+            sharing.add(model.name)
+    return {m.name for m in manifest.models} - sharing
 
 
 def load_models(store: Store, manifest: Manifest, config: ServeConfig) -> dict[str, Engine]:
     engines: dict[str, Engine] = {}
+    repack = repacked_models(manifest, config.repack)
     try:
         for info in manifest.models:
             engines[info.name] = Engine(
@@ -48,6 +69,7 @@ def load_models(store: Store, manifest: Manifest, config: ServeConfig) -> dict[s
                 n_batch=config.n_batch,
                 threads=config.threads,
                 chat_template=info.chat_template,
+                repack=info.name in repack,
             )
         for name, path in store.adapter_paths(manifest).items():
             engines[manifest.adapter(name).base].load_adapter(name, path)
