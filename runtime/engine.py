@@ -68,18 +68,22 @@ class Engine:
         threads: int,
         chat_template: str | None = None,
         repack: bool = True,
+        slots: int = 1,
     ) -> None:
+        """n_ctx is per slot; `slots` sequences can be decoded together (each with its own KV cells)."""
         self.name = name
         self.threads = threads
+        self.slots = slots
         self._lock = threading.Lock()
         self._model = llama.load_model(paths, repack=repack)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = n_ctx
+        params.n_ctx = n_ctx * slots
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, 512)
-        params.n_seq_max = 1
+        params.n_seq_max = slots
+        params.kv_unified = False  # every slot its own KV stream: isolation, and no cross-slot padding
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
@@ -87,7 +91,7 @@ class Engine:
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EdgepackError(f"llama.cpp could not create a context for {name}: {llama.last_error()}")
-        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self._ctx)
         self.n_batch = n_batch
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.chat_template = chat_template or self._model_chat_template()
@@ -229,38 +233,76 @@ class Engine:
         for start in range(0, len(prompt), self.n_batch):
             chunk = prompt[start : start + self.n_batch]
             self._decode((llama_cpp.llama_token * len(chunk))(*chunk), len(chunk))
-        sampler = self._sampler(sampling)
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        stops = _StopMatcher(sampling.stop)
-        buf = ctypes.create_string_buffer(64)
+        stream = TokenStream(self, sampling, result)
         try:
-            for _ in range(sampling.max_tokens):
+            while True:
                 if cancel is not None and cancel.is_set():
                     result.finish_reason = "cancelled"
                     return
-                token = llama_cpp.llama_sampler_sample(sampler, self._ctx, -1)
-                if result.first_token_at is None:
-                    result.first_token_at = time.monotonic()
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token) and not sampling.ignore_eos:
-                    result.finish_reason = "stop"
-                    break
-                result.completion_tokens += 1
-                text, stopped = stops.feed(decoder.decode(self._piece(token, buf)))
+                token = llama_cpp.llama_sampler_sample(stream.sampler, self._ctx, -1)
+                text, done = stream.accept(token)
                 if text:
                     yield text
-                if stopped:
-                    result.finish_reason = "stop"
+                if done:
                     return
                 self._one[0] = token
                 self._decode(self._one, 1)
-            else:
-                result.finish_reason = "length"
-            tail, _ = stops.feed(decoder.decode(b"", final=True), final=True)
-            if tail:
-                yield tail
         finally:
-            llama_cpp.llama_sampler_free(sampler)
-            result.finished_at = time.monotonic()
+            stream.close()
+
+    # ---- primitives for the batch scheduler (one thread drives them) ----
+
+    def decode_batch(self, batch: llama_cpp.llama_batch) -> None:
+        if llama_cpp.llama_decode(self._ctx, batch) != 0:
+            raise EdgepackError(f"llama.cpp failed to decode a batch ({llama.last_error()})")
+
+    def sample(self, sampler: ctypes.c_void_p, index: int) -> int:
+        return llama_cpp.llama_sampler_sample(sampler, self._ctx, index)
+
+    def clear_slot(self, seq_id: int) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def set_adapter(self, lora: tuple[str, float] | None) -> None:
+        self._apply_adapter(lora)
+
+
+class TokenStream:
+    """Turns one generation's sampled token ids into text: EOG, UTF-8 reassembly, stop strings, counts."""
+
+    def __init__(self, engine: Engine, sampling: Sampling, result: Generation) -> None:
+        self.engine, self.sampling, self.result = engine, sampling, result
+        self.sampler = engine._sampler(sampling)
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._stops = _StopMatcher(sampling.stop)
+        self._buf = ctypes.create_string_buffer(64)
+
+    def accept(self, token: int) -> tuple[str, bool]:
+        """Text to emit for this token and whether the generation has finished."""
+        result = self.result
+        if result.first_token_at is None:
+            result.first_token_at = time.monotonic()
+        if llama_cpp.llama_vocab_is_eog(self.engine._vocab, token) and not self.sampling.ignore_eos:
+            result.finish_reason = "stop"
+            return self._flush(), True
+        result.completion_tokens += 1
+        text, stopped = self._stops.feed(self._decoder.decode(self.engine._piece(token, self._buf)))
+        if stopped:
+            result.finish_reason = "stop"
+            return text, True
+        if result.completion_tokens >= self.sampling.max_tokens:
+            result.finish_reason = "length"
+            return text + self._flush(), True
+        return text, False
+
+    def _flush(self) -> str:
+        tail, _ = self._stops.feed(self._decoder.decode(b"", final=True), final=True)
+        return tail
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler = None
+        self.result.finished_at = time.monotonic()
 
 
 class _StopMatcher:
