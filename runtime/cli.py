@@ -82,7 +82,14 @@ def gc(store_dir: Path) -> None:
 @click.option("--repack", default="auto", show_default=True, type=click.Choice(["auto", "always", "never"]),
               help="llama.cpp weight repacking: faster kernels for some types, but private copies of the weights; "
                    "auto repacks only models that share no segment with another.")
-def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str) -> None:
+@click.option("--slots", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Requests decoded together per model (continuous batching); each slot has --ctx tokens.")
+@click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0),
+              help="Requests that may wait for a slot; beyond that, 429 with Retry-After.")
+@click.option("--request-timeout", default=300.0, show_default=True, type=click.FloatRange(0.001),
+              help="Seconds a request may take before it is cancelled (504).")
+def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str, slots: int,
+          max_queue: int, request_timeout: float) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -91,7 +98,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
 
     store = Store(store_dir)
     manifest = store.manifest()
-    config = resolve_config(manifest, threads, n_ctx, repack)
+    config = resolve_config(manifest, threads, n_ctx, repack, slots)
     for info in manifest.models:
         store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
     store.adapter_paths(manifest)
@@ -111,6 +118,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     service = Service(
         lambda: load_models(store, manifest, config), agents,
         default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in manifest.adapters},
+        max_queue=max_queue, request_timeout=request_timeout,
         on_ready=on_ready, on_failure=on_failure,
     )
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on http://{host}:{port}", err=True)

@@ -20,13 +20,16 @@ class ServeConfig:
     n_batch: int
     max_tokens: int
     repack: str = "auto"  # auto: repack only models that share no segment with another model
+    slots: int = 2  # requests decoded together per model (continuous batching)
 
 
 def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None,
-                   repack: str = "auto") -> ServeConfig:
+                   repack: str = "auto", slots: int = 2) -> ServeConfig:
     """Flags win; then the bundle's board profile (capped at the CPUs we may use); then physical cores."""
     if threads is not None and threads < 1:
         raise EdgepackError(f"--threads must be at least 1, got {threads}")
+    if slots < 1:
+        raise EdgepackError(f"--slots must be at least 1, got {slots}")
     if n_ctx is not None and n_ctx < 16:
         raise EdgepackError(f"--ctx must be at least 16, got {n_ctx}")
     defaults = manifest.runtime
@@ -39,6 +42,7 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         n_batch=defaults.n_batch,
         max_tokens=defaults.max_tokens,
         repack=repack,
+        slots=slots,
     )
 
 
@@ -70,6 +74,7 @@ def load_models(store: Store, manifest: Manifest, config: ServeConfig) -> dict[s
                 threads=config.threads,
                 chat_template=info.chat_template,
                 repack=info.name in repack,
+                slots=config.slots,
             )
         for name, path in store.adapter_paths(manifest).items():
             engines[manifest.adapter(name).base].load_adapter(name, path)

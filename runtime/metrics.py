@@ -33,7 +33,9 @@ class Metrics:
             "edgepack_decode_tokens_per_second", "Decode rate of the last finished generation", ["model"], registry=r
         )
         self.in_flight = Gauge("edgepack_requests_in_flight", "HTTP requests being served", registry=r)
-        self.queued = Gauge("edgepack_queue_depth", "Generations waiting for the model", ["model"], registry=r)
+        self.queued = Gauge("edgepack_queue_depth", "Generations waiting for a slot", ["model"], registry=r)
+        self.active_slots = Gauge("edgepack_active_slots", "Generations being decoded together", ["model"],
+                                  registry=r)
         self.ready = Gauge("edgepack_ready", "1 when models are loaded and warmed up", registry=r)
         rss = Gauge("edgepack_process_resident_memory_bytes", "Resident memory of the server (RSS)", registry=r)
         process = psutil.Process()

@@ -1,15 +1,15 @@
 """The HTTP service: OpenAI-compatible routes, health, metrics (Starlette on uvicorn).
 
 Models load in the background after the socket is open, so /health answers 503 until they are
-loaded and warmed up. Each model runs its generations one at a time on its own worker thread, in
-arrival order; tokens travel to the request's event loop as they are sampled.
+loaded and warmed up. Each model's requests are decoded together by its batch scheduler (continuous
+batching, runtime/scheduler.py); tokens travel to the request's event loop as they are sampled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +18,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -28,72 +28,30 @@ from .engine import Engine, Generation, Sampling
 from .errors import EdgepackError
 from .metrics import Metrics
 from .openai_api import ApiError, CompletionRequest
+from .scheduler import DONE, BatchScheduler, QueueFull, Request
 
 MAX_BODY_BYTES = 1 << 20
-_DONE = object()
+RETRY_AFTER_SECONDS = 1
 
 
 @dataclass
 class _Job:
-    prompt: list[int]
-    sampling: Sampling
-    loop: asyncio.AbstractEventLoop
+    """A request as the HTTP side sees it: the scheduler's request plus the queue its events arrive on."""
+
+    request: Request
     started: float  # when the request arrived (time.monotonic), for time to first token
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    lora: tuple[str, float] | None = None  # the agent's adapter and scale
-    cancel: threading.Event = field(default_factory=threading.Event)
-    result: Generation = field(default_factory=Generation)
 
 
-class _ModelWorker:
-    """One model, one thread, one generation at a time, first come first served."""
+def _new_job(prompt: list[int], sampling: Sampling, lora: tuple[str, float] | None, started: float) -> _Job:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
 
-    def __init__(self, engine: Engine, metrics: Metrics) -> None:
-        self.engine = engine
-        self.metrics = metrics
-        self.jobs: queue.Queue[_Job | None] = queue.Queue()
-        self.thread = threading.Thread(target=self._run, name=f"model-{engine.name}", daemon=True)
-        self.thread.start()
+    def emit(event: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is shutting down
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-    def submit(self, job: _Job) -> None:
-        self.metrics.queued.labels(self.engine.name).inc()
-        self.jobs.put(job)
-
-    def stop(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self.metrics.queued.labels(self.engine.name).dec()
-            if job.cancel.is_set():
-                continue
-            post = job.loop.call_soon_threadsafe
-            try:
-                for text in self.engine.generate(job.prompt, job.sampling, job.result, job.cancel, job.lora):
-                    post(job.events.put_nowait, text)
-                post(job.events.put_nowait, _DONE)
-            except RuntimeError:  # the event loop is gone: the server is shutting down
-                return
-            except Exception as exc:  # noqa: BLE001 - handed to the request, which reports it
-                try:
-                    post(job.events.put_nowait, exc)
-                except RuntimeError:
-                    return
-            finally:
-                self._record(job)
-
-    def _record(self, job: _Job) -> None:
-        m, model, result = self.metrics, self.engine.name, job.result
-        m.generated.labels(model).inc(result.completion_tokens)
-        m.prompt.labels(model).inc(result.prompt_tokens)
-        if result.finish_reason == "cancelled":
-            m.cancelled.labels(model).inc()
-        if result.first_token_at is not None:
-            m.ttft.labels(model).observe(result.first_token_at - job.started)
-        rate = result.decode_tokens_per_second
-        if rate is not None:
-            m.tokens_per_second.labels(model).set(rate)
+    return _Job(Request(prompt, sampling, emit, lora), started, events)
 
 
 class Service:
@@ -106,6 +64,8 @@ class Service:
         *,
         default_max_tokens: int = 512,
         adapter_scales: dict[str, float] | None = None,
+        max_queue: int = 16,
+        request_timeout: float = 300.0,
         on_ready: Callable[[], None] = lambda: None,
         on_failure: Callable[[str], None] = lambda message: None,
     ) -> None:
@@ -115,7 +75,9 @@ class Service:
         self.default_max_tokens = default_max_tokens
         self.state = "loading"
         self.error: str | None = None
-        self.workers: dict[str, _ModelWorker] = {}
+        self.schedulers: dict[str, BatchScheduler] = {}
+        self.max_queue, self.request_timeout = max_queue, request_timeout
+        self._started: dict[int, float] = {}
         self._load, self._on_ready, self._on_failure = load, on_ready, on_failure
         self.created = int(time.time())
         routes = [
@@ -145,10 +107,10 @@ class Service:
                 threading.Thread(target=service._load_and_warm, name="loader", daemon=True).start()
 
             async def __aexit__(self, *exc: object) -> None:
-                for worker in service.workers.values():
-                    await asyncio.to_thread(worker.stop)
-                for worker in service.workers.values():
-                    worker.engine.close()
+                for scheduler in service.schedulers.values():
+                    await asyncio.to_thread(scheduler.stop)
+                for scheduler in service.schedulers.values():
+                    scheduler.engine.close()
 
         return _Lifespan()
 
@@ -161,7 +123,7 @@ class Service:
                 warm = Sampling(max_tokens=2, temperature=0, ignore_eos=True)
                 for _ in engine.generate(prompt, warm, Generation()):
                     pass
-            self.workers = {name: _ModelWorker(engine, self.metrics) for name, engine in engines.items()}
+            self.schedulers = {name: self._scheduler(engine) for name, engine in engines.items()}
             self.state = "ready"
             self.metrics.ready.set(1)
             self._on_ready()
@@ -169,25 +131,48 @@ class Service:
             self.state, self.error = "failed", str(exc)
             self._on_failure(str(exc))
 
+    def _scheduler(self, engine: Engine) -> BatchScheduler:
+        model = engine.name
+
+        def changed(active: int, queued: int) -> None:
+            self.metrics.active_slots.labels(model).set(active)
+            self.metrics.queued.labels(model).set(queued)
+
+        return BatchScheduler(engine, max_queue=self.max_queue, on_finish=lambda r: self._record(model, r),
+                              on_change=changed)
+
+    def _record(self, model: str, request: Request) -> None:
+        m, result = self.metrics, request.result
+        m.generated.labels(model).inc(result.completion_tokens)
+        m.prompt.labels(model).inc(result.prompt_tokens)
+        if result.finish_reason == "cancelled":
+            m.cancelled.labels(model).inc()
+        started = self._started.pop(id(request), None)
+        if result.first_token_at is not None and started is not None:
+            m.ttft.labels(model).observe(result.first_token_at - started)
+        rate = result.decode_tokens_per_second
+        if rate is not None:
+            m.tokens_per_second.labels(model).set(rate)
+
     # ---- routes ----
 
-    async def health(self, request: Request) -> Response:
+    async def health(self, request: HttpRequest) -> Response:
         body: dict[str, Any] = {"status": "ok" if self.state == "ready" else self.state}
         if self.error:
             body["error"] = self.error
         return JSONResponse(body, status_code=200 if self.state == "ready" else 503)
 
-    async def metrics_page(self, request: Request) -> Response:
+    async def metrics_page(self, request: HttpRequest) -> Response:
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def models(self, request: Request) -> Response:
+    async def models(self, request: HttpRequest) -> Response:
         data = [{"id": n, "object": "model", "created": self.created, "owned_by": "edgepack"} for n in self.agents]
         return JSONResponse({"object": "list", "data": data})
 
-    async def chat(self, request: Request) -> Response:
+    async def chat(self, request: HttpRequest) -> Response:
         return await self._complete(openai_api.parse_chat(await _read_json(request)))
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: HttpRequest) -> Response:
         return await self._complete(openai_api.parse_completion(await _read_json(request)))
 
     # ---- generation ----
@@ -209,8 +194,8 @@ class Service:
     async def _complete(self, req: CompletionRequest) -> Response:
         started = time.monotonic()
         agent = self._agent(req.model)
-        worker = self.workers[agent.model]
-        engine = worker.engine
+        scheduler = self.schedulers[agent.model]
+        engine = scheduler.engine
         messages = list(req.messages)
         if agent.system_prompt and not any(role == "system" for role, _ in messages):
             messages.insert(0, ("system", agent.system_prompt))
@@ -231,8 +216,14 @@ class Service:
             )
         sampling = Sampling(max_tokens=max_tokens, **{**defaults, **req.sampling})
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
-        job = _Job(prompt, sampling, asyncio.get_running_loop(), started, lora=lora)
-        worker.submit(job)
+        job = _new_job(prompt, sampling, lora, started)
+        self._started[id(job.request)] = started
+        try:
+            scheduler.submit(job.request)
+        except QueueFull as exc:
+            self._started.pop(id(job.request), None)
+            raise ApiError(429, f"{exc}; retry later", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         rid = openai_api.new_id(req.kind)
         if req.stream:
             return StreamingResponse(
@@ -242,13 +233,13 @@ class Service:
             )
         pieces = []
         try:
-            async for piece in _events(job):
+            async for piece in _events(job, self.request_timeout):
                 pieces.append(piece)
         finally:
-            job.cancel.set()
+            job.request.cancel.set()
         body = openai_api.completion_body(
-            req, rid, agent.name, "".join(pieces), job.result.finish_reason,
-            job.result.prompt_tokens, job.result.completion_tokens,
+            req, rid, agent.name, "".join(pieces), job.request.result.finish_reason,
+            job.request.result.prompt_tokens, job.request.result.completion_tokens,
         )
         return JSONResponse(body)
 
@@ -257,24 +248,29 @@ class Service:
             if req.kind == "chat":
                 yield _sse(openai_api.chunk_body(req, rid, model, "", None, first=True))
             try:
-                async for piece in _events(job):
+                async for piece in _events(job, self.request_timeout):
                     yield _sse(openai_api.chunk_body(req, rid, model, piece, None))
             except ApiError as exc:
                 yield _sse(exc.body())
                 return
-            result = job.result
+            result = job.request.result
             yield _sse(openai_api.chunk_body(req, rid, model, None, result.finish_reason))
             if req.include_usage:
                 yield _sse(openai_api.usage_chunk(req, rid, model, result.prompt_tokens, result.completion_tokens))
             yield b"data: [DONE]\n\n"
         finally:
-            job.cancel.set()  # a client that went away stops its generation
+            job.request.cancel.set()  # a client that went away frees its slot at once
 
 
-async def _events(job: _Job) -> AsyncIterator[str]:
+async def _events(job: _Job, timeout: float) -> AsyncIterator[str]:
+    deadline = job.started + timeout
     while True:
-        event = await job.events.get()
-        if event is _DONE:
+        try:
+            event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            job.request.cancel.set()
+            raise ApiError(504, f"generation did not finish within {timeout:g}s", code="timeout") from None
+        if event is DONE:
             return
         if isinstance(event, Exception):
             message = str(event) if isinstance(event, EdgepackError) else "generation failed"
@@ -286,7 +282,7 @@ def _sse(doc: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _read_json(request: Request) -> Any:
+async def _read_json(request: HttpRequest) -> Any:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
@@ -301,9 +297,9 @@ async def _read_json(request: Request) -> Any:
         raise ApiError(400, "request body is not valid JSON") from None
 
 
-async def _api_error(request: Request, exc: Exception) -> Response:
+async def _api_error(request: HttpRequest, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

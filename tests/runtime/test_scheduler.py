@@ -1,0 +1,132 @@
+"""Continuous batching: same greedy tokens as one-at-a-time decoding, slots, queue limits, cancellation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import start_server, stop_server, wait_ready
+
+from edgepack.runtime.engine import Engine, Generation, Sampling
+from edgepack.runtime.scheduler import DONE, BatchScheduler, QueueFull, Request
+
+PROMPTS = ["the time", "a word of", "what is the way", "hot and", "the", "you can use", "one way", "if they"]
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.done = threading.Event()
+        self.error: Exception | None = None
+
+    def __call__(self, event: object) -> None:
+        if event is DONE:
+            self.done.set()
+        elif isinstance(event, Exception):
+            self.error = event
+            self.done.set()
+        else:
+            self.pieces.append(event)
+
+
+@pytest.fixture(scope="module")
+def sequential(tiny_gguf) -> list[str]:
+    engine = Engine([tiny_gguf], name="seq", n_ctx=256, n_batch=64, threads=2)
+    try:
+        return ["".join(engine.generate(engine.tokenize(p), Sampling(40, temperature=0, ignore_eos=True),
+                                        Generation())) for p in PROMPTS]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize(("slots", "n_batch"), [(4, 64), (3, 8)])
+def test_batched_greedy_equals_sequential(tiny_gguf, sequential, slots, n_batch):
+    """More requests than slots, and (n_batch=8) prompts longer than a batch: chunked prefill."""
+    engine = Engine([tiny_gguf], name="batch", n_ctx=256, n_batch=n_batch, threads=2, slots=slots)
+    scheduler = BatchScheduler(engine)
+    try:
+        collectors = [Collector() for _ in PROMPTS]
+        for prompt, collector in zip(PROMPTS, collectors, strict=True):
+            scheduler.submit(Request(engine.tokenize(prompt), Sampling(40, temperature=0, ignore_eos=True),
+                                     collector))
+        for collector in collectors:
+            assert collector.done.wait(60) and collector.error is None
+        assert ["".join(c.pieces) for c in collectors] == sequential
+    finally:
+        scheduler.stop()
+        engine.close()
+
+
+def test_queue_limit_and_cancellation_free_slots(tiny_gguf):
+    engine = Engine([tiny_gguf], name="q", n_ctx=256, n_batch=64, threads=1, slots=1)
+    seen: list[Request] = []
+    scheduler = BatchScheduler(engine, max_queue=1, on_finish=seen.append)
+    try:
+        long = Sampling(240, temperature=0, ignore_eos=True)
+        first, second = Collector(), Collector()
+        running = Request(engine.tokenize("the"), long, first)
+        scheduler.submit(running)
+        deadline = time.monotonic() + 10
+        while scheduler.active < 1:  # admitted into the slot, so the queue is empty again
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        waiting = Request(engine.tokenize("a"), long, second)
+        scheduler.submit(waiting)
+        with pytest.raises(QueueFull):
+            scheduler.submit(Request(engine.tokenize("hot"), long, Collector()))
+        running.cancel.set()
+        assert second.done.wait(30) and second.error is None
+        assert running.result.finish_reason == "cancelled" and running.result.completion_tokens < 240
+        assert waiting.result.completion_tokens == 240
+        assert seen == [running, waiting]
+    finally:
+        scheduler.stop()
+        engine.close()
+
+
+def test_full_queue_gets_429_with_retry_after(served_store):
+    process, base = start_server(served_store, "--threads", "1", "--slots", "1", "--max-queue", "0")
+    try:
+        wait_ready(base, process)
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        with httpx.Client(timeout=30) as client, client.stream("POST", base + "/v1/completions", json=body) as first:
+            assert first.status_code == 200
+            next(first.iter_lines())  # the first request holds the only slot
+            refused = client.post(base + "/v1/completions", json={**body, "stream": False})
+            assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
+        deadline = time.monotonic() + 20
+        while True:  # the slot comes back once the stream is gone
+            ok = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 2},
+                            timeout=30)
+            if ok.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert ok.status_code == 200
+    finally:
+        stop_server(process)
+
+
+def test_request_timeout_gives_504_and_frees_the_slot(served_store):
+    process, base = start_server(served_store, "--threads", "1", "--slots", "1", "--request-timeout", "0.005")
+    try:
+        wait_ready(base, process)
+        slow = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "the", "max_tokens": 100000},
+                          timeout=30)
+        assert slow.status_code in (400, 504)  # 400 when it cannot fit the context at all
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 480, "ignore_eos": True}
+        timed_out = httpx.post(base + "/v1/completions", json=body, timeout=30)
+        if timed_out.status_code == 200:  # finished inside 0.2 s on a fast machine: nothing to time out
+            pytest.skip("480 tokens finished within 5 ms here")
+        assert timed_out.status_code == 504 and "did not finish" in timed_out.json()["error"]["message"]
+        deadline = time.monotonic() + 10
+        while "edgepack_generations_cancelled_total{model=\"tiny\"} 1.0" not in httpx.get(base + "/metrics").text:
+            assert time.monotonic() < deadline, "the timed-out generation was not cancelled"
+            time.sleep(0.05)
+        active = [line for line in httpx.get(base + "/metrics").text.splitlines()
+                  if line.startswith("edgepack_active_slots{")]
+        assert active == ['edgepack_active_slots{model="tiny"} 0.0']
+    finally:
+        stop_server(process)
