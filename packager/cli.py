@@ -19,6 +19,7 @@ from . import build as build_mod
 from . import evaluate, gguf_info, imatrix, model_files
 from . import recipe as recipe_mod
 from .build import parse_size
+from .convert_lora import convert_lora
 from .errors import PackagerError
 from .evaluate import SCORINGS, read_text
 from .gates import TIERS
@@ -252,5 +253,5 @@ def _show(value: object) -> str:
 def register(group: click.Group) -> None:
     from .demo import demo
 
-    for command in (build, init, inspect, eval_command, calibrate, demo):
+    for command in (build, init, inspect, eval_command, calibrate, convert_lora, demo):
         group.add_command(command)

@@ -3,8 +3,11 @@
 Sensitivity proxy: for a weight W with importance matrix m (mean squared input per input channel), the
 expected squared error its quantized form Q adds to the layer's output per token is
     sum_c m_c * sum_r (W - Q)_rc^2
-(inputs taken as uncorrelated). Every candidate type is produced by llama.cpp itself (one pure
-quantization per ladder type, with the imatrix), dequantized with gguf-py and compared with the source.
+(inputs taken as uncorrelated), divided by the output's own energy sum_c m_c * sum_r W_rc^2: a
+noise-to-signal ratio, comparable across layers (absolute errors let the large-activation output
+projection dominate and starved the blocks; measured in bench/bench_plan.py).
+Every candidate type is produced by llama.cpp itself (one pure quantization per ladder type, with the
+imatrix), dequantized with gguf-py and compared with the source.
 Keeping the source's own type is always an option too (no added error, the source's bytes).
 The choice is a multiple-choice knapsack solved by dynamic programming over the byte budget; the sum
 of proxies it minimises is checked against measured KLD in bench/bench_plan.py.
@@ -82,6 +85,10 @@ def build_ladder(
     if not planned:
         raise PackagerError("the importance matrix covers none of the model's tensors")
     reference = _dequantized(source.path, set(planned))
+    energy = {}
+    for name in planned:
+        weights = imatrix.mean_squares(name).astype(np.float64)
+        energy[name] = max(float(np.einsum("rc,rc,c->", reference[name], reference[name], weights)), 1e-30)
     files, sizes = {}, {}
     found: dict[str, dict[str, Option]] = {name: {} for name in planned}
     for name in LADDER:
@@ -93,10 +100,10 @@ def build_ladder(
         for tensor in gguf.GGUFReader(path, "r").tensors:
             if tensor.name not in found:
                 continue
-            weights = imatrix.mean_squares(tensor.name)
+            weights = imatrix.mean_squares(tensor.name).astype(np.float64)
             delta = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(-1, weights.size)
             delta -= reference[tensor.name]
-            error = float(np.einsum("rc,rc,c->", delta, delta, weights.astype(np.float64)))
+            error = float(np.einsum("rc,rc,c->", delta, delta, weights)) / energy[tensor.name]
             found[tensor.name][name] = Option(tensor.tensor_type.name, int(tensor.tensor_type), int(tensor.n_bytes),
                                               error)
     by_name = {t.name: t for t in source.tensors}

@@ -1,0 +1,180 @@
+"""edgepack convert-lora: a PEFT LoRA adapter to llama.cpp's LoRA GGUF, by llama.cpp's own converter.
+
+The converter (convert_lora_to_gguf.py with its conversion/ package and gguf-py) is taken from the sdist of the
+installed llama-cpp-python, fetched once with pip into the user cache, and run by this interpreter in a child process.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import click
+import gguf
+
+from .errors import PackagerError
+
+OUTTYPES = ("f16", "f32", "q8_0")
+SCRIPT = "convert_lora_to_gguf.py"
+CONVERTER_FILES = (SCRIPT, "convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")  # of vendor/llama.cpp/
+WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what the script reads, in its order
+SCRIPT_NEEDS = ("torch", "transformers", "safetensors")
+
+
+@dataclass(frozen=True)
+class Converted:
+    size: int
+    architecture: str
+    tensors: int
+    ranks: tuple[int, ...]
+
+
+def cache_dir() -> Path:
+    """$EDGEPACK_CACHE, else edgepack/ in the user's cache directory."""
+    if os.environ.get("EDGEPACK_CACHE"):
+        return Path(os.environ["EDGEPACK_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgepack"
+
+
+def converter_dir() -> Path:
+    """llama.cpp's conversion scripts for the installed llama-cpp-python: the adapter is converted by the same
+    llama.cpp that will load it. Fetched and unpacked on first use; later calls find them in the cache."""
+    version = importlib.metadata.version("llama-cpp-python")
+    target = cache_dir() / f"llama-cpp-python-{version}"
+    if (target / SCRIPT).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    click.echo(f"- fetching llama.cpp's {SCRIPT} (llama-cpp-python {version} sdist) into {target}", err=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        staged = Path(work) / "converter"
+        _unpack_converter(_download_sdist(version, Path(work)), staged)
+        try:
+            staged.rename(target)  # atomic: the cache never holds half a converter
+        except OSError:
+            if not (target / SCRIPT).is_file():  # else another process unpacked it meanwhile
+                raise
+    return target
+
+
+def _download_sdist(version: str, into: Path) -> Path:
+    spec = f"llama-cpp-python=={version}"
+    # --no-binary for this package alone: ':all:' would also build pip's isolated build tools from source (minutes)
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", spec]
+    done = subprocess.run([*pip, "-d", str(into)], capture_output=True, text=True)
+    sdists = sorted(into.glob("*.tar.gz"))
+    if done.returncode != 0 or not sdists:
+        raise PackagerError(f"could not fetch the {spec} sdist with pip: {_last_line(done.stderr)}")
+    return sdists[0]
+
+
+def _unpack_converter(sdist: Path, into: Path) -> None:
+    """Only the converter's files: the rest of the sdist is llama.cpp's and ggml's C++ sources."""
+    with tarfile.open(sdist) as archive:
+        for member in archive:
+            parts = PurePosixPath(member.name).parts  # <name>-<version>/vendor/llama.cpp/<path>
+            if (not member.isfile() or len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp")
+                    or parts[3] not in CONVERTER_FILES or ".." in parts):
+                continue
+            destination = into.joinpath(*parts[3:])
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            with archive.extractfile(member) as source, open(destination, "wb") as out:
+                shutil.copyfileobj(source, out)
+    if not (into / SCRIPT).is_file():
+        raise PackagerError(f"{sdist.name}: has no vendor/llama.cpp/{SCRIPT}")
+
+
+def convert(peft_dir: Path, base_dir: Path, output: Path, outtype: str = "f16") -> Converted:
+    """Write `output`, llama.cpp's LoRA GGUF of the PEFT adapter in `peft_dir` for the HF model in `base_dir`
+    (its config.json is enough: the base's weights are not read)."""
+    _check_inputs(peft_dir, base_dir, output, outtype)
+    missing = [name for name in SCRIPT_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PackagerError(f"convert-lora needs {', '.join(missing)} in this Python: pip install 'edgepack[convert]'")
+    script = converter_dir() / SCRIPT
+    # The script's own gguf-py first: it may need keys newer than the installed gguf has.
+    pythonpath = os.pathsep.join(filter(None, [str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}  # the base is local: never ask the hub
+    with tempfile.TemporaryDirectory(dir=output.parent) as work:
+        # A fixed name: the script fills {ftype}-style templates in its output name; and no half file at `output`.
+        partial = Path(work) / "adapter.gguf"
+        done = subprocess.run(
+            [sys.executable, str(script), str(peft_dir), "--base", str(base_dir), "--outfile", str(partial),
+             "--outtype", outtype],
+            capture_output=True, text=True, env=env,
+        )
+        if done.returncode != 0 or not partial.is_file():
+            raise PackagerError(f"{peft_dir}: llama.cpp's {SCRIPT} failed: {_last_line(done.stderr)}")
+        partial.replace(output)
+    converted = _read_converted(output)
+    if not converted.ranks:
+        raise PackagerError(f"{peft_dir}: llama.cpp's {SCRIPT} wrote no LoRA tensors to {output}")
+    return converted
+
+
+def _check_inputs(peft_dir: Path, base_dir: Path, output: Path, outtype: str) -> None:
+    config_path = peft_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise PackagerError(f"{config_path}: no such file (a PEFT LoRA adapter directory has adapter_config.json "
+                            f"and {WEIGHTS[0]})")
+    if not any((peft_dir / name).is_file() for name in WEIGHTS):
+        raise PackagerError(f"{peft_dir}: has no {' or '.join(WEIGHTS)}")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackagerError(f"{config_path}: not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise PackagerError(f"{config_path}: expected a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise PackagerError(f"{config_path}: peft_type: expected 'LORA', got {config['peft_type']!r}")
+    alpha = config.get("lora_alpha")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise PackagerError(f"{config_path}: lora_alpha: expected a number, got {alpha!r}")
+    if not (base_dir / "config.json").is_file():
+        raise PackagerError(f"{base_dir / 'config.json'}: no such file (--base is the base model's Hugging Face "
+                            "directory; its config.json is enough)")
+    if not output.parent.is_dir():
+        raise PackagerError(f"output directory {output.parent} does not exist")
+    if outtype not in OUTTYPES:
+        raise PackagerError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+
+
+def _read_converted(path: Path) -> Converted:
+    """What the adapter GGUF holds, as the summary line reports it."""
+    reader = gguf.GGUFReader(path)
+    # lora_b is ne = [rank, n_out] for every target (lora_a of token_embd is stored transposed)
+    ranks = sorted({int(t.shape[0]) for t in reader.tensors if t.name.endswith(".lora_b")})
+    return Converted(size=path.stat().st_size,
+                     architecture=reader.fields["general.architecture"].contents(),
+                     tensors=len(reader.tensors), ranks=tuple(ranks))
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "(no message)"
+
+
+@click.command(name="convert-lora")
+@click.argument("peft_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--base", "base_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The base model's Hugging Face directory (config.json is enough; weights are not read).")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The adapter GGUF to write.")
+@click.option("--outtype", default="f16", show_default=True, type=click.Choice(OUTTYPES),
+              help="Type of the adapter's tensors.")
+def convert_lora(peft_dir: Path, base_dir: Path, output: Path, outtype: str) -> None:
+    """Convert a PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors) in PEFT_DIR to llama.cpp's
+    LoRA GGUF, with llama.cpp's own convert_lora_to_gguf.py."""
+    result = convert(peft_dir, base_dir, output, outtype)
+    low, high = result.ranks[0], result.ranks[-1]
+    rank = str(low) if low == high else f"{low}-{high}"
+    click.echo(f"wrote {output}: {result.tensors} tensors, rank {rank}, for {result.architecture} "
+               f"({outtype}, {result.size / 2**20:.1f} MiB)")
