@@ -65,7 +65,7 @@ def load_board(name: str) -> BoardProfile:
 
 def host_profile() -> BoardProfile:
     """The generic profile of this machine: what `--board` defaults to."""
-    cores = hardware.physical_cores()
+    cores = hardware.default_threads()
     return BoardProfile(
         name=HOST,
         description="this machine (generic profile)",

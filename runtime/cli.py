@@ -122,6 +122,11 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         on_ready=on_ready, on_failure=on_failure,
     )
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on http://{host}:{port}", err=True)
+    if threads is None:
+        from .hardware import thread_plan
+
+        plan = thread_plan()
+        click.echo(f"edgepack: {config.threads} threads ({plan.reason}: CPUs {list(plan.cpus)})", err=True)
     server = uvicorn.Server(
         uvicorn.Config(service.app, host=host, port=port, log_level="warning", access_log=False,
                        timeout_graceful_shutdown=5)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -37,23 +38,93 @@ def simd_features() -> list[str]:
     return [_ARM_NAMES.get(f, f) for f in _SIMD_FLAGS.get(arch, []) if f in flags]
 
 
-def usable_cpus() -> int:
-    """Logical CPUs this process may run on (affinity mask and cgroup CPU quota)."""
-    count = len(os.sched_getaffinity(0))
-    quota = _cgroup_cpu_quota()
-    return max(1, min(count, int(quota))) if quota else count
+# ARM "CPU part" numbers of efficiency (LITTLE) cores, for boards whose kernel exposes no cpufreq.
+_ARM_LITTLE_PARTS = {"0xd03": "Cortex-A53", "0xd05": "Cortex-A55", "0xd46": "Cortex-A510", "0xd80": "Cortex-A520",
+                     "0xd04": "Cortex-A35"}
 
 
-def physical_cores() -> int:
-    """Physical cores within our affinity: hyper-threads only slow llama.cpp's matmuls down."""
-    physical = psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
-    logical = psutil.cpu_count() or physical
-    per_core = max(1, logical // physical)
-    return max(1, min(physical, usable_cpus() // per_core or 1))
+@dataclass(frozen=True)
+class Cpu:
+    id: int
+    core: tuple[int, int]  # (package, core id): hyper-threads share it
+    max_khz: int | None
+    part: str | None  # ARM CPU part, e.g. "0xd0b"
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    threads: int
+    cpus: tuple[int, ...]  # the logical CPUs of the chosen cores (one per core)
+    reason: str
+
+
+def read_cpus(sys_cpu: Path = Path("/sys/devices/system/cpu"), cpuinfo: Path = Path("/proc/cpuinfo")) -> list[Cpu]:
+    """Every logical CPU with its physical core, max frequency and ARM part number, from sysfs/procfs."""
+    parts = _cpuinfo_parts(cpuinfo)
+    cpus = []
+    for entry in sorted(sys_cpu.glob("cpu[0-9]*"), key=lambda p: int(p.name[3:])):
+        cpu_id = int(entry.name[3:])
+        core = (_read_int(entry / "topology/physical_package_id") or 0, _read_int(entry / "topology/core_id"))
+        cpus.append(Cpu(cpu_id, (core[0], core[1] if core[1] is not None else cpu_id),
+                        _read_int(entry / "cpufreq/cpuinfo_max_freq"), parts.get(cpu_id)))
+    return cpus
+
+
+def plan_threads(cpus: list[Cpu], allowed: set[int], quota: float | None = None) -> ThreadPlan:
+    """One thread per physical performance core we may use.
+
+    llama.cpp's threads work in lock-step, so one slow thread (an efficiency core, or a hyper-thread
+    sharing a busy core) slows them all: big.LITTLE boards and hybrid x86 parts use only the fastest
+    cores (highest cpufreq max, else not a known LITTLE ARM part), one logical CPU per core, within the
+    affinity mask and the cgroup CPU quota."""
+    usable = [c for c in cpus if c.id in allowed] or [Cpu(i, (0, i), None, None) for i in sorted(allowed)]
+    freqs = {c.max_khz for c in usable if c.max_khz}
+    reason = "physical cores"
+    if len(freqs) > 1:
+        top = max(freqs)
+        usable = [c for c in usable if c.max_khz == top]
+        reason = f"performance cores ({top // 1000} MHz)"
+    elif any(c.part in _ARM_LITTLE_PARTS for c in usable) and any(c.part not in _ARM_LITTLE_PARTS for c in usable):
+        usable = [c for c in usable if c.part not in _ARM_LITTLE_PARTS]
+        reason = "big cores (ARM part numbers)"
+    chosen: dict[tuple[int, int], int] = {}
+    for cpu in usable:
+        chosen.setdefault(cpu.core, cpu.id)
+    threads = len(chosen)
+    if quota is not None and quota < threads:
+        threads, reason = max(1, int(quota)), reason + f", capped by the cgroup quota ({quota:g} CPUs)"
+    return ThreadPlan(threads, tuple(sorted(chosen.values()))[:threads], reason)
+
+
+def thread_plan() -> ThreadPlan:
+    return plan_threads(read_cpus(), set(os.sched_getaffinity(0)), _cgroup_cpu_quota())
 
 
 def default_threads() -> int:
-    return physical_cores()
+    return thread_plan().threads
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _cpuinfo_parts(path: Path) -> dict[int, str]:
+    parts: dict[int, str] = {}
+    current = None
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return parts
+    for line in lines:
+        key, _, value = (x.strip() for x in line.partition(":"))
+        if key == "processor" and value.isdigit():
+            current = int(value)
+        elif key == "CPU part" and current is not None:
+            parts[current] = value
+    return parts
 
 
 def total_memory_bytes() -> int:
