@@ -129,6 +129,13 @@ class Manifest:
     def agent_list(self) -> tuple[AgentInfo, ...]:
         return self.agents or tuple(AgentInfo(m.name, m.name) for m in self.models)
 
+    def agent_digest(self, agent: AgentInfo) -> str:
+        """A content address of what answers for an agent: its model's segments and its adapter."""
+        parts = [str(d) for d in self.model(agent.model).segments]
+        if agent.adapter:
+            parts.append(str(self.adapter(agent.adapter).digest))
+        return Digest.of_bytes("|".join(parts).encode()).hex
+
     def adapter(self, name: str) -> AdapterInfo:
         for adapter in self.adapters:
             if adapter.name == name:

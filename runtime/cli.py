@@ -88,11 +88,16 @@ def gc(store_dir: Path) -> None:
               help="Requests that may wait for a slot; beyond that, 429 with Retry-After.")
 @click.option("--request-timeout", default=300.0, show_default=True, type=click.FloatRange(0.001),
               help="Seconds a request may take before it is cancelled (504).")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="Cache answers to deterministic (temperature 0) requests: L1 in memory, L2 in DIR/cache/.")
+@click.option("--cache-ttl", default=120.0, show_default=True, type=click.FloatRange(0), help="L1 seconds.")
+@click.option("--disk-cache-ttl", default=3600.0, show_default=True, type=click.FloatRange(0), help="L2 seconds.")
 def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str, slots: int,
-          max_queue: int, request_timeout: float) -> None:
+          max_queue: int, request_timeout: float, cache: bool, cache_ttl: float, disk_cache_ttl: float) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
+    from .cache import ResponseCache
     from .loader import load_models, resolve_config
     from .server import Service
 
@@ -119,6 +124,9 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         lambda: load_models(store, manifest, config), agents,
         default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in manifest.adapters},
         max_queue=max_queue, request_timeout=request_timeout,
+        cache=ResponseCache(store.root / "cache" / "responses.sqlite", l1_ttl=cache_ttl, l2_ttl=disk_cache_ttl)
+        if cache else None,
+        agent_digests={a.name: manifest.agent_digest(a) for a in agents},
         on_ready=on_ready, on_failure=on_failure,
     )
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on http://{host}:{port}", err=True)

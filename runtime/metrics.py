@@ -36,6 +36,10 @@ class Metrics:
         self.queued = Gauge("edgepack_queue_depth", "Generations waiting for a slot", ["model"], registry=r)
         self.active_slots = Gauge("edgepack_active_slots", "Generations being decoded together", ["model"],
                                   registry=r)
+        self.cache_requests = Counter(
+            "edgepack_cache_requests", "Deterministic requests by cache outcome (l1, l2 hit or miss)", ["result"],
+            registry=r,
+        )
         self.ready = Gauge("edgepack_ready", "1 when models are loaded and warmed up", registry=r)
         rss = Gauge("edgepack_process_resident_memory_bytes", "Resident memory of the server (RSS)", registry=r)
         process = psutil.Process()

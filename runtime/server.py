@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -24,6 +25,7 @@ from starlette.routing import Route
 
 from . import openai_api
 from .bundle_format import AgentInfo
+from .cache import CachedAnswer, ResponseCache, cache_key
 from .engine import Engine, Generation, Sampling
 from .errors import EdgepackError
 from .metrics import Metrics
@@ -65,6 +67,8 @@ class Service:
         default_max_tokens: int = 512,
         adapter_scales: dict[str, float] | None = None,
         max_queue: int = 16,
+        cache: ResponseCache | None = None,
+        agent_digests: dict[str, str] | None = None,
         request_timeout: float = 300.0,
         on_ready: Callable[[], None] = lambda: None,
         on_failure: Callable[[str], None] = lambda message: None,
@@ -77,6 +81,7 @@ class Service:
         self.error: str | None = None
         self.schedulers: dict[str, BatchScheduler] = {}
         self.max_queue, self.request_timeout = max_queue, request_timeout
+        self.cache, self.agent_digests = cache, agent_digests or {}
         self._started: dict[int, float] = {}
         self._load, self._on_ready, self._on_failure = load, on_ready, on_failure
         self.created = int(time.time())
@@ -111,6 +116,8 @@ class Service:
                     await asyncio.to_thread(scheduler.stop)
                 for scheduler in service.schedulers.values():
                     scheduler.engine.close()
+                if service.cache is not None:
+                    service.cache.close()
 
         return _Lifespan()
 
@@ -216,50 +223,100 @@ class Service:
             )
         sampling = Sampling(max_tokens=max_tokens, **{**defaults, **req.sampling})
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
-        job = _new_job(prompt, sampling, lora, started)
-        self._started[id(job.request)] = started
-        try:
-            scheduler.submit(job.request)
-        except QueueFull as exc:
-            self._started.pop(id(job.request), None)
-            raise ApiError(429, f"{exc}; retry later", code="queue_full",
-                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         rid = openai_api.new_id(req.kind)
+        key = self._cache_key(agent, req.kind, text, sampling)
+        answer = self._cached(key, len(prompt)) if key else None
+        if answer is None:
+            job = _new_job(prompt, sampling, lora, started)
+            self._started[id(job.request)] = started
+            try:
+                scheduler.submit(job.request)
+            except QueueFull as exc:
+                self._started.pop(id(job.request), None)
+                raise ApiError(429, f"{exc}; retry later", code="queue_full",
+                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+            answer = _Answer(_events(job, self.request_timeout), job.request.result, job.request.cancel.set)
         if req.stream:
             return StreamingResponse(
-                self._stream(job, req, rid, agent.name),
+                self._stream(answer, req, rid, agent.name, key),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         pieces = []
         try:
-            async for piece in _events(job, self.request_timeout):
+            async for piece in answer.pieces:
                 pieces.append(piece)
         finally:
-            job.request.cancel.set()
-        body = openai_api.completion_body(
-            req, rid, agent.name, "".join(pieces), job.request.result.finish_reason,
-            job.request.result.prompt_tokens, job.request.result.completion_tokens,
-        )
+            answer.cancel()
+        text_out = "".join(pieces)
+        self._remember(key, answer, text_out)
+        result = answer.result
+        body = openai_api.completion_body(req, rid, agent.name, text_out, result.finish_reason,
+                                          result.prompt_tokens, result.completion_tokens)
         return JSONResponse(body)
 
-    async def _stream(self, job: _Job, req: CompletionRequest, rid: str, model: str) -> AsyncIterator[bytes]:
+    async def _stream(self, answer: _Answer, req: CompletionRequest, rid: str, model: str,
+                      key: str | None) -> AsyncIterator[bytes]:
+        pieces = []
         try:
             if req.kind == "chat":
                 yield _sse(openai_api.chunk_body(req, rid, model, "", None, first=True))
             try:
-                async for piece in _events(job, self.request_timeout):
+                async for piece in answer.pieces:
+                    pieces.append(piece)
                     yield _sse(openai_api.chunk_body(req, rid, model, piece, None))
             except ApiError as exc:
                 yield _sse(exc.body())
                 return
-            result = job.request.result
+            result = answer.result
             yield _sse(openai_api.chunk_body(req, rid, model, None, result.finish_reason))
             if req.include_usage:
                 yield _sse(openai_api.usage_chunk(req, rid, model, result.prompt_tokens, result.completion_tokens))
             yield b"data: [DONE]\n\n"
+            self._remember(key, answer, "".join(pieces))
         finally:
-            job.request.cancel.set()  # a client that went away frees its slot at once
+            answer.cancel()  # a client that went away frees its slot at once
+
+    # ---- caches ----
+
+    def _cache_key(self, agent: AgentInfo, kind: str, text: str, sampling: Sampling) -> str | None:
+        """Only deterministic requests (temperature 0) are cached."""
+        if self.cache is None or sampling.temperature > 0:
+            return None
+        digest = self.agent_digests.get(agent.name, agent.name)
+        return cache_key(digest, agent.name, kind, text, dataclasses.asdict(sampling))
+
+    def _cached(self, key: str, prompt_tokens: int) -> _Answer | None:
+        assert self.cache is not None
+        level, hit = self.cache.get(key)
+        if hit is None:
+            self.metrics.cache_requests.labels("miss").inc()
+            return None
+        self.metrics.cache_requests.labels(level).inc()
+        result = Generation(prompt_tokens=prompt_tokens, completion_tokens=hit.completion_tokens,
+                            finish_reason=hit.finish_reason)
+        return _Answer(_replay(hit.text), result, lambda: None, cached=True)
+
+    def _remember(self, key: str | None, answer: _Answer, text: str) -> None:
+        result = answer.result
+        if key and not answer.cached and self.cache is not None and result.finish_reason in ("stop", "length"):
+            self.cache.put(key, CachedAnswer(text, result.finish_reason, result.prompt_tokens,
+                                             result.completion_tokens))
+
+
+@dataclass
+class _Answer:
+    """Where a response's text comes from: a live generation or the cache."""
+
+    pieces: AsyncIterator[str]
+    result: Generation
+    cancel: Callable[[], None]
+    cached: bool = False
+
+
+async def _replay(text: str) -> AsyncIterator[str]:
+    if text:
+        yield text
 
 
 async def _events(job: _Job, timeout: float) -> AsyncIterator[str]:

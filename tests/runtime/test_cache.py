@@ -1,0 +1,102 @@
+"""Response caches: L1 (memory, LRU + TTL), L2 (SQLite, survives restarts), keys, and over HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from conftest import start_server, stop_server, wait_ready
+
+from edgepack.runtime.cache import CachedAnswer, ResponseCache, cache_key
+
+ANSWER = CachedAnswer("Paris.", "stop", 7, 2)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_l1_hits_expires_and_evicts_least_recently_used():
+    clock = Clock()
+    cache = ResponseCache(None, l1_entries=2, l1_ttl=60, clock=clock)
+    cache.put("a", ANSWER)
+    assert cache.get("a") == ("l1", ANSWER)
+    cache.put("b", ANSWER)
+    cache.get("a")  # a is now the most recent
+    cache.put("c", ANSWER)
+    assert cache.get("b") == (None, None) and cache.get("a")[0] == "l1"
+    clock.now += 61
+    assert cache.get("a") == (None, None)
+
+
+def test_l2_survives_a_restart_and_expires(tmp_path):
+    clock = Clock()
+    path = tmp_path / "cache" / "responses.sqlite"
+    first = ResponseCache(path, l1_ttl=60, l2_ttl=3600, clock=clock)
+    first.put("k", ANSWER)
+    first.close()
+    second = ResponseCache(path, l1_ttl=60, l2_ttl=3600, clock=clock)
+    assert second.get("k") == ("l2", ANSWER)
+    assert second.get("k") == ("l1", ANSWER)  # promoted
+    clock.now += 3601
+    third = ResponseCache(path, l1_ttl=60, l2_ttl=3600, clock=clock)
+    assert third.get("k") == (None, None)
+
+
+def test_keys_depend_on_model_digest_agent_prompt_and_sampling():
+    base = cache_key("d1", "agent", "chat", "hi", {"temperature": 0, "max_tokens": 8})
+    assert base == cache_key("d1", "agent", "chat", "hi", {"max_tokens": 8, "temperature": 0})
+    others = [
+        cache_key("d2", "agent", "chat", "hi", {"temperature": 0, "max_tokens": 8}),
+        cache_key("d1", "other", "chat", "hi", {"temperature": 0, "max_tokens": 8}),
+        cache_key("d1", "agent", "text", "hi", {"temperature": 0, "max_tokens": 8}),
+        cache_key("d1", "agent", "chat", "hi!", {"temperature": 0, "max_tokens": 8}),
+        cache_key("d1", "agent", "chat", "hi", {"temperature": 0, "max_tokens": 9}),
+    ]
+    assert len({base, *others}) == 6
+
+
+def _cache_metrics(base: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("edgepack_cache_requests_total{"):
+            out[line.split('"')[1]] = float(line.split()[-1])
+    return out
+
+
+def test_http_deterministic_requests_hit_l1_then_l2_after_restart(tiny_bundle, tmp_path):
+    from edgepack.runtime.store import Store
+
+    store = tmp_path / "store"
+    Store(store).install(tiny_bundle)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "the way"}], "max_tokens": 6,
+            "temperature": 0, "ignore_eos": True}
+    process, base = start_server(store, "--threads", "1")
+    try:
+        wait_ready(base, process)
+        first = httpx.post(base + "/v1/chat/completions", json=body, timeout=30).json()
+        again = httpx.post(base + "/v1/chat/completions", json=body, timeout=30).json()
+        assert again["choices"] == first["choices"] and again["usage"] == first["usage"]
+        streamed = httpx.post(base + "/v1/chat/completions", json={**body, "stream": True}, timeout=30).text
+        events = [json.loads(line[6:]) for line in streamed.splitlines()
+                  if line.startswith("data: {")]
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+        assert text == first["choices"][0]["message"]["content"]
+        sampled = {**body, "temperature": 0.7, "seed": 1}
+        httpx.post(base + "/v1/chat/completions", json=sampled, timeout=30)
+        assert _cache_metrics(base) == {"miss": 1.0, "l1": 2.0}  # temperature 0.7: not cached at all
+    finally:
+        stop_server(process)
+    process, base = start_server(store, "--threads", "1")
+    try:
+        wait_ready(base, process)
+        after = httpx.post(base + "/v1/chat/completions", json=body, timeout=30).json()
+        assert after["choices"] == first["choices"]
+        assert _cache_metrics(base) == {"l2": 1.0}
+    finally:
+        stop_server(process)
+    assert (store / "cache" / "responses.sqlite").is_file()
