@@ -147,6 +147,15 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
 
 
 @cli.command()
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The server to ask.")
+def status(url: str) -> None:
+    """Show a running server's state: requests, latency percentiles, slots, caches, memory, alerts."""
+    from .status import summary
+
+    click.echo(format_table([("", "")] + summary(url.rstrip("/")))[1:].lstrip("\n"))
+
+
+@cli.command()
 @_store_option
 @click.argument("prompt")
 @click.option("--model", help="Model name (default: the bundle's first).")

@@ -23,6 +23,12 @@ class Metrics:
             "edgepack_time_to_first_token_seconds", "Time from request to the first generated token",
             ["model"], buckets=_TTFT_BUCKETS, registry=r,
         )
+        self.tpot = Histogram(
+            "edgepack_time_per_output_token_seconds", "Decode time per generated token of a request",
+            ["model"], buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2), registry=r,
+        )
+        self.alert = Gauge("edgepack_alert", "1 while an alert condition holds (see docs/operations.md)", ["alert"],
+                           registry=r)
         self.generated = Counter("edgepack_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.prompt = Counter("edgepack_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.cancelled = Counter(

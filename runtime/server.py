@@ -24,6 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import openai_api
+from .alerts import AlertWindow
 from .bundle_format import AgentInfo
 from .cache import CachedAnswer, ResponseCache, cache_key
 from .engine import Engine, Generation, Sampling
@@ -34,6 +35,7 @@ from .scheduler import DONE, BatchScheduler, QueueFull, Request
 
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_SECONDS = 1
+LOAD_SAMPLE_SECONDS = 5.0
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Service:
         self.schedulers: dict[str, BatchScheduler] = {}
         self.max_queue, self.request_timeout = max_queue, request_timeout
         self.cache, self.agent_digests = cache, agent_digests or {}
+        self.alerts = AlertWindow({a.name: a.latency_sla_ms for a in agents if a.latency_sla_ms})
         self._started: dict[int, float] = {}
         self._load, self._on_ready, self._on_failure = load, on_ready, on_failure
         self.created = int(time.time())
@@ -100,6 +103,7 @@ class Service:
             ),
             self.metrics,
             {r.path for r in routes},
+            self.alerts,
         )
 
     # ---- lifecycle ----
@@ -110,8 +114,10 @@ class Service:
         class _Lifespan:
             async def __aenter__(self) -> None:
                 threading.Thread(target=service._load_and_warm, name="loader", daemon=True).start()
+                self.sampler = asyncio.get_running_loop().create_task(service._sample_load())
 
             async def __aexit__(self, *exc: object) -> None:
+                self.sampler.cancel()
                 for scheduler in service.schedulers.values():
                     await asyncio.to_thread(scheduler.stop)
                 for scheduler in service.schedulers.values():
@@ -160,6 +166,17 @@ class Service:
         rate = result.decode_tokens_per_second
         if rate is not None:
             m.tokens_per_second.labels(model).set(rate)
+            m.tpot.labels(model).observe(1 / rate)
+
+    def _update_alerts(self) -> None:
+        for name, active in self.alerts.evaluate().items():
+            self.metrics.alert.labels(name).set(1 if active else 0)
+
+    async def _sample_load(self) -> None:
+        while True:
+            self.alerts.sample_load()
+            self._update_alerts()
+            await asyncio.sleep(LOAD_SAMPLE_SECONDS)
 
     # ---- routes ----
 
@@ -170,6 +187,7 @@ class Service:
         return JSONResponse(body, status_code=200 if self.state == "ready" else 503)
 
     async def metrics_page(self, request: HttpRequest) -> Response:
+        self._update_alerts()
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: HttpRequest) -> Response:
@@ -238,7 +256,7 @@ class Service:
             answer = _Answer(_events(job, self.request_timeout), job.request.result, job.request.cancel.set)
         if req.stream:
             return StreamingResponse(
-                self._stream(answer, req, rid, agent.name, key),
+                self._stream(answer, req, rid, agent.name, key, started),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -250,13 +268,14 @@ class Service:
             answer.cancel()
         text_out = "".join(pieces)
         self._remember(key, answer, text_out)
+        self.alerts.latency(agent.name, time.monotonic() - started)
         result = answer.result
         body = openai_api.completion_body(req, rid, agent.name, text_out, result.finish_reason,
                                           result.prompt_tokens, result.completion_tokens)
         return JSONResponse(body)
 
     async def _stream(self, answer: _Answer, req: CompletionRequest, rid: str, model: str,
-                      key: str | None) -> AsyncIterator[bytes]:
+                      key: str | None, started: float) -> AsyncIterator[bytes]:
         pieces = []
         try:
             if req.kind == "chat":
@@ -274,6 +293,7 @@ class Service:
                 yield _sse(openai_api.usage_chunk(req, rid, model, result.prompt_tokens, result.completion_tokens))
             yield b"data: [DONE]\n\n"
             self._remember(key, answer, "".join(pieces))
+            self.alerts.latency(model, time.monotonic() - started)
         finally:
             answer.cancel()  # a client that went away frees its slot at once
 
@@ -289,6 +309,7 @@ class Service:
     def _cached(self, key: str, prompt_tokens: int) -> _Answer | None:
         assert self.cache is not None
         level, hit = self.cache.get(key)
+        self.alerts.cache_lookup(hit is not None)
         if hit is None:
             self.metrics.cache_requests.labels("miss").inc()
             return None
@@ -367,8 +388,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 class _MetricsMiddleware:
     """Counts every request by endpoint and status, and times it to its last byte (pure ASGI)."""
 
-    def __init__(self, app: Any, metrics: Metrics, endpoints: set[str]) -> None:
-        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+    def __init__(self, app: Any, metrics: Metrics, endpoints: set[str], alerts: AlertWindow) -> None:
+        self.app, self.metrics, self.endpoints, self.alerts = app, metrics, endpoints, alerts
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -391,3 +412,5 @@ class _MetricsMiddleware:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
+            if endpoint.startswith("/v1/") and endpoint != "/v1/models":
+                self.alerts.outcome(status)

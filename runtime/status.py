@@ -1,0 +1,91 @@
+"""`edgepack status`: what a running server reports, read from its /health and /metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import urllib.error
+import urllib.request
+from collections import defaultdict
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .errors import EdgepackError
+
+
+def fetch(url: str) -> tuple[dict, dict]:
+    """(health document, {metric sample name: {labels tuple: value}})."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+            text = response.read().decode()
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                health = json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # 503 while loading: still a document
+            health = json.loads(exc.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise EdgepackError(f"no edgepack server answers at {url} ({exc})") from None
+    samples: dict[str, dict] = defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name][tuple(sorted(sample.labels.items()))] = sample.value
+    return health, samples
+
+
+def quantile(samples: dict, name: str, q: float) -> float | None:
+    """Prometheus' histogram_quantile over all label sets of a histogram (linear within the bucket)."""
+    buckets: dict[float, float] = defaultdict(float)
+    for labels, value in samples.get(f"{name}_bucket", {}).items():
+        buckets[float(dict(labels)["le"])] += value
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total == 0:
+        return None
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if math.isinf(bound):
+                return lower
+            inside = buckets[bound] - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 0)
+        lower, below = bound, buckets[bound]
+    return lower
+
+
+def summary(url: str) -> list[tuple[str, str]]:
+    health, samples = fetch(url)
+
+    def total(name: str, **match: str) -> float:
+        return sum(v for labels, v in samples.get(name, {}).items()
+                   if all(dict(labels).get(k) == val for k, val in match.items()))
+
+    def ms(value: float | None) -> str:
+        return "–" if value is None else f"{value * 1000:.0f} ms"
+
+    requests = total("edgepack_requests_total")
+    errors = sum(v for labels, v in samples.get("edgepack_requests_total", {}).items()
+                 if dict(labels)["status"].startswith("5") or dict(labels)["status"] == "429")
+    cache = {dict(labels)["result"]: v for labels, v in samples.get("edgepack_cache_requests_total", {}).items()}
+    lookups = sum(cache.values())
+    rows = [
+        ("status", health.get("status", "?") + (f" ({health['error']})" if health.get("error") else "")),
+        ("requests", f"{requests:.0f} ({errors:.0f} errors/refusals)"),
+        ("in flight / queued / active slots", f"{total('edgepack_requests_in_flight'):.0f} / "
+         f"{total('edgepack_queue_depth'):.0f} / {total('edgepack_active_slots'):.0f}"),
+        ("generated tokens", f"{total('edgepack_generated_tokens_total'):.0f}"),
+        ("decode tokens/s (last)", ", ".join(f"{dict(k)['model']} {v:.1f}"
+                                             for k, v in samples.get("edgepack_decode_tokens_per_second", {}).items())
+         or "–"),
+    ]
+    for label, name in (("latency", "edgepack_request_duration_seconds"),
+                        ("time to first token", "edgepack_time_to_first_token_seconds"),
+                        ("time per output token", "edgepack_time_per_output_token_seconds")):
+        rows.append((f"{label} p50/p95/p99", " / ".join(ms(quantile(samples, name, q)) for q in (0.5, 0.95, 0.99))))
+    rows.append(("cache hits", f"{(cache.get('l1', 0) + cache.get('l2', 0)) / lookups:.0%} of {lookups:.0f} "
+                 f"(L1 {cache.get('l1', 0):.0f}, L2 {cache.get('l2', 0):.0f})" if lookups else "–"))
+    rows.append(("resident memory", f"{total('edgepack_process_resident_memory_bytes') / 2**20:.0f} MiB"))
+    firing = [dict(k)["alert"] for k, v in samples.get("edgepack_alert", {}).items() if v]
+    rows.append(("alerts", ", ".join(firing) if firing else "none"))
+    return rows

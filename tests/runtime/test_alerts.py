@@ -1,0 +1,61 @@
+"""Alert conditions over their window, and `edgepack status` against a live server."""
+
+from __future__ import annotations
+
+from conftest import post_json, run_cli
+
+from edgepack.runtime.alerts import SUSTAINED_SECONDS, WINDOW_SECONDS, AlertWindow
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 10_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_latency_over_sla_error_rate_and_cache_hit_rate():
+    clock = Clock()
+    window = AlertWindow({"planner": 800}, clock=clock)
+    for seconds in (0.5, 0.6, 0.7, 0.5, 0.6):
+        window.latency("planner", seconds)
+    assert not window.evaluate()["latency_p99_over_sla"]
+    window.latency("planner", 1.3)  # > 1.5 x 0.8 s
+    assert window.evaluate()["latency_p99_over_sla"]
+    for status in [200] * 98 + [500, 429]:
+        window.outcome(status)
+    assert window.evaluate()["error_rate"]  # 2% > 1%
+    for hit in [True] * 10 + [False] * 10:
+        window.cache_lookup(hit)
+    assert window.evaluate()["cache_hit_rate_low"]
+    clock.now += WINDOW_SECONDS + 1  # everything ages out of the window
+    assert not any(window.evaluate().values())
+
+
+def test_cpu_alert_needs_a_sustained_window():
+    clock = Clock()
+    window = AlertWindow({}, clock=clock)
+    for _ in range(3):
+        window.load.append((clock.now, 95.0, 40.0))
+    assert not window.evaluate()["cpu_high"]  # too short a history
+    window.load.clear()
+    for step in range(13):
+        window.load.append((clock.now + step * 5, 95.0, 40.0))
+    clock.now += 12 * 5
+    assert window.evaluate()["cpu_high"] and not window.evaluate()["memory_high"]
+    window.load.append((clock.now, 50.0, 40.0))
+    assert not window.evaluate()["cpu_high"]
+    assert SUSTAINED_SECONDS <= 60
+
+
+def test_status_reads_a_live_server(server):
+    post_json(server + "/v1/completions", {"model": "tiny", "prompt": "the", "max_tokens": 3, "temperature": 0})
+    result = run_cli("status", "--url", server)
+    assert result.returncode == 0, result.stderr
+    width = result.stdout.splitlines()[0].index("ok")  # the value column
+    lines = {line[:width].strip(): line[width:].strip() for line in result.stdout.splitlines()}
+    assert lines["status"] == "ok" and lines["alerts"] == "none"
+    assert lines["latency p50/p95/p99"].endswith("ms")
+    down = run_cli("status", "--url", "http://127.0.0.1:9")
+    assert down.returncode == 1 and "no edgepack server answers" in down.stderr
