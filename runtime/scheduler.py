@@ -114,8 +114,10 @@ class BatchScheduler:
     def _admit(self) -> None:
         while self._queue and self._free:
             request = self._queue[0]
-            if request.cancel.is_set():
+            if request.cancel.is_set():  # gave up while waiting
                 self._queue.popleft()
+                request.result.finish_reason = "cancelled"
+                self._on_finish(request)
                 continue
             if self._active and request.lora != self._lora:
                 break  # wait for the running batch (its adapter) to drain

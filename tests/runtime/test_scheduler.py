@@ -123,6 +123,7 @@ def test_request_timeout_gives_504_and_frees_the_slot(served_store):
         assert timed_out.status_code == 504 and "did not finish" in timed_out.json()["error"]["message"]
         deadline = time.monotonic() + 10
         while "edgepack_generations_cancelled_total{model=\"tiny\"} 1.0" not in httpx.get(base + "/metrics").text:
+            # counted whether it was cancelled in its slot or while it still waited for one
             assert time.monotonic() < deadline, "the timed-out generation was not cancelled"
             time.sleep(0.05)
         active = [line for line in httpx.get(base + "/metrics").text.splitlines()
