@@ -28,7 +28,6 @@ from edgepack.runtime.bundle_format import (
     BUNDLE_SUFFIX,
     MEDIA_GGUF_LORA,
     AdapterInfo,
-    AgentInfo,
     Digest,
     Manifest,
     ModelInfo,
@@ -160,10 +159,7 @@ def build(opts: BuildOptions) -> BuildResult:
                     else:
                         bar.update(seg.size)
         adapters = _adapters(opts.recipe, results, blobs, work, opts.zstd_level, ui) if opts.recipe else ()
-        agents = tuple(
-            AgentInfo(a.name, a.model, a.adapter, a.system_prompt, a.sampling, a.tier, a.latency_sla_ms)
-            for a in (opts.recipe.agents if opts.recipe else ())
-        )
+        agents = opts.recipe.agents if opts.recipe else ()
         created = _now()
         context = min(r.info.context_length or opts.board.n_ctx for r in results)
         manifest = Manifest(

@@ -7,11 +7,11 @@ expected. Paths are relative to the recipe file (or absolute).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.runtime.bundle_format import check_name
+from edgepack.runtime.bundle_format import AgentInfo, check_name
 from edgepack.runtime.errors import EdgepackError
 
 from .errors import PackagerError
@@ -79,23 +79,12 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
-class AgentSpec:
-    name: str
-    model: str
-    adapter: str | None = None
-    system_prompt: str | None = None
-    sampling: dict[str, Any] = field(default_factory=dict)
-    tier: str | None = None
-    latency_sla_ms: int | None = None
-
-
-@dataclass(frozen=True)
 class Recipe:
     path: Path
     board: str | None
     models: tuple[ModelSpec, ...]
     adapters: tuple[AdapterSpec, ...]
-    agents: tuple[AgentSpec, ...]
+    agents: tuple[AgentInfo, ...]
 
     def model_tier(self, model: ModelSpec) -> str | None:
         """The model's own tier, else the strictest tier among its agents."""
@@ -201,7 +190,7 @@ def _adapter(t: _Table, name: str, models: set[str]) -> AdapterSpec:
     return AdapterSpec(t.name(name), t.source(), base, float(scale) if scale is not None else 1.0)
 
 
-def _agent(t: _Table, name: str, models: set[str], adapter_base: dict[str, str]) -> AgentSpec:
+def _agent(t: _Table, name: str, models: set[str], adapter_base: dict[str, str]) -> AgentInfo:
     t.unknown({"model", "adapter", "system_prompt", "tier", "latency_sla_ms", *SAMPLING_KEYS})
     model = t.get("model", str, "the name of a model in [models]", required=True)
     if model not in models:
@@ -215,4 +204,4 @@ def _agent(t: _Table, name: str, models: set[str], adapter_base: dict[str, str])
         if value is not None:
             sampling[key] = kind(value)
     sla = t.get("latency_sla_ms", int, "an integer (milliseconds)")
-    return AgentSpec(t.name(name), model, adapter, t.get("system_prompt", str, "a string"), sampling, t.tier(), sla)
+    return AgentInfo(t.name(name), model, adapter, t.get("system_prompt", str, "a string"), sampling, t.tier(), sla)
