@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+
 from edgepack.runtime.cli import format_table
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,0 +1,456 @@
+"""Aggregate decode throughput under concurrent clients: `edgepack serve --slots 4` (continuous batching)
+against llama.cpp's `llama-server -np 4` and llama-cpp-python's own server, same model, same threads.
+
+All three servers stay up, but only one is under load at a time; each (round, client count) point
+visits the servers in a rotating order, so slow drift on a shared machine hits all of them alike.
+Run: .venv/bin/python bench/bench_concurrency.py [--clients 1,2,4,8] [--requests 3] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import httpx
+import llama_cpp
+from bench_serve import (
+    BIN,
+    LLAMA_SERVER,
+    OUT,
+    RESULTS,
+    ROOT,
+    BenchError,
+    Spread,
+    _cpu_count,
+    _cpu_model,
+    _run,
+    free_port,
+    model_path,
+    new_client,
+    running,
+    wait_healthy,
+)
+
+from edgepack.runtime.cli import format_table
+
+WORK = OUT / "concurrency"
+SLOTS = 4
+CTX_PER_SLOT = 4096
+GOAL = 0.95
+GOAL_CLIENTS = (1, 4)
+PAUSE_S = 0.5  # between rounds, so the last server's spinning worker threads have gone idle
+EDGEPACK, LLAMA, LCPP = "edgepack serve", "llama-server", "llama_cpp.server"
+# Different short prompts; client i's request j uses PROMPTS[(i + j) % 8], so no two clients of a
+# round start on the same prompt.
+PROMPTS = (
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "In the year 2050, cities",
+    "My favourite recipe for bread",
+    "The mitochondria is",
+    "Dear hiring manager,",
+)
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    command: list[str]
+    body: dict  # fields this server needs to generate exactly max_tokens greedy tokens
+    port: int
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    prompt: int  # index into PROMPTS
+    text: str
+    tokens: int  # usage.completion_tokens; llama_cpp.server sends no usage, see completion_tokens()
+    usage: bool  # whether the server reported usage
+    ttft_s: float  # request sent -> first text chunk
+    total_s: float  # request sent -> end of stream
+
+
+@dataclass
+class Round:
+    server: str
+    clients: int
+    index: int
+    wall_s: float  # first request sent -> last stream ended
+    foreign_cpu_s: float  # CPU time other processes used meanwhile (this VM is shared)
+    replies: list[Reply] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.replies)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+
+# ---- servers ----
+
+
+def install_bundle(model: Path) -> Path:
+    """Build the bundle and install it into a fresh store; returns the store."""
+    WORK.mkdir(parents=True, exist_ok=True)
+    bundle = WORK / "gemma.edgepack"
+    bundle.unlink(missing_ok=True)
+    _run([str(BIN / "edgepack"), "build", str(model), "-o", str(bundle), "--name", "gemma3-270m", "-q"])
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=WORK))
+    _run([str(BIN / "edgepack"), "install", str(bundle), "--store", str(store)])
+    return store
+
+
+def eog_tokens(model: Path) -> list[int]:
+    """End-of-generation token ids, read from the model's vocabulary alone."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    handle = llama_cpp.llama_model_load_from_file(str(model).encode(), params)
+    if not handle:
+        raise BenchError(f"llama.cpp could not read the vocabulary of {model}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(handle)
+        return [t for t in range(llama_cpp.llama_vocab_n_tokens(vocab)) if llama_cpp.llama_vocab_is_eog(vocab, t)]
+    finally:
+        llama_cpp.llama_model_free(handle)
+
+
+def servers(model: Path, store: Path, threads: int) -> list[Server]:
+    if not LLAMA_SERVER.exists():
+        raise BenchError(f"{LLAMA_SERVER} is missing: run native/build-llama-server.sh first")
+    ports = [free_port() for _ in range(3)]
+    # llama_cpp.server has no ignore_eos: a large negative bias on every EOG token does the same.
+    no_eog = {str(t): -1e9 for t in eog_tokens(model)}
+    return [
+        Server(EDGEPACK, [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(ports[0]),
+                          "--threads", str(threads), "--ctx", str(CTX_PER_SLOT), "--slots", str(SLOTS),
+                          "--no-cache"],  # its response cache would answer repeated greedy prompts from memory
+               {"ignore_eos": True}, ports[0]),
+        # -c is the whole KV pool, split over -np slots; without -kvu each slot gets its own KV stream,
+        # as edgepack's slots do. cache_prompt=false: evaluate every prompt, as edgepack does.
+        Server(LLAMA, [str(LLAMA_SERVER), "-m", str(model), "-t", str(threads), "-tb", str(threads),
+                       "-c", str(SLOTS * CTX_PER_SLOT), "-np", str(SLOTS), "--host", "127.0.0.1",
+                       "--port", str(ports[1])],
+               {"ignore_eos": True, "cache_prompt": False}, ports[1]),
+        # One sequence at a time. Its default interrupt_requests=true would end a streaming reply early
+        # as soon as another request waits; off, requests queue instead.
+        Server(LCPP, [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(threads),
+                      "--n_threads_batch", str(threads), "--n_ctx", str(CTX_PER_SLOT), "--host", "127.0.0.1",
+                      "--port", str(ports[2]), "--interrupt_requests", "false"],
+               {"logit_bias": no_eog}, ports[2]),
+    ]
+
+
+def wait_ready(server: Server, proc, log: Path) -> None:  # noqa: ANN001 - a subprocess.Popen
+    if server.name == LCPP:  # it has no /health; /v1/models answers once the model is loaded
+        deadline = time.perf_counter() + 300
+        while time.perf_counter() < deadline:
+            if proc.poll() is not None:
+                raise BenchError(f"{server.name} exited with {proc.returncode}; see {log}")
+            try:
+                if httpx.get(f"{server.base}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise BenchError(f"{server.name} did not come up within 300s; see {log}")
+    wait_healthy(server.base, proc, log)
+
+
+# ---- one request, one round ----
+
+
+def request_body(server: Server, prompt: str, tokens: int) -> dict:
+    return {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **server.body}
+
+
+def completion_tokens(usage: dict | None, finish_reason: str | None, max_tokens: int, chunks: int) -> int:
+    """Tokens generated: the server's usage where it reports one; else max_tokens when it stopped for
+    length (llama_cpp.server streams no usage), else the number of text chunks."""
+    if usage is not None:
+        return usage["completion_tokens"]
+    return max_tokens if finish_reason == "length" else chunks
+
+
+def stream_one(http: httpx.Client, server: Server, prompt: int, tokens: int) -> Reply:
+    pieces: list[str] = []
+    first: float | None = None
+    usage: dict | None = None
+    finish: str | None = None
+    body = request_body(server, PROMPTS[prompt], tokens)
+    sent = time.perf_counter()
+    with http.stream("POST", f"{server.base}/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise BenchError(f"{server.name}: HTTP {resp.status_code}: {resp.read().decode(errors='replace')}")
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            doc = json.loads(line[6:])
+            if "error" in doc:
+                raise BenchError(f"{server.name}: error in stream: {doc['error']}")
+            choice = (doc.get("choices") or [{}])[0]
+            if choice.get("text"):
+                first = first or time.perf_counter()
+                pieces.append(choice["text"])
+            finish = choice.get("finish_reason") or finish
+            usage = doc.get("usage") or usage
+    done = time.perf_counter()
+    if first is None:
+        raise BenchError(f"{server.name}: no text for prompt {PROMPTS[prompt]!r}")
+    count = completion_tokens(usage, finish, tokens, len(pieces))
+    return Reply(prompt, "".join(pieces), count, usage is not None, first - sent, done - sent)
+
+
+def run_round(server: Server, pid: int, clients: int, requests: int, tokens: int, index: int) -> Round:
+    """`clients` threads, released together, each sending `requests` requests back to back."""
+    replies: list[list[Reply]] = [[] for _ in range(clients)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        try:
+            with new_client() as http:
+                start.wait()
+                for j in range(requests):
+                    replies[i].append(stream_one(http, server, (i + j) % len(PROMPTS), tokens))
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    cpu_before = cpu_snapshot(pid)
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    foreign = foreign_cpu_s(cpu_before, cpu_snapshot(pid))
+    if errors:
+        raise BenchError(f"{server.name}, {clients} clients: {errors[0]}")
+    return Round(server.name, clients, index, wall, foreign, [r for rs in replies for r in rs])
+
+
+def cpu_snapshot(pid: int) -> tuple[float, float]:
+    """(busy CPU seconds of the whole machine, CPU seconds of the server under load and of this process)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+    server = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    own = os.times()
+    return busy / tick, (int(server[11]) + int(server[12])) / tick + own.user + own.system
+
+
+def foreign_cpu_s(before: tuple[float, float], after: tuple[float, float]) -> float:
+    return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
+
+
+# ---- the whole measurement ----
+
+
+def reference_texts(server: Server, tokens: int) -> dict[int, Reply]:
+    """After one uncounted warm-up, every prompt once, one at a time: the 1-client greedy text each
+    later reply must equal."""
+    with new_client() as http:
+        stream_one(http, server, len(PROMPTS) - 1, tokens)
+        return {i: stream_one(http, server, i, tokens) for i in range(len(PROMPTS))}
+
+
+def measure(procs: dict[str, tuple[Server, int]], args: argparse.Namespace) -> list[Round]:
+    rounds: list[Round] = []
+    names = list(procs)
+    for index in range(args.rounds):
+        for k, clients in enumerate(args.clients):
+            shift = (index * len(args.clients) + k) % len(names)
+            for name in names[shift:] + names[:shift]:
+                server, pid = procs[name]
+                time.sleep(PAUSE_S)
+                r = run_round(server, pid, clients, args.requests, args.tokens, index)
+                rounds.append(r)
+                print(f"  round {index + 1}/{args.rounds} {clients} clients {name:<16} "
+                      f"{r.tokens_per_s:6.1f} tok/s  ({r.tokens} tokens in {r.wall_s:5.2f}s, "
+                      f"TTFT median {statistics.median(x.ttft_s for x in r.replies) * 1e3:6.1f} ms, "
+                      f"other processes {r.foreign_cpu_s:4.2f} CPU-s)", flush=True)
+    return rounds
+
+
+def checks(rounds: list[Round], refs: dict[str, dict[int, Reply]], tokens: int) -> dict[str, dict[int, dict]]:
+    """Per server and client count: replies with a wrong token count, and replies whose greedy text differs
+    from the same server's 1-client text for that prompt (with the first such prompt)."""
+    out: dict[str, dict[int, dict]] = {}
+    for r in rounds:
+        c = out.setdefault(r.server, {}).setdefault(r.clients, {"replies": 0, "wrong_tokens": 0, "no_usage": 0,
+                                                                 "text_mismatch": 0, "first_mismatch": None})
+        for reply in r.replies:
+            c["replies"] += 1
+            c["wrong_tokens"] += reply.tokens != tokens
+            c["no_usage"] += not reply.usage
+            if reply.text != refs[r.server][reply.prompt].text:
+                c["text_mismatch"] += 1
+                c["first_mismatch"] = c["first_mismatch"] or {
+                    "prompt": PROMPTS[reply.prompt], "expected": refs[r.server][reply.prompt].text,
+                    "got": reply.text}
+    return out
+
+
+def summary(rounds: list[Round]) -> dict[str, dict[int, dict[str, Spread]]]:
+    """Aggregate tok/s over the rounds (median, min, max) and TTFT over every reply of those rounds."""
+    out: dict[str, dict[int, dict[str, Spread]]] = {}
+    for r in rounds:
+        out.setdefault(r.server, {}).setdefault(r.clients, {})
+    for name, by_clients in out.items():
+        for clients in by_clients:
+            mine = [r for r in rounds if r.server == name and r.clients == clients]
+            by_clients[clients] = {
+                "tokens_per_s": Spread.of([r.tokens_per_s for r in mine]),
+                "ttft_ms": Spread.of([x.ttft_s * 1e3 for r in mine for x in r.replies]),
+            }
+    return out
+
+
+def agreement(refs: dict[str, dict[int, Reply]]) -> dict[str, int]:
+    """Per other server: how many of its 1-client greedy texts equal edgepack's."""
+    return {name: sum(r.text == refs[EDGEPACK][i].text for i, r in rs.items())
+            for name, rs in refs.items() if name != EDGEPACK}
+
+
+def ratios(stats: dict[str, dict[int, dict[str, Spread]]]) -> dict[int, float]:
+    """edgepack / llama-server, medians of aggregate tok/s, per client count."""
+    return {c: stats[EDGEPACK][c]["tokens_per_s"].median / stats[LLAMA][c]["tokens_per_s"].median
+            for c in stats[EDGEPACK]}
+
+
+# ---- report ----
+
+
+def report_table(stats: dict, found: dict, agree: dict[str, int], ratio: dict[int, float], tokens: int) -> str:
+    rows = [("SERVER", "CLIENTS", "AGG TOK/S (MEDIAN)", "MIN-MAX", "TTFT MS (MEDIAN)", "MIN-MAX",
+             f"{tokens} TOKENS", "TEXT = 1-CLIENT")]
+    for name, by_clients in stats.items():
+        for clients, st in by_clients.items():
+            t, f, c = st["tokens_per_s"], st["ttft_ms"], found[name][clients]
+            rows.append((name, str(clients), f"{t.median:.1f}", f"{t.low:.1f}-{t.high:.1f}", f"{f.median:.1f}",
+                         f"{f.low:.1f}-{f.high:.1f}", f"{c['replies'] - c['wrong_tokens']}/{c['replies']}",
+                         f"{c['replies'] - c['text_mismatch']}/{c['replies']}"))
+    lines = [format_table(rows), ""]
+    for name, same in agree.items():
+        lines.append(f"{name} 1-client texts equal to {EDGEPACK}'s: {same}/{len(PROMPTS)}")
+    for clients, value in ratio.items():
+        goal = f" ({'meets' if value >= GOAL else 'misses'} the {GOAL} goal)" if clients in GOAL_CLIENTS else ""
+        lines.append(f"edgepack / llama-server, {clients} clients: {value:.3f}{goal}")
+    for name, by_clients in found.items():
+        for clients, c in by_clients.items():
+            if c["first_mismatch"]:
+                m = c["first_mismatch"]
+                lines.append(f"{name}, {clients} clients: text differs from 1-client for {m['prompt']!r}: "
+                             f"expected {m['expected'][:80]!r}..., got {m['got'][:80]!r}...")
+    return "\n".join(lines)
+
+
+def write_results(args: argparse.Namespace, fleet: list[Server], rounds: list[Round], refs: dict, stats: dict,
+                  found: dict, agree: dict[str, int], ratio: dict[int, float]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now().astimezone()
+    doc = {
+        "date": now.isoformat(timespec="seconds"),
+        "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model()},
+        "settings": {"clients": args.clients, "requests_per_client": args.requests, "rounds": args.rounds,
+                     "tokens": args.tokens, "threads": args.threads, "prompts": PROMPTS,
+                     "commands": {s.name: [Path(a).name if "/" in a else a for a in s.command] for s in fleet},
+                     "request": {s.name: request_body(s, "<prompt>", args.tokens) for s in fleet}},
+        "goal": {"ratio": GOAL, "clients": GOAL_CLIENTS},
+        "ratio_edgepack_llama_server": {c: round(v, 4) for c, v in ratio.items()},
+        "medians": {n: {c: {k: round(v.median, 2) for k, v in st.items()} for c, st in bc.items()}
+                    for n, bc in stats.items()},
+        "spread": {n: {c: {k: [round(v.low, 2), round(v.high, 2)] for k, v in st.items()} for c, st in bc.items()}
+                   for n, bc in stats.items()},
+        "checks": found,
+        "one_client_texts_equal_to_edgepack": agree,
+        "reference_texts": {n: {PROMPTS[i]: r.text for i, r in rs.items()} for n, rs in refs.items()},
+        "raw": [{"server": r.server, "clients": r.clients, "round": r.index, "wall_s": round(r.wall_s, 4),
+                 "tokens": r.tokens, "tokens_per_s": round(r.tokens_per_s, 2),
+                 "foreign_cpu_s": round(r.foreign_cpu_s, 2),
+                 "replies": [{k: v for k, v in asdict(x).items() if k != "text"} for x in r.replies]}
+                for r in rounds],
+    }
+    path = RESULTS / f"concurrency-{now:%Y-%m-%d}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+# ---- main ----
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--clients", default="1,2,4,8", help="concurrent client counts (default 1,2,4,8)")
+    p.add_argument("--requests", type=int, default=3, help="requests each client sends per round (default 3)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per server and client count (default 3)")
+    p.add_argument("--tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--threads", type=int, default=2, help="threads for every server (default 2)")
+    args = p.parse_args(argv)
+    try:
+        args.clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        p.error(f"--clients {args.clients!r}: expected comma-separated integers")
+    if min(args.clients) < 1 or args.requests < 1 or args.rounds < 1 or args.tokens < 1 or args.threads < 1:
+        p.error("--clients, --requests, --rounds, --tokens and --threads must be >= 1")
+    return args
+
+
+def bench(args: argparse.Namespace) -> None:
+    model = model_path()
+    store = install_bundle(model)
+    try:
+        fleet = servers(model, store, args.threads)
+        with ExitStack() as stack:
+            procs: dict[str, tuple[Server, int]] = {}
+            for server in fleet:
+                log = WORK / f"{server.name.replace(' ', '-')}.log"
+                proc = stack.enter_context(running(server.command, log))
+                wait_ready(server, proc, log)
+                procs[server.name] = (server, proc.pid)
+            print(f"servers up; {args.rounds} rounds x clients {args.clients} x {args.requests} requests x "
+                  f"{args.tokens} tokens, {args.threads} threads", flush=True)
+            refs = {s.name: reference_texts(s, args.tokens) for s in fleet}
+            rounds = measure(procs, args)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    stats, found, agree = summary(rounds), checks(rounds, refs, args.tokens), agreement(refs)
+    ratio = ratios(stats)
+    print()
+    print(report_table(stats, found, agree, ratio, args.tokens))
+    print(f"wrote {write_results(args, fleet, rounds, refs, stats, found, agree, ratio).relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        bench(parse_args(argv))
+    except BenchError as exc:
+        print(f"bench_concurrency: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

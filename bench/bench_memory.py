@@ -1,0 +1,565 @@
+"""Resident memory of `edgepack serve` with several models or agents, and the size of a delta bundle.
+
+On Gemma 3 270M Q4_K_M, three settings with 1, 2 and 3 models or agents in one bundle: fine-tunes whose
+top quarter of blocks differ (the rest byte-identical, so those segments are stored and mapped once),
+one base with LoRA adapters, and the same fine-tunes with nothing shared. /proc/PID/smaps of the server
+says what is resident. Then: how big a --since delta is when one fine-tune changes again.
+Run: .venv/bin/python bench/bench_memory.py [--threads 2] [--ctx 4096] [--slots 2] [--decode-runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gguf
+import httpx
+import numpy as np
+from bench_serve import (
+    BIN,
+    OUT,
+    RESULTS,
+    ROOT,
+    BenchError,
+    _cpu_count,
+    _cpu_model,
+    free_port,
+    model_path,
+    new_client,
+    running,
+    wait_healthy,
+)
+
+from edgepack.packager import quant_types
+from edgepack.packager.quantize import quantize
+from edgepack.runtime.cli import format_table
+
+WORK = OUT / "memory"
+Q = gguf.GGMLQuantizationType
+# Types absent from the base's Q4_K_M mix, so every weight of the top blocks changes; all take rows of 32.
+TUNES = {"tune-a": Q.Q5_1, "tune-b": Q.Q4_1}
+RETUNE = ("tune-a", Q.Q4_0)  # the delta: tune-a's top blocks change again
+# Control: the same files rewritten with other GGUF alignments. Tensor bytes are identical, but every
+# segment carries the alignment, so no digest matches and each model is its own copy.
+ALIGNMENT = {"base": 32, "tune-a": 64, "tune-b": 128}
+LORA_RANK, LORA_TARGETS, LORA_NAMES = 16, ("attn_q", "attn_v"), ("lora-a", "lora-b", "lora-c")
+SETTINGS = ("shared", "lora", "independent")
+REPACK = ("never", "always")
+CHAT_TOKENS, DECODE_TOKENS, PROMPT = 8, 64, "Once upon a time"
+GOAL_LORA, GOAL_SHARED, GOAL_DELTA = 1.15, 0.05, 0.35
+# llama.cpp's threads spin on barriers: with 2 threads on 2 vCPUs, another busy process cuts decoding by 10x,
+# so decoding waits for a quiet second and is timed again if others used more than QUIET of the CPUs meanwhile.
+QUIET, DECODE_TRIES, QUIET_WAIT_S, RETRY_PAUSE_S = 0.10, 4, 300.0, 4.0
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Bundle:
+    setting: str
+    k: int  # models (shared, independent) or LoRA agents
+    path: Path
+    agents: tuple[str, ...]
+    weight_bytes: int  # distinct tensor segments and adapters of the bundle: what one copy of each takes
+    copies_bytes: int  # the same counted once per model: what nothing shared would take
+    own_bytes: dict[str, int]  # per model: its tensor segments that no earlier model has
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss_kb: int
+    pss_kb: int
+    anon_kb: int  # Pss_Anon: heap, KV caches, compute buffers, LoRA tensors, repacked weights
+    weights_rss_kb: int  # mappings of the store's blobs (the mmap'd segments)
+    weights_pss_kb: int
+    blob_mappings: int
+    rollup: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    k: int
+    repack: str
+    weight_bytes: int
+    copies_bytes: int
+    memory: Memory
+    decode_tps: list[float]
+    ready_s: float  # server start -> /health 200 (load, repack, warm-up)
+    llama_buffers_mib: dict[str, float]  # what llama.cpp logged it allocated, summed over the models
+    other_cpu: float  # share of all CPUs that other processes used while decoding (they slow it down)
+    decode_tries: int
+
+
+# ---- models ----
+
+
+def blocks_from(reader: gguf.GGUFReader) -> int:
+    """The first block of the top quarter."""
+    arch = reader.fields["general.architecture"].contents()
+    n = int(reader.fields[f"{arch}.block_count"].contents())
+    return n - n // 4
+
+
+def top_weights(reader: gguf.GGUFReader) -> list[str]:
+    """The 2-D tensors (what llama.cpp quantizes) of the top quarter of blocks."""
+    first = blocks_from(reader)
+    return [t.name for t in reader.tensors
+            if len(t.shape) >= 2 and t.name.startswith("blk.") and int(t.name.split(".")[1]) >= first]
+
+
+def fine_tune(base: Path, names: list[str], out: Path, qtype: Q) -> Path:
+    """A stand-in for a fine-tune of the top quarter: those tensors requantized to `qtype`; llama.cpp copies
+    every other tensor as it is, since it already has the type the Q4_K_M mix gives it."""
+    quantize(base, out, quant_types.parse("Q4_K_M"), allow_requantize=True,
+             tensor_types={name: int(qtype) for name in names})
+    return out
+
+
+def realigned(src: Path, out: Path, alignment: int) -> Path:
+    """The same model, written with another GGUF alignment (gguf-py's copy, as gguf_new_metadata does)."""
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    writer.add_custom_alignment(alignment)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.alignment"):
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.close()
+    return out
+
+
+def lora(reader: gguf.GGUFReader, out: Path, seed: int) -> Path:
+    """A random rank-16 LoRA on attn_q and attn_v of every block, shapes read from the base."""
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(LORA_RANK))
+    for t in reader.tensors:
+        if t.name.split(".")[-2] in LORA_TARGETS:
+            n_in, n_out = (int(x) for x in t.shape[:2])  # ggml order: ne0 = inputs
+            writer.add_tensor(f"{t.name}.lora_a", (rng.standard_normal((LORA_RANK, n_in)) * 0.01).astype(np.float32))
+            writer.add_tensor(f"{t.name}.lora_b", (rng.standard_normal((n_out, LORA_RANK)) * 0.01).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def prepare_sources(base: Path) -> dict[str, Path]:
+    """name -> GGUF: base, the fine-tunes, their realigned copies (`indep-*`), the retune, the adapters."""
+    reader = gguf.GGUFReader(base)  # slow (the 262k-token vocabulary): read once
+    names = top_weights(reader)
+    print(f"fine-tunes: blocks >= {blocks_from(reader)} requantized ({len(names)} tensors)", flush=True)
+    sources = {"base": base}
+    for name, qtype in TUNES.items():
+        sources[name] = fine_tune(base, names, WORK / f"{name}.gguf", qtype)
+    name, qtype = RETUNE
+    sources[f"{name}-v2"] = fine_tune(base, names, WORK / f"{name}-v2.gguf", qtype)
+    for name, alignment in ALIGNMENT.items():
+        sources[f"indep-{name}"] = (sources[name] if alignment == 32
+                                    else realigned(sources[name], WORK / f"indep-{name}.gguf", alignment))
+    for seed, name in enumerate(LORA_NAMES, start=1):
+        sources[name] = lora(reader, WORK / f"{name}.gguf", seed)
+    return sources
+
+
+# ---- bundles ----
+
+
+def recipe_text(models: dict[str, Path], adapters: dict[str, Path], agents: dict[str, tuple[str, str | None]]) -> str:
+    lines = []
+    for name, path in models.items():
+        lines += [f"[models.{name}]", f"source = {json.dumps(str(path))}", 'quant = "keep"', ""]
+    for name, path in adapters.items():
+        lines += [f"[adapters.{name}]", f"source = {json.dumps(str(path))}", 'base = "base"', ""]
+    for name, (model, adapter) in agents.items():
+        lines += [f"[agents.{name}]", f'model = "{model}"'] + ([f'adapter = "{adapter}"'] if adapter else []) + [""]
+    return "\n".join(lines)
+
+
+def build(out: Path, models: dict[str, Path], adapters: dict[str, Path] | None = None,
+          agents: dict[str, tuple[str, str | None]] | None = None, version: int = 1, since: Path | None = None) -> dict:
+    """`edgepack build --recipe`; returns the bundle's manifest (`edgepack inspect --json`)."""
+    recipe = out.with_suffix(".toml")
+    agents = agents or {f"{m}-chat": (m, None) for m in models}
+    recipe.write_text(recipe_text(models, adapters or {}, agents))
+    out.unlink(missing_ok=True)
+    cmd = [str(BIN / "edgepack"), "build", "--recipe", str(recipe), "-o", str(out), "--no-eval",
+           "--calibration", "none", "--bundle-version", str(version), "-q"]
+    _run(cmd + (["--since", str(since)] if since else []))
+    return json.loads(_run([str(BIN / "edgepack"), "inspect", "--json", str(out)]))
+
+
+def weight_sizes(manifest: dict) -> tuple[int, int, dict[str, int]]:
+    """Distinct tensor bytes, the same as unshared copies, and each model's bytes no earlier model has.
+    Segment 0 holds only metadata: llama.cpp reads it into its own structures, it is never mapped."""
+    size = {d: b["size"] for d, b in manifest["blobs"].items()}
+    seen: set[str] = set()
+    own: dict[str, int] = {}
+    for model in manifest["models"]:
+        tensors = model["segments"][1:]
+        own[model["name"]] = sum(size[d] for d in tensors if d not in seen)
+        seen.update(tensors)
+    adapters = sum(size[a["digest"]] for a in manifest["adapters"])
+    copies = sum(size[d] for m in manifest["models"] for d in m["segments"][1:])
+    return sum(own.values()) + adapters, copies + adapters, own
+
+
+def make_bundles(sources: dict[str, Path]) -> list[Bundle]:
+    bundles = []
+    for k in (1, 2, 3):
+        tunes = ("base", *TUNES)[:k]
+        specs = {
+            "shared": ({m: sources[m] for m in tunes}, {}, None),
+            "independent": ({m: sources[f"indep-{m}"] for m in tunes}, {}, None),
+            "lora": ({"base": sources["base"]}, {a: sources[a] for a in LORA_NAMES[:k]},
+                     {f"{a}-chat": ("base", a) for a in LORA_NAMES[:k]}),
+        }
+        for setting in SETTINGS:
+            models, adapters, agents = specs[setting]
+            path = WORK / f"{setting}-{k}.edgepack"
+            manifest = build(path, models, adapters, agents)
+            weights, copies, own = weight_sizes(manifest)
+            names = tuple(a["name"] for a in manifest["agents"])
+            bundles.append(Bundle(setting, k, path, names, weights, copies, own))
+            print(f"  built {path.name}: {len(names)} agents, weights {weights / MIB:.1f} MiB "
+                  f"(as copies {copies / MIB:.1f} MiB)", flush=True)
+    return bundles
+
+
+def sharing(manifest: dict) -> list[str]:
+    """One line per model: how many of its segments (and bytes) the bundle's first model also has."""
+    size = {d: b["size"] for d, b in manifest["blobs"].items()}
+    first = manifest["models"][0]
+    lines = []
+    for model in manifest["models"][1:]:
+        common = [d for d in model["segments"] if d in set(first["segments"])]
+        lines.append(f"{model['name']} shares {len(common)} of {len(model['segments'])} segments with "
+                     f"{first['name']} ({sum(size[d] for d in common) / MIB:.1f} of "
+                     f"{sum(size[d] for d in model['segments']) / MIB:.1f} MiB)")
+    return lines
+
+
+# ---- measurement ----
+
+
+def read_memory(pid: int, blobs: Path) -> Memory:
+    """smaps_rollup of the process, plus Rss/Pss of the mappings of the store's blob files."""
+    rollup = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(),
+                                              re.M)}
+    rss = pss = mappings = 0
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = re.match(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$", line)
+        if head:
+            inside = head.group(1).startswith(str(blobs) + "/")
+            mappings += inside
+        elif inside and line.startswith(("Rss:", "Pss:")):
+            value = int(line.split()[1])
+            rss, pss = (rss + value, pss) if line.startswith("Rss:") else (rss, pss + value)
+    return Memory(rollup["Rss"], rollup["Pss"], rollup["Pss_Anon"], rss, pss, mappings, rollup)
+
+
+def quiet_decode(client: httpx.Client, base: str, agent: str, pid: int, runs: int) -> tuple[list[float], float, int]:
+    """`runs` timed decodes while other processes leave the CPUs alone: the speeds, others' CPU share, tries."""
+    tries = 0
+    while True:
+        tries += 1
+        wait_quiet(pid)
+        before = cpu_ticks(pid)
+        tps = [decode_tps(client, base, agent) for _ in range(runs)]
+        other = other_cpu_share(before, cpu_ticks(pid))
+        if other < QUIET or tries == DECODE_TRIES:
+            return tps, other, tries
+        print(f"    others used {other:.0%} of the CPUs while decoding: timing again", flush=True)
+
+
+def wait_quiet(pid: int) -> None:
+    """Wait (at most QUIET_WAIT_S) for a second in which other processes use less than QUIET of the CPUs."""
+    deadline = time.monotonic() + QUIET_WAIT_S
+    while time.monotonic() < deadline:
+        before = cpu_ticks(pid)
+        time.sleep(1.0)
+        if other_cpu_share(before, cpu_ticks(pid)) < QUIET:
+            return
+        time.sleep(RETRY_PAUSE_S)
+
+
+def llama_buffers(log: Path) -> dict[str, float]:
+    """MiB per llama.cpp buffer ("CPU KV", "CPU_Mapped model", "CPU_REPACK model", ...) from the server log."""
+    sizes: dict[str, float] = {}
+    for buft, kind, mib in re.findall(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([0-9.]+) MiB",
+                                      log.read_text(errors="replace")):
+        sizes[f"{buft} {kind}"] = round(sizes.get(f"{buft} {kind}", 0.0) + float(mib), 2)
+    return sizes
+
+
+def cpu_ticks(pid: int) -> tuple[int, int, int]:
+    """Clock ticks: busy on all CPUs, spent by `pid`, elapsed on all CPUs (/proc/stat, /proc/PID/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(ticks[:8]) - idle, int(fields[11]) + int(fields[12]), sum(ticks[:8])
+
+
+def other_cpu_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
+    busy, own, total = (a - b for a, b in zip(after, before, strict=True))
+    return max(busy - own, 0) / total if total else 0.0
+
+
+def chat(client: httpx.Client, base: str, agent: str) -> None:
+    body = {"model": agent, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": CHAT_TOKENS,
+            "temperature": 0}
+    resp = client.post(f"{base}/v1/chat/completions", json=body)
+    if resp.status_code != 200:
+        raise BenchError(f"{agent}: HTTP {resp.status_code}: {resp.text}")
+
+
+def decode_tps(client: httpx.Client, base: str, agent: str) -> float:
+    """(tokens - 1) / (last - first text chunk) of one streamed completion, timed on the client as in
+    bench_serve.py."""
+    body = {"model": agent, "prompt": PROMPT, "max_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    stamps: list[float] = []
+    usage = None
+    with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            raise BenchError(f"{agent}: HTTP {resp.status_code}: {resp.read().decode(errors='replace')}")
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                doc = json.loads(line[6:])
+                if (doc.get("choices") or [{}])[0].get("text"):
+                    stamps.append(time.perf_counter())
+                usage = doc.get("usage") or usage
+    if not usage or usage["completion_tokens"] != DECODE_TOKENS or len(stamps) < 2:
+        raise BenchError(f"{agent}: expected {DECODE_TOKENS} tokens, got usage {usage}, {len(stamps)} chunks")
+    return (DECODE_TOKENS - 1) / (stamps[-1] - stamps[0])
+
+
+def measure(bundle: Bundle, repack: str, args: argparse.Namespace) -> Run:
+    """Install into a fresh store, serve, one short chat per agent, read memory, then time decoding."""
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=WORK))
+    try:
+        _run([str(BIN / "edgepack"), "install", str(bundle.path), "--store", str(store)])
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        # --no-cache: a repeated request answered from the response cache would not run the model
+        cmd = [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(port), "--threads",
+               str(args.threads), "--ctx", str(args.ctx), "--slots", str(args.slots), "--repack", repack, "--no-cache"]
+        log = WORK / f"serve-{bundle.setting}-{bundle.k}-{repack}.log"
+        started = time.perf_counter()
+        with running(cmd, log) as proc, new_client() as client:
+            wait_healthy(base, proc, log)
+            ready = time.perf_counter() - started
+            for agent in bundle.agents:
+                chat(client, base, agent)
+            memory = read_memory(proc.pid, store / "blobs")
+            if memory.blob_mappings == 0:
+                raise BenchError(f"no blob of {store} is mapped by pid {proc.pid}: is it the server process?")
+            tps, other, tries = quiet_decode(client, base, bundle.agents[-1], proc.pid, args.decode_runs)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    run = Run(bundle.setting, bundle.k, repack, bundle.weight_bytes, bundle.copies_bytes, memory, tps, ready,
+              llama_buffers(log), other, tries)
+    print(f"  {bundle.setting:<11} k={bundle.k} repack={repack:<6} RSS {memory.rss_kb / 1024:6.1f} MiB  "
+          f"PSS {memory.pss_kb / 1024:6.1f} MiB  weights PSS {memory.weights_pss_kb / 1024:6.1f} MiB  "
+          f"decode {statistics.median(tps):5.1f} tok/s (others used {other:.0%} CPU)  ready {ready:.1f}s", flush=True)
+    return run
+
+
+def delta_sizes(sources: dict[str, Path]) -> dict:
+    """v1 = base + tune-a; v2 = base + tune-a retuned; v2 in full and as a delta --since v1, which must
+    install on top of v1."""
+    name, _ = RETUNE
+    v1 = WORK / "delta-v1.edgepack"
+    build(v1, {"base": sources["base"], name: sources[name]}, version=1)
+    v2_models = {"base": sources["base"], name: sources[f"{name}-v2"]}
+    full = build(WORK / "delta-v2-full.edgepack", v2_models, version=2)
+    delta = build(WORK / "delta-v2.edgepack", v2_models, version=2, since=v1)
+    store = Path(tempfile.mkdtemp(prefix="store-", dir=WORK))
+    try:
+        _run([str(BIN / "edgepack"), "install", str(v1), "--store", str(store)])
+        _run([str(BIN / "edgepack"), "install", str(WORK / "delta-v2.edgepack"), "--store", str(store)])
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+    sizes = {p: (WORK / f"{p}.edgepack").stat().st_size for p in ("delta-v1", "delta-v2-full", "delta-v2")}
+    changed = [d for d in full["blobs"] if d not in json.loads(_run([str(BIN / "edgepack"), "inspect", "--json",
+                                                                        str(v1)]))["blobs"]]
+    return {"v1_bytes": sizes["delta-v1"], "v2_full_bytes": sizes["delta-v2-full"], "v2_delta_bytes": sizes["delta-v2"],
+            "ratio": sizes["delta-v2"] / sizes["delta-v2-full"], "blobs_v2": len(full["blobs"]),
+            "blobs_changed": len(changed), "delta_since": delta["delta_since"], "installs_on_v1": True}
+
+
+def _run(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+# ---- report ----
+
+
+def find(runs: list[Run], setting: str, k: int, repack: str) -> Run:
+    return next(r for r in runs if (r.setting, r.k, r.repack) == (setting, k, repack))
+
+
+def goals(runs: list[Run], bundles: list[Bundle], delta: dict) -> dict:
+    """The three goals per repack mode; extra = 3 models minus 1, against the ideal extra bytes."""
+    by = {(b.setting, b.k): b for b in bundles}
+    ideal = {"shared": sum(list(by["shared", 3].own_bytes.values())[1:]),
+             "independent": sum(list(by["independent", 3].own_bytes.values())[1:])}
+    out: dict = {"delta": {"ratio": round(delta["ratio"], 4), "goal": GOAL_DELTA, "met": delta["ratio"] <= GOAL_DELTA}}
+    for repack in REPACK:
+        base, lora3 = find(runs, "shared", 1, repack).memory, find(runs, "lora", 3, repack).memory
+        ratio = lora3.rss_kb / base.rss_kb
+        out[f"lora/{repack}"] = {"rss_ratio": round(ratio, 4), "pss_ratio": round(lora3.pss_kb / base.pss_kb, 4),
+                                 "goal": GOAL_LORA, "met": ratio <= GOAL_LORA}
+        for setting in ("shared", "independent"):
+            one, three = find(runs, setting, 1, repack).memory, find(runs, setting, 3, repack).memory
+            extra = {m: (getattr(three, f) - getattr(one, f)) * 1024
+                     for m, f in (("rss", "rss_kb"), ("pss", "pss_kb"), ("weights_pss", "weights_pss_kb"),
+                                  ("weights_rss", "weights_rss_kb"), ("anon", "anon_kb"))}
+            dev = {m: v / ideal[setting] - 1 for m, v in extra.items() if m != "anon"}
+            out[f"{setting}/{repack}"] = {"ideal_extra_bytes": ideal[setting], "extra_bytes": extra,
+                                          "deviation": {m: round(v, 4) for m, v in dev.items()},
+                                          "goal": GOAL_SHARED, "met_rss": abs(dev["rss"]) <= GOAL_SHARED,
+                                          "met_weights_pss": abs(dev["weights_pss"]) <= GOAL_SHARED}
+    return out
+
+
+def report_table(runs: list[Run]) -> str:
+    rows = [("SETTING", "REPACK", "K", "WEIGHTS MIB", "AS COPIES MIB", "RSS MIB", "PSS MIB", "WEIGHTS RSS",
+             "WEIGHTS PSS", "ANON MIB", "DECODE TOK/S", "OTHER CPU", "READY S")]
+    for r in runs:
+        m = r.memory
+        rows.append((r.setting, r.repack, str(r.k), f"{r.weight_bytes / MIB:.1f}", f"{r.copies_bytes / MIB:.1f}",
+                     f"{m.rss_kb / 1024:.1f}", f"{m.pss_kb / 1024:.1f}", f"{m.weights_rss_kb / 1024:.1f}",
+                     f"{m.weights_pss_kb / 1024:.1f}", f"{m.anon_kb / 1024:.1f}",
+                     f"{statistics.median(r.decode_tps):.1f}", f"{r.other_cpu:.0%}", f"{r.ready_s:.1f}"))
+    return format_table(rows)
+
+
+def goal_lines(result: dict, delta: dict) -> list[str]:
+    lines = []
+    for repack in REPACK:
+        g = result[f"lora/{repack}"]
+        lines.append(f"lora/{repack}: 3 LoRA agents / base alone, RSS {g['rss_ratio']:.3f} (PSS {g['pss_ratio']:.3f}); "
+                     f"goal <= {GOAL_LORA}: {'met' if g['met'] else 'missed'}")
+        for setting in ("shared", "independent"):
+            g = result[f"{setting}/{repack}"]
+            e, d = g["extra_bytes"], g["deviation"]
+            lines.append(f"{setting}/{repack}: 3 models - 1: ideal {g['ideal_extra_bytes'] / MIB:.1f} MiB; "
+                         f"RSS {e['rss'] / MIB:+.1f} ({d['rss']:+.1%}), PSS {e['pss'] / MIB:+.1f} ({d['pss']:+.1%}), "
+                         f"weights PSS {e['weights_pss'] / MIB:+.1f} ({d['weights_pss']:+.1%}), "
+                         f"anon {e['anon'] / MIB:+.1f} MiB")
+    lines.append(f"delta: v2 as a delta {delta['v2_delta_bytes'] / MIB:.1f} MiB vs full "
+                 f"{delta['v2_full_bytes'] / MIB:.1f} MiB = {delta['ratio']:.1%} "
+                 f"({delta['blobs_changed']} of {delta['blobs_v2']} blobs); "
+                 f"goal <= {GOAL_DELTA:.0%}: {'met' if result['delta']['met'] else 'missed'}")
+    return lines
+
+
+def write_results(args: argparse.Namespace, bundles: list[Bundle], runs: list[Run], delta: dict,
+                  result: dict, shared_lines: list[str]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now().astimezone()
+    doc = {
+        "date": now.isoformat(timespec="seconds"),
+        "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model(),
+                    "kernel": platform.release()},
+        "edgepack": _git_state(),
+        "settings": {"threads": args.threads, "ctx": args.ctx, "slots": args.slots, "decode_runs": args.decode_runs,
+                     "chat_tokens": CHAT_TOKENS, "decode_tokens": DECODE_TOKENS, "prompt": PROMPT,
+                     "tunes": {k: v.name for k, v in TUNES.items()}, "retune": [RETUNE[0], RETUNE[1].name],
+                     "alignments": ALIGNMENT, "lora": {"rank": LORA_RANK, "targets": LORA_TARGETS}},
+        "sharing": shared_lines,
+        "bundles": [{**asdict(b), "path": b.path.name} for b in bundles],
+        "runs": [asdict(r) for r in runs],
+        "delta": delta,
+        "goals": result,
+    }
+    path = RESULTS / f"memory-{now:%Y-%m-%d}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def _git_state() -> str:
+    head = _run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).strip()
+    dirty = _run(["git", "-C", str(ROOT), "status", "--porcelain", "runtime", "packager"]).strip()
+    return f"{head}{' + uncommitted changes in runtime/ or packager/' if dirty else ''}"
+
+
+# ---- main ----
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2, help="threads per model (default 2)")
+    p.add_argument("--ctx", type=int, default=4096, help="context per slot (default 4096)")
+    p.add_argument("--slots", type=int, default=2, help="slots per model, the server's default (default 2)")
+    p.add_argument("--decode-runs", type=int, default=3, help="64-token decodes per server, median (default 3)")
+    args = p.parse_args(argv)
+    if min(args.threads, args.slots, args.decode_runs) < 1 or args.ctx < 64:
+        p.error("--threads, --slots and --decode-runs must be >= 1, --ctx >= 64")
+    return args
+
+
+def bench(args: argparse.Namespace) -> None:
+    WORK.mkdir(parents=True, exist_ok=True)
+    base = model_path()
+    print(f"model: {base} ({base.stat().st_size / MIB:.1f} MiB)", flush=True)
+    sources = prepare_sources(base)
+    bundles = make_bundles(sources)
+    shared_lines = sharing(json.loads(_run([str(BIN / "edgepack"), "inspect", "--json",
+                                            str(WORK / "shared-3.edgepack")])))
+    indep_lines = sharing(json.loads(_run([str(BIN / "edgepack"), "inspect", "--json",
+                                           str(WORK / "independent-3.edgepack")])))
+    for line in shared_lines + indep_lines:
+        print(f"  {line}")
+    os.environ["EDGEPACK_LLAMA_LOG"] = "1"  # llama.cpp's buffer sizes go to the server logs
+    runs = [measure(b, repack, args) for repack in REPACK for b in bundles]
+    delta = delta_sizes(sources)
+    result = goals(runs, bundles, delta)
+    print()
+    print(report_table(runs))
+    print()
+    for line in goal_lines(result, delta):
+        print(line)
+    print(f"wrote {write_results(args, bundles, runs, delta, result, shared_lines + indep_lines).relative_to(ROOT)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        bench(parse_args(argv))
+    except BenchError as exc:
+        print(f"bench_memory: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
