@@ -314,7 +314,8 @@ def checks(rounds: list[Round], refs: dict[str, dict[int, Reply]], tokens: int) 
 
 
 def summary(rounds: list[Round]) -> dict[str, dict[int, dict[str, Spread]]]:
-    """Aggregate tok/s over the rounds (median, min, max) and TTFT over every reply of those rounds."""
+    """Aggregate tok/s over the rounds (median, min, max), TTFT over every reply of those rounds, and the
+    CPU time other processes took during the rounds."""
     out: dict[str, dict[int, dict[str, Spread]]] = {}
     for r in rounds:
         out.setdefault(r.server, {}).setdefault(r.clients, {})
@@ -324,6 +325,7 @@ def summary(rounds: list[Round]) -> dict[str, dict[int, dict[str, Spread]]]:
             by_clients[clients] = {
                 "tokens_per_s": Spread.of([r.tokens_per_s for r in mine]),
                 "ttft_ms": Spread.of([x.ttft_s * 1e3 for r in mine for x in r.replies]),
+                "foreign_cpu_s": Spread.of([r.foreign_cpu_s for r in mine]),
             }
     return out
 
@@ -345,13 +347,13 @@ def ratios(stats: dict[str, dict[int, dict[str, Spread]]]) -> dict[int, float]:
 
 def report_table(stats: dict, found: dict, agree: dict[str, int], ratio: dict[int, float], tokens: int) -> str:
     rows = [("SERVER", "CLIENTS", "AGG TOK/S (MEDIAN)", "MIN-MAX", "TTFT MS (MEDIAN)", "MIN-MAX",
-             f"{tokens} TOKENS", "TEXT = 1-CLIENT")]
+             f"{tokens} TOKENS", "TEXT = 1-CLIENT", "OTHER CPU-S (MAX)")]
     for name, by_clients in stats.items():
         for clients, st in by_clients.items():
             t, f, c = st["tokens_per_s"], st["ttft_ms"], found[name][clients]
             rows.append((name, str(clients), f"{t.median:.1f}", f"{t.low:.1f}-{t.high:.1f}", f"{f.median:.1f}",
                          f"{f.low:.1f}-{f.high:.1f}", f"{c['replies'] - c['wrong_tokens']}/{c['replies']}",
-                         f"{c['replies'] - c['text_mismatch']}/{c['replies']}"))
+                         f"{c['replies'] - c['text_mismatch']}/{c['replies']}", f"{st['foreign_cpu_s'].high:.2f}"))
     lines = [format_table(rows), ""]
     for name, same in agree.items():
         lines.append(f"{name} 1-client texts equal to {EDGEPACK}'s: {same}/{len(PROMPTS)}")

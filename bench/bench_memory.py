@@ -4,7 +4,7 @@ On Gemma 3 270M Q4_K_M, three settings with 1, 2 and 3 models or agents in one b
 top quarter of blocks differ (the rest byte-identical, so those segments are stored and mapped once),
 one base with LoRA adapters, and the same fine-tunes with nothing shared. /proc/PID/smaps of the server
 says what is resident. Then: how big a --since delta is when one fine-tune changes again.
-Run: .venv/bin/python bench/bench_memory.py [--threads 2] [--ctx 4096] [--slots 2] [--decode-runs 3]
+Run: .venv/bin/python bench/bench_memory.py [--threads 2] [--ctx 4096] [--slots 2] [--decode-runs 5]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from edgepack.runtime.cli import format_table
 
 WORK = OUT / "memory"
 Q = gguf.GGMLQuantizationType
-# Types absent from the base's Q4_K_M mix, so every weight of the top blocks changes; all take rows of 32.
+# Types absent from the base's Q4_K_M mix, so every 2-D weight of the top blocks changes; all take rows of 32.
 TUNES = {"tune-a": Q.Q5_1, "tune-b": Q.Q4_1}
 RETUNE = ("tune-a", Q.Q4_0)  # the delta: tune-a's top blocks change again
 # Control: the same files rewritten with other GGUF alignments. Tensor bytes are identical, but every
@@ -59,9 +59,10 @@ SETTINGS = ("shared", "lora", "independent")
 REPACK = ("never", "always")
 CHAT_TOKENS, DECODE_TOKENS, PROMPT = 8, 64, "Once upon a time"
 GOAL_LORA, GOAL_SHARED, GOAL_DELTA = 1.15, 0.05, 0.35
-# llama.cpp's threads spin on barriers: with 2 threads on 2 vCPUs, another busy process cuts decoding by 10x,
+# llama.cpp's threads spin on barriers: with 2 threads on 2 vCPUs, another busy process cuts decoding up to 15x,
 # so decoding waits for a quiet second and is timed again if others used more than QUIET of the CPUs meanwhile.
-QUIET, DECODE_TRIES, QUIET_WAIT_S, RETRY_PAUSE_S = 0.10, 4, 300.0, 4.0
+QUIET, DECODE_TRIES, QUIET_WAIT_S, RETRY_PAUSE_S = 0.10, 2, 60.0, 4.0
+DECODED = ("shared", "lora")  # the independent models compute exactly what the shared ones do
 MIB = 2**20
 
 
@@ -95,9 +96,9 @@ class Run:
     weight_bytes: int
     copies_bytes: int
     memory: Memory
-    decode_tps: list[float]
+    decode_tps: list[float]  # empty where not timed
     ready_s: float  # server start -> /health 200 (load, repack, warm-up)
-    llama_buffers_mib: dict[str, float]  # what llama.cpp logged it allocated, summed over the models
+    llama_buffers_mib: dict[str, list[float]]  # the buffer sizes llama.cpp logged
     other_cpu: float  # share of all CPUs that other processes used while decoding (they slow it down)
     decode_tries: int
 
@@ -207,10 +208,9 @@ def build(out: Path, models: dict[str, Path], adapters: dict[str, Path] | None =
     agents = agents or {f"{m}-chat": (m, None) for m in models}
     recipe.write_text(recipe_text(models, adapters or {}, agents))
     out.unlink(missing_ok=True)
-    cmd = [str(BIN / "edgepack"), "build", "--recipe", str(recipe), "-o", str(out), "--no-eval",
-           "--calibration", "none", "--bundle-version", str(version), "-q"]
-    _run(cmd + (["--since", str(since)] if since else []))
-    return json.loads(_run([str(BIN / "edgepack"), "inspect", "--json", str(out)]))
+    edgepack("build", "--recipe", recipe, "-o", out, "--no-eval", "--calibration", "none",
+             "--bundle-version", version, "-q", *(["--since", since] if since else []))
+    return inspect(out)
 
 
 def weight_sizes(manifest: dict) -> tuple[int, int, dict[str, int]]:
@@ -257,8 +257,8 @@ def sharing(manifest: dict) -> list[str]:
     lines = []
     for model in manifest["models"][1:]:
         common = [d for d in model["segments"] if d in set(first["segments"])]
-        lines.append(f"{model['name']} shares {len(common)} of {len(model['segments'])} segments with "
-                     f"{first['name']} ({sum(size[d] for d in common) / MIB:.1f} of "
+        lines.append(f"{manifest['name']}: {model['name']} shares {len(common)} of {len(model['segments'])} "
+                     f"segments with {first['name']} ({sum(size[d] for d in common) / MIB:.1f} of "
                      f"{sum(size[d] for d in model['segments']) / MIB:.1f} MiB)")
     return lines
 
@@ -270,17 +270,16 @@ def read_memory(pid: int, blobs: Path) -> Memory:
     """smaps_rollup of the process, plus Rss/Pss of the mappings of the store's blob files."""
     rollup = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(),
                                               re.M)}
-    rss = pss = mappings = 0
-    inside = False
+    weights = {"Rss": 0, "Pss": 0}
+    mappings, inside = 0, False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         head = re.match(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$", line)
         if head:
-            inside = head.group(1).startswith(str(blobs) + "/")
+            inside = head.group(1).startswith(f"{blobs}/")
             mappings += inside
-        elif inside and line.startswith(("Rss:", "Pss:")):
-            value = int(line.split()[1])
-            rss, pss = (rss + value, pss) if line.startswith("Rss:") else (rss, pss + value)
-    return Memory(rollup["Rss"], rollup["Pss"], rollup["Pss_Anon"], rss, pss, mappings, rollup)
+        elif inside and (field := re.match(r"^(Rss|Pss):\s+(\d+) kB", line)):
+            weights[field.group(1)] += int(field.group(2))
+    return Memory(rollup["Rss"], rollup["Pss"], rollup["Pss_Anon"], weights["Rss"], weights["Pss"], mappings, rollup)
 
 
 def quiet_decode(client: httpx.Client, base: str, agent: str, pid: int, runs: int) -> tuple[list[float], float, int]:
@@ -308,12 +307,13 @@ def wait_quiet(pid: int) -> None:
         time.sleep(RETRY_PAUSE_S)
 
 
-def llama_buffers(log: Path) -> dict[str, float]:
-    """MiB per llama.cpp buffer ("CPU KV", "CPU_Mapped model", "CPU_REPACK model", ...) from the server log."""
-    sizes: dict[str, float] = {}
+def llama_buffers(log: Path) -> dict[str, list[float]]:
+    """The MiB llama.cpp logged per buffer kind ("CPU KV", "CPU_Mapped model", "CPU compute", ...), in order.
+    Compute buffers are logged again at every re-reservation (applying a LoRA reserves again): sizes, not sums."""
+    sizes: dict[str, list[float]] = {}
     for buft, kind, mib in re.findall(r"(\S+)\s+(model|KV|compute|output) buffer size =\s+([0-9.]+) MiB",
                                       log.read_text(errors="replace")):
-        sizes[f"{buft} {kind}"] = round(sizes.get(f"{buft} {kind}", 0.0) + float(mib), 2)
+        sizes.setdefault(f"{buft} {kind}", []).append(float(mib))
     return sizes
 
 
@@ -363,7 +363,7 @@ def measure(bundle: Bundle, repack: str, args: argparse.Namespace) -> Run:
     """Install into a fresh store, serve, one short chat per agent, read memory, then time decoding."""
     store = Path(tempfile.mkdtemp(prefix="store-", dir=WORK))
     try:
-        _run([str(BIN / "edgepack"), "install", str(bundle.path), "--store", str(store)])
+        edgepack("install", bundle.path, "--store", store)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         # --no-cache: a repeated request answered from the response cache would not run the model
@@ -379,14 +379,16 @@ def measure(bundle: Bundle, repack: str, args: argparse.Namespace) -> Run:
             memory = read_memory(proc.pid, store / "blobs")
             if memory.blob_mappings == 0:
                 raise BenchError(f"no blob of {store} is mapped by pid {proc.pid}: is it the server process?")
-            tps, other, tries = quiet_decode(client, base, bundle.agents[-1], proc.pid, args.decode_runs)
+            tps, other, tries = [], 0.0, 0
+            if bundle.setting in DECODED:
+                tps, other, tries = quiet_decode(client, base, bundle.agents[0], proc.pid, args.decode_runs)
     finally:
         shutil.rmtree(store, ignore_errors=True)
     run = Run(bundle.setting, bundle.k, repack, bundle.weight_bytes, bundle.copies_bytes, memory, tps, ready,
               llama_buffers(log), other, tries)
     print(f"  {bundle.setting:<11} k={bundle.k} repack={repack:<6} RSS {memory.rss_kb / 1024:6.1f} MiB  "
           f"PSS {memory.pss_kb / 1024:6.1f} MiB  weights PSS {memory.weights_pss_kb / 1024:6.1f} MiB  "
-          f"decode {statistics.median(tps):5.1f} tok/s (others used {other:.0%} CPU)  ready {ready:.1f}s", flush=True)
+          f"decode {_median(tps)} tok/s (others used {other:.0%} CPU)  ready {ready:.1f}s", flush=True)
     return run
 
 
@@ -394,23 +396,30 @@ def delta_sizes(sources: dict[str, Path]) -> dict:
     """v1 = base + tune-a; v2 = base + tune-a retuned; v2 in full and as a delta --since v1, which must
     install on top of v1."""
     name, _ = RETUNE
-    v1 = WORK / "delta-v1.edgepack"
-    build(v1, {"base": sources["base"], name: sources[name]}, version=1)
+    paths = {p: WORK / f"delta-{p}.edgepack" for p in ("v1", "v2-full", "v2")}
+    v1 = build(paths["v1"], {"base": sources["base"], name: sources[name]}, version=1)
     v2_models = {"base": sources["base"], name: sources[f"{name}-v2"]}
-    full = build(WORK / "delta-v2-full.edgepack", v2_models, version=2)
-    delta = build(WORK / "delta-v2.edgepack", v2_models, version=2, since=v1)
+    full = build(paths["v2-full"], v2_models, version=2)
+    delta = build(paths["v2"], v2_models, version=2, since=paths["v1"])
     store = Path(tempfile.mkdtemp(prefix="store-", dir=WORK))
-    try:
-        _run([str(BIN / "edgepack"), "install", str(v1), "--store", str(store)])
-        _run([str(BIN / "edgepack"), "install", str(WORK / "delta-v2.edgepack"), "--store", str(store)])
+    try:  # a delta is only worth its size if it installs on top of v1
+        edgepack("install", paths["v1"], "--store", store)
+        edgepack("install", paths["v2"], "--store", store)
     finally:
         shutil.rmtree(store, ignore_errors=True)
-    sizes = {p: (WORK / f"{p}.edgepack").stat().st_size for p in ("delta-v1", "delta-v2-full", "delta-v2")}
-    changed = [d for d in full["blobs"] if d not in json.loads(_run([str(BIN / "edgepack"), "inspect", "--json",
-                                                                        str(v1)]))["blobs"]]
-    return {"v1_bytes": sizes["delta-v1"], "v2_full_bytes": sizes["delta-v2-full"], "v2_delta_bytes": sizes["delta-v2"],
-            "ratio": sizes["delta-v2"] / sizes["delta-v2-full"], "blobs_v2": len(full["blobs"]),
-            "blobs_changed": len(changed), "delta_since": delta["delta_since"], "installs_on_v1": True}
+    size = {p: path.stat().st_size for p, path in paths.items()}
+    return {"v1_bytes": size["v1"], "v2_full_bytes": size["v2-full"], "v2_delta_bytes": size["v2"],
+            "ratio": size["v2"] / size["v2-full"], "blobs_v2": len(full["blobs"]),
+            "blobs_changed": len(set(full["blobs"]) - set(v1["blobs"])), "delta_since": delta["delta_since"],
+            "installs_on_v1": True}
+
+
+def edgepack(*args: object) -> str:
+    return _run([str(BIN / "edgepack"), *(str(a) for a in args)])
+
+
+def inspect(bundle: Path) -> dict:
+    return json.loads(edgepack("inspect", "--json", bundle))
 
 
 def _run(cmd: list[str]) -> str:
@@ -446,21 +455,25 @@ def goals(runs: list[Run], bundles: list[Bundle], delta: dict) -> dict:
             dev = {m: v / ideal[setting] - 1 for m, v in extra.items() if m != "anon"}
             out[f"{setting}/{repack}"] = {"ideal_extra_bytes": ideal[setting], "extra_bytes": extra,
                                           "deviation": {m: round(v, 4) for m, v in dev.items()},
-                                          "goal": GOAL_SHARED, "met_rss": abs(dev["rss"]) <= GOAL_SHARED,
-                                          "met_weights_pss": abs(dev["weights_pss"]) <= GOAL_SHARED}
+                                          "goal": GOAL_SHARED,
+                                          "met": {m: abs(v) <= GOAL_SHARED for m, v in dev.items()}}
     return out
 
 
 def report_table(runs: list[Run]) -> str:
     rows = [("SETTING", "REPACK", "K", "WEIGHTS MIB", "AS COPIES MIB", "RSS MIB", "PSS MIB", "WEIGHTS RSS",
              "WEIGHTS PSS", "ANON MIB", "DECODE TOK/S", "OTHER CPU", "READY S")]
-    for r in runs:
+    for r in sorted(runs, key=lambda r: (SETTINGS.index(r.setting), REPACK.index(r.repack), r.k)):
         m = r.memory
         rows.append((r.setting, r.repack, str(r.k), f"{r.weight_bytes / MIB:.1f}", f"{r.copies_bytes / MIB:.1f}",
                      f"{m.rss_kb / 1024:.1f}", f"{m.pss_kb / 1024:.1f}", f"{m.weights_rss_kb / 1024:.1f}",
                      f"{m.weights_pss_kb / 1024:.1f}", f"{m.anon_kb / 1024:.1f}",
-                     f"{statistics.median(r.decode_tps):.1f}", f"{r.other_cpu:.0%}", f"{r.ready_s:.1f}"))
+                     _median(r.decode_tps), f"{r.other_cpu:.0%}" if r.decode_tps else "-", f"{r.ready_s:.1f}"))
     return format_table(rows)
+
+
+def _median(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f}" if values else "-"
 
 
 def goal_lines(result: dict, delta: dict) -> list[str]:
@@ -475,7 +488,8 @@ def goal_lines(result: dict, delta: dict) -> list[str]:
             lines.append(f"{setting}/{repack}: 3 models - 1: ideal {g['ideal_extra_bytes'] / MIB:.1f} MiB; "
                          f"RSS {e['rss'] / MIB:+.1f} ({d['rss']:+.1%}), PSS {e['pss'] / MIB:+.1f} ({d['pss']:+.1%}), "
                          f"weights PSS {e['weights_pss'] / MIB:+.1f} ({d['weights_pss']:+.1%}), "
-                         f"anon {e['anon'] / MIB:+.1f} MiB")
+                         f"anon {e['anon'] / MIB:+.1f} MiB; within {GOAL_SHARED:.0%}: "
+                         + ", ".join(f"{m} {'yes' if ok else 'no'}" for m, ok in g["met"].items()))
     lines.append(f"delta: v2 as a delta {delta['v2_delta_bytes'] / MIB:.1f} MiB vs full "
                  f"{delta['v2_full_bytes'] / MIB:.1f} MiB = {delta['ratio']:.1%} "
                  f"({delta['blobs_changed']} of {delta['blobs_v2']} blobs); "
@@ -484,14 +498,15 @@ def goal_lines(result: dict, delta: dict) -> list[str]:
 
 
 def write_results(args: argparse.Namespace, bundles: list[Bundle], runs: list[Run], delta: dict,
-                  result: dict, shared_lines: list[str]) -> Path:
+                  result: dict, shared_lines: list[str], code_at_start: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now().astimezone()
     doc = {
         "date": now.isoformat(timespec="seconds"),
         "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model(),
                     "kernel": platform.release()},
-        "edgepack": _git_state(),
+        # servers import the working tree when they start: say if it changed during the run
+        "edgepack": {"at_start": code_at_start, "at_end": _git_state()},
         "settings": {"threads": args.threads, "ctx": args.ctx, "slots": args.slots, "decode_runs": args.decode_runs,
                      "chat_tokens": CHAT_TOKENS, "decode_tokens": DECODE_TOKENS, "prompt": PROMPT,
                      "tunes": {k: v.name for k, v in TUNES.items()}, "retune": [RETUNE[0], RETUNE[1].name],
@@ -521,7 +536,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="threads per model (default 2)")
     p.add_argument("--ctx", type=int, default=4096, help="context per slot (default 4096)")
     p.add_argument("--slots", type=int, default=2, help="slots per model, the server's default (default 2)")
-    p.add_argument("--decode-runs", type=int, default=3, help="64-token decodes per server, median (default 3)")
+    p.add_argument("--decode-runs", type=int, default=5, help="64-token decodes per server, median (default 5)")
     args = p.parse_args(argv)
     if min(args.threads, args.slots, args.decode_runs) < 1 or args.ctx < 64:
         p.error("--threads, --slots and --decode-runs must be >= 1, --ctx >= 64")
@@ -530,18 +545,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def bench(args: argparse.Namespace) -> None:
     WORK.mkdir(parents=True, exist_ok=True)
+    code_at_start = _git_state()
     base = model_path()
     print(f"model: {base} ({base.stat().st_size / MIB:.1f} MiB)", flush=True)
     sources = prepare_sources(base)
     bundles = make_bundles(sources)
-    shared_lines = sharing(json.loads(_run([str(BIN / "edgepack"), "inspect", "--json",
-                                            str(WORK / "shared-3.edgepack")])))
-    indep_lines = sharing(json.loads(_run([str(BIN / "edgepack"), "inspect", "--json",
-                                           str(WORK / "independent-3.edgepack")])))
-    for line in shared_lines + indep_lines:
+    shared_lines = sharing(inspect(WORK / "shared-3.edgepack")) + sharing(inspect(WORK / "independent-3.edgepack"))
+    for line in shared_lines:
         print(f"  {line}")
     os.environ["EDGEPACK_LLAMA_LOG"] = "1"  # llama.cpp's buffer sizes go to the server logs
-    runs = [measure(b, repack, args) for repack in REPACK for b in bundles]
+    runs = [measure(b, repack, args) for b in bundles for repack in REPACK]  # both modes close in time
     delta = delta_sizes(sources)
     result = goals(runs, bundles, delta)
     print()
@@ -549,7 +562,8 @@ def bench(args: argparse.Namespace) -> None:
     print()
     for line in goal_lines(result, delta):
         print(line)
-    print(f"wrote {write_results(args, bundles, runs, delta, result, shared_lines + indep_lines).relative_to(ROOT)}")
+    path = write_results(args, bundles, runs, delta, result, shared_lines, code_at_start)
+    print(f"wrote {path.relative_to(ROOT)}")
 
 
 def main(argv: list[str] | None = None) -> int:
