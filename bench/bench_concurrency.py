@@ -99,7 +99,7 @@ class Round:
     clients: int
     index: int
     wall_s: float  # first request sent -> last stream ended
-    foreign_cpu_s: float  # CPU time other processes used meanwhile (this VM is shared)
+    foreign_cpu_s: float  # CPU time other processes (or the hypervisor: steal) took meanwhile
     attempts: int = 1  # rounds run to get this one (the others had too much foreign CPU)
     replies: list[Reply] = field(default_factory=list)
 
@@ -258,8 +258,9 @@ def run_round(server: Server, pid: int, clients: int, requests: int, tokens: int
 
 
 def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has been busy since boot."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    """CPU seconds the whole machine has been busy since boot, counting time the hypervisor gave to others
+    (steal) as busy."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
     return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 

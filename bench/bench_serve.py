@@ -111,7 +111,7 @@ def free_port() -> int:
 
 def edgepack_command(store: Path, port: int, threads: int) -> list[str]:
     return [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(port),
-            "--threads", str(threads), "--ctx", str(CTX)]
+            "--threads", str(threads), "--ctx", str(CTX), "--no-cache"]  # measure decoding, not the cache
 
 
 def llama_server_command(model: Path, port: int, threads: int) -> list[str]:
