@@ -87,10 +87,12 @@ def test_queue_limit_and_cancellation_free_slots(tiny_gguf):
 
 
 def test_full_queue_gets_429_with_retry_after(served_store):
-    process, base = start_server(served_store, "--threads", "1", "--slots", "1", "--max-queue", "0")
+    # a long context so the first generation holds the slot for seconds even on a fast machine; closing the
+    # stream cancels it
+    process, base = start_server(served_store, "--threads", "1", "--slots", "1", "--max-queue", "0", "--ctx", "32768")
     try:
         wait_ready(base, process)
-        body = {"model": "tiny", "prompt": "the", "max_tokens": 480, "ignore_eos": True, "stream": True}
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 32000, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=30) as client, client.stream("POST", base + "/v1/completions", json=body) as first:
             assert first.status_code == 200
             next(first.iter_lines())  # the first request holds the only slot
