@@ -92,18 +92,33 @@ def gc(store_dir: Path) -> None:
               help="Cache answers to deterministic (temperature 0) requests: L1 in memory, L2 in DIR/cache/.")
 @click.option("--cache-ttl", default=120.0, show_default=True, type=click.FloatRange(0), help="L1 seconds.")
 @click.option("--disk-cache-ttl", default=3600.0, show_default=True, type=click.FloatRange(0), help="L2 seconds.")
+@click.option("--memory-budget", help="Memory the server may use: a size (2G, 1500MiB) or a share of the available "
+                                      "memory (70%). Default: 80% of available, capped by the board and cgroup.")
+@click.option("--keep-alive", default="5m", show_default=True,
+              help="Evict a model after this long without requests (30s, 5m, 1h; -1: never).")
+@click.option("--preload", is_flag=True, help="Load and warm up every model before reporting ready.")
+@click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f16", "q8_0"]),
+              help="KV cache element type (q8_0 halves its memory).")
+@click.option("--tpot-target", type=click.FloatRange(min=0.1),
+              help="Milliseconds per output token the adaptive batch size keeps p95 under (default: from the "
+                   "agents' latency_sla_ms / max_tokens; none: all slots always).")
 def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str, slots: int,
-          max_queue: int, request_timeout: float, cache: bool, cache_ttl: float, disk_cache_ttl: float) -> None:
+          max_queue: int, request_timeout: float, cache: bool, cache_ttl: float, disk_cache_ttl: float,
+          memory_budget: str | None, keep_alive: str, preload: bool, kv_type: str, tpot_target: float | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
     from .cache import ResponseCache
-    from .loader import load_models, resolve_config
+    from .loader import resolve_config
+    from .memory import format_mib, resolve_budget
+    from .pool import ModelPool
     from .server import Service
 
     store = Store(store_dir)
     manifest = store.manifest()
-    config = resolve_config(manifest, threads, n_ctx, repack, slots)
+    config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type)
+    keep = parse_duration(keep_alive)
+    budget = resolve_budget(memory_budget, _board_memory(manifest.board))
     for info in manifest.models:
         store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
     store.adapter_paths(manifest)
@@ -118,10 +133,14 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         if server is not None:
             server.should_exit = True
 
+    def make_pool(make_scheduler) -> ModelPool:  # noqa: ANN001 - see server.PoolFactory
+        return ModelPool(store, manifest, config, budget, keep_alive=keep, make_scheduler=make_scheduler,
+                         log=lambda line: click.echo(f"edgepack: {line}", err=True))
+
     agents = list(manifest.agent_list())
     names = [a.name for a in agents]
     service = Service(
-        lambda: load_models(store, manifest, config), agents,
+        make_pool, agents, preload=preload, tpot_targets=tpot_targets(agents, config.max_tokens, tpot_target),
         default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in manifest.adapters},
         max_queue=max_queue, request_timeout=request_timeout,
         cache=ResponseCache(store.root / "cache" / "responses.sqlite", l1_ttl=cache_ttl, l2_ttl=disk_cache_ttl)
@@ -130,6 +149,9 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         on_ready=on_ready, on_failure=on_failure,
     )
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on http://{host}:{port}", err=True)
+    click.echo(f"edgepack: memory budget {format_mib(budget.bytes)} ({budget.reason}); models load "
+               f"{'now' if preload else 'on first request'}, idle ones are evicted after "
+               f"{'never' if keep is None else f'{keep:g}s'}", err=True)
     if threads is None:
         from .hardware import thread_plan
 
@@ -144,6 +166,46 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         raise EdgepackError(service.error)
     if not server.started:
         raise EdgepackError(f"could not listen on {host}:{port}")
+
+
+def _board_memory(name: str) -> float | None:
+    """The memory of the board the bundle was built for, when this install knows it."""
+    from .boards import HOST, load_board
+
+    if not name or name == HOST:
+        return None
+    try:
+        return load_board(name).memory_gib
+    except EdgepackError:
+        return None
+
+
+def parse_duration(text: str) -> float | None:
+    """'30s', '5m', '1h', '90' (seconds) -> seconds; '-1' / 'never' -> None (keep loaded)."""
+    value = text.strip().lower()
+    if value in ("-1", "never", "forever"):
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (value[:-1], units[value[-1]]) if value and value[-1] in units else (value, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        seconds = -1
+    if seconds < 0:
+        raise EdgepackError(f"--keep-alive {text!r}: expected a duration like 30s, 5m, 1h, or -1 for never")
+    return seconds
+
+
+def tpot_targets(agents: list, default_max_tokens: int, flag_ms: float | None) -> dict[str, float]:
+    """Seconds per output token per model: the flag, else the tightest agent's latency_sla_ms / max_tokens."""
+    targets: dict[str, float] = {}
+    for agent in agents:
+        if flag_ms is not None:
+            targets[agent.model] = flag_ms / 1000
+        elif agent.latency_sla_ms:
+            per_token = agent.latency_sla_ms / 1000 / int(agent.sampling.get("max_tokens", default_max_tokens))
+            targets[agent.model] = min(per_token, targets.get(agent.model, per_token))
+    return targets
 
 
 @cli.command()

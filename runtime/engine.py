@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,10 @@ import llama_cpp
 
 from . import llama
 from .errors import EdgepackError
+from .memory import ModelShape
 
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per request
+KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Generation:
     """Filled in while a generation runs; read it after the iterator ends."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV state was reused (prefix cache)
     completion_tokens: int = 0
     finish_reason: str = "length"
     first_token_at: float | None = None
@@ -69,8 +73,14 @@ class Engine:
         chat_template: str | None = None,
         repack: bool = True,
         slots: int = 1,
+        kv_type: str = "f16",
+        fit: Callable[[ModelShape], int] | None = None,
     ) -> None:
-        """n_ctx is per slot; `slots` sequences can be decoded together (each with its own KV cells)."""
+        """n_ctx is per slot; `slots` sequences can be decoded together (each with its own KV cells).
+        kv_type is the KV cache's element type: f16, or q8_0 (half the memory, needs flash attention).
+        fit, called once the weights are mapped, returns the context per slot to allocate (or raises)."""
+        if kv_type not in KV_TYPES:
+            raise EdgepackError(f"KV cache type {kv_type!r}: choose {', '.join(KV_TYPES)}")
         self.name = name
         self.threads = threads
         self.slots = slots
@@ -78,16 +88,30 @@ class Engine:
         self._model = llama.load_model(paths, repack=repack)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        if fit is not None:
+            try:
+                n_ctx = fit(self.shape())
+            except BaseException:
+                llama_cpp.llama_model_free(self._model)
+                raise
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx * slots
         params.n_batch = n_batch
         params.n_ubatch = min(n_batch, 512)
         params.n_seq_max = slots
         params.kv_unified = False  # every slot its own KV stream: isolation, and no cross-slot padding
+        params.swa_full = False  # sliding-window layers keep only their window (Gemma 3: ~1/4 of the KV memory)
+        params.n_outputs_max = slots  # at most one logit row per slot per step: keeps the compute buffer small
+        params.type_k = params.type_v = KV_TYPES[kv_type]
+        if kv_type != "f16":
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # llama.cpp needs it for a quantized V
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        log: list[str] = []
+        with llama.log_listener(log.append):
+            self._ctx = llama_cpp.llama_init_from_model(self._model, params)
+        self.context_bytes = _buffer_bytes(log)  # KV, compute and output buffers, as llama.cpp reports them
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EdgepackError(f"llama.cpp could not create a context for {name}: {llama.last_error()}")
@@ -98,6 +122,27 @@ class Engine:
         self._eog_tokens: list[int] | None = None
         self._one = (llama_cpp.llama_token * 1)()
         self._adapters: dict[str, ctypes.c_void_p] = {}
+
+    def shape(self) -> ModelShape:
+        n_embd, n_head = llama_cpp.llama_model_n_embd(self._model), llama_cpp.llama_model_n_head(self._model)
+        head = n_embd // max(1, n_head)
+        return ModelShape(
+            n_layer=llama_cpp.llama_model_n_layer(self._model),
+            n_head_kv=llama_cpp.llama_model_n_head_kv(self._model),
+            key_length=self._meta_int("attention.key_length") or head,
+            value_length=self._meta_int("attention.value_length") or head,
+            n_vocab=self.n_vocab,
+            n_embd=n_embd,
+        )
+
+    def _meta_int(self, key: str) -> int | None:
+        buf = ctypes.create_string_buffer(128)
+        if llama_cpp.llama_model_meta_val_str(self._model, b"general.architecture", buf, len(buf)) < 0:
+            return None
+        full = buf.value + b"." + key.encode()
+        if llama_cpp.llama_model_meta_val_str(self._model, full, buf, len(buf)) < 0:
+            return None
+        return int(buf.value) if buf.value.isdigit() else None
 
     def load_adapter(self, name: str, path: Path) -> None:
         """Load a LoRA adapter (GGUF) once; generations name it to apply it on top of the base."""
@@ -262,8 +307,63 @@ class Engine:
     def clear_slot(self, seq_id: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
+    def keep_prefix(self, seq_id: int, n_keep: int) -> int:
+        """Drop the slot's KV cells from position n_keep on and return how many positions stay usable: 0
+        when the cache cannot be cut there (a sliding-window layer has already forgotten positions the
+        next token must see; llama-server's rule)."""
+        if n_keep > 0:
+            pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id)
+            n_swa = llama_cpp.llama_model_n_swa(self._model)
+            fits = pos_min <= max(0, n_keep - n_swa) if n_swa > 0 else pos_min <= 0
+            if fits and llama_cpp.llama_memory_seq_rm(self._memory, seq_id, n_keep, -1):
+                return n_keep
+        self.clear_slot(seq_id)
+        return 0
+
+    def save_slot(self, seq_id: int, path: Path, tokens: list[int]) -> None:
+        """Write the slot's KV state (and the tokens it holds) to path, atomically."""
+        temp = path.with_name(path.name + ".tmp")
+        array = (llama_cpp.llama_token * len(tokens))(*tokens)
+        if llama_cpp.llama_state_seq_save_file(self._ctx, str(temp).encode(), seq_id, array, len(tokens)) == 0:
+            temp.unlink(missing_ok=True)
+            raise EdgepackError(f"llama.cpp could not save the state of {self.name!r} to {path}")
+        temp.replace(path)
+
+    def load_slot(self, seq_id: int, path: Path, capacity: int) -> list[int] | None:
+        """Load a state written by save_slot into the slot; the tokens it holds, or None when llama.cpp
+        refuses the file (another model, KV type or context size, or a damaged file)."""
+        array = (llama_cpp.llama_token * capacity)()
+        count = ctypes.c_size_t(0)
+        read = llama_cpp.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, array, capacity,
+                                                   ctypes.byref(count))
+        if read == 0 or count.value == 0:
+            self.clear_slot(seq_id)
+            return None
+        return list(array[: count.value])
+
+    def prefill(self, seq_id: int, tokens: list[int]) -> None:
+        """Process tokens into the slot's KV cells without sampling (used to build warm states)."""
+        batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start : start + self.n_batch]
+                for i, token in enumerate(chunk):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, start + i, 1
+                    batch.seq_id[i][0], batch.logits[i] = seq_id, False
+                batch.n_tokens = len(chunk)
+                self.decode_batch(batch)
+        finally:
+            llama_cpp.llama_batch_free(batch)
+
     def set_adapter(self, lora: tuple[str, float] | None) -> None:
         self._apply_adapter(lora)
+
+
+_BUFFER_LINE = re.compile(r"(KV|compute|output) buffer size =\s*([0-9.]+) MiB")
+
+
+def _buffer_bytes(log: list[str]) -> int:
+    return int(sum(float(m.group(2)) for line in log if (m := _BUFFER_LINE.search(line))) * 2**20)
 
 
 class TokenStream:

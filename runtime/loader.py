@@ -1,4 +1,4 @@
-"""Load the current release's models from the store's segments, with thread counts for this device."""
+"""How the current release's models are served on this device: threads, context, slots, KV type."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ from dataclasses import dataclass
 
 from . import hardware
 from .bundle_format import Manifest
-from .engine import Engine
 from .errors import EdgepackError
-from .store import Store
 
 REPACK_MODES = ("auto", "always", "never")
 
@@ -21,10 +19,11 @@ class ServeConfig:
     max_tokens: int
     repack: str = "auto"  # auto: repack only models that share no segment with another model
     slots: int = 2  # requests decoded together per model (continuous batching)
+    kv_type: str = "f16"  # KV cache element type: f16 or q8_0
 
 
 def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None,
-                   repack: str = "auto", slots: int = 2) -> ServeConfig:
+                   repack: str = "auto", slots: int = 2, kv_type: str = "f16") -> ServeConfig:
     """Flags win; then the bundle's board profile (capped at the CPUs we may use); then physical cores."""
     if threads is not None and threads < 1:
         raise EdgepackError(f"--threads must be at least 1, got {threads}")
@@ -43,6 +42,7 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         max_tokens=defaults.max_tokens,
         repack=repack,
         slots=slots,
+        kv_type=kv_type,
     )
 
 
@@ -59,27 +59,3 @@ def repacked_models(manifest: Manifest, mode: str) -> set[str]:
         if others & set(model.segments[1:]):
             sharing.add(model.name)
     return {m.name for m in manifest.models} - sharing
-
-
-def load_models(store: Store, manifest: Manifest, config: ServeConfig) -> dict[str, Engine]:
-    engines: dict[str, Engine] = {}
-    repack = repacked_models(manifest, config.repack)
-    try:
-        for info in manifest.models:
-            engines[info.name] = Engine(
-                store.segment_paths(manifest, info.name),
-                name=info.name,
-                n_ctx=config.n_ctx,
-                n_batch=config.n_batch,
-                threads=config.threads,
-                chat_template=info.chat_template,
-                repack=info.name in repack,
-                slots=config.slots,
-            )
-        for name, path in store.adapter_paths(manifest).items():
-            engines[manifest.adapter(name).base].load_adapter(name, path)
-    except BaseException:
-        for engine in engines.values():
-            engine.close()
-        raise
-    return engines

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
@@ -46,10 +45,42 @@ class Metrics:
             "edgepack_cache_requests", "Deterministic requests by cache outcome (l1, l2 hit or miss)", ["result"],
             registry=r,
         )
-        self.ready = Gauge("edgepack_ready", "1 when models are loaded and warmed up", registry=r)
-        rss = Gauge("edgepack_process_resident_memory_bytes", "Resident memory of the server (RSS)", registry=r)
-        process = psutil.Process()
-        rss.set_function(lambda: process.memory_info().rss)
+        self.ready = Gauge("edgepack_ready", "1 when the server takes requests (models preloaded if asked)",
+                           registry=r)
+        self.prompt_cached = Counter(
+            "edgepack_prompt_cached_tokens", "Prompt tokens whose KV state was reused (prefix cache)", ["model"],
+            registry=r,
+        )
+        # memory and the model pool
+        self.rss = Gauge("edgepack_process_resident_memory_bytes", "Resident memory of the server (RSS)", registry=r)
+        self.pss = Gauge("edgepack_process_proportional_memory_bytes",
+                         "Proportional set size (shared pages split between their users)", registry=r)
+        self.memory_budget = Gauge("edgepack_memory_budget_bytes", "The memory budget models are loaded within",
+                                   registry=r)
+        self.memory_estimate = Gauge("edgepack_memory_estimate_bytes",
+                                     "What the pool accounts as used: process base, mapped weights once, contexts",
+                                     registry=r)
+        self.model_loaded = Gauge("edgepack_model_loaded", "1 while the model is loaded", ["model"], registry=r)
+        self.loads = Counter("edgepack_model_loads", "Model loads (first request, preload or after eviction)",
+                             ["model"], registry=r)
+        self.load_seconds = Histogram(
+            "edgepack_model_load_seconds", "Time to load and warm up a model (a cold start)", ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60), registry=r,
+        )
+        self.evictions = Gauge("edgepack_model_evictions", "Models evicted (keep_alive or to make room)", registry=r)
+        self.warmup_latency = Gauge(
+            "edgepack_warmup_latency_seconds",
+            "Warm-up latencies of the last load: cold (first generation), warm (median of the next), "
+            "concurrent_ttft (slowest first token of the concurrent stage)", ["model", "stage"], registry=r,
+        )
+        # adaptive batching
+        self.slot_limit = Gauge("edgepack_slot_limit", "Slots the adaptive controller lets decode together",
+                                ["model"], registry=r)
+        self.tpot_target = Gauge("edgepack_tpot_target_seconds", "Time per output token the controller aims under",
+                                 ["model"], registry=r)
+        self.step_p95 = Gauge("edgepack_decode_step_p95_seconds",
+                              "p95 decode step time (= time per output token) of the controller's last window",
+                              ["model"], registry=r)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -6,12 +6,21 @@ their prompt, in arrival order, up to n_batch (a long prompt is processed in chu
 the others). New requests join between steps; a finished or abandoned request frees its slot at once.
 Requests whose LoRA adapter differs from the running batch's wait until the batch drains (llama.cpp
 applies adapters to the whole context). The queue is bounded: a full queue is refused (HTTP 429).
+
+Prefix reuse: a finished slot keeps its KV cells. A new request goes to the free slot whose cached
+tokens share the longest prefix with its prompt (same adapter), and only the rest of the prompt is
+processed: an agent's system prompt is computed once per slot, as are earlier turns of a conversation.
+
+Adaptive batching: a SlotController watches the time of each decode step (= the time per output token
+of every generating slot) and lowers the number of slots admitted while its p95 is over the target,
+raising it again when well under.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,22 +52,55 @@ class _Slot:
     seq_id: int
     request: Request
     stream: TokenStream
+    tokens: list[int]  # what the slot's KV cells hold, in position order
     fed: int = 0  # prompt tokens already in the KV cache
     last: int | None = None  # the token to feed next (generation phase)
     logits_index: int = -1
 
 
+SlotCache = dict[int, tuple[tuple[str, float] | None, list[int]]]  # seq id -> (adapter, tokens in its KV)
+
+
+class SlotController:
+    """Adaptive batch size: keeps the p95 time per output token under `target` seconds by changing how
+    many slots may decode together (shrink when over, grow when under 70% of it), one step at a time
+    after every `window` decode steps. No target: all slots, always."""
+
+    def __init__(self, slots: int, target: float | None = None, window: int = 32) -> None:
+        self.slots, self.target, self.window = slots, target, window
+        self.limit = slots
+        self.p95: float | None = None
+        self._steps: list[float] = []
+
+    def observe(self, seconds: float) -> None:
+        if self.target is None:
+            return
+        self._steps.append(seconds)
+        if len(self._steps) < self.window:
+            return
+        ordered = sorted(self._steps)
+        self.p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        self._steps.clear()
+        if self.p95 > self.target and self.limit > 1:
+            self.limit -= 1
+        elif self.p95 < 0.7 * self.target and self.limit < self.slots:
+            self.limit += 1
+
+
 class BatchScheduler:
     def __init__(self, engine: Engine, *, max_queue: int = 16,
                  on_finish: Callable[[Request], None] = lambda r: None,
-                 on_change: Callable[[int, int], None] = lambda active, queued: None) -> None:
+                 on_change: Callable[[int, int], None] = lambda active, queued: None,
+                 controller: SlotController | None = None, cache: SlotCache | None = None) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        self.controller = controller or SlotController(engine.slots)
         self._on_finish, self._on_change = on_finish, on_change
         self._queue: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
-        self._free = list(range(engine.slots))
+        self._free = list(range(engine.slots))  # least recently used first
+        self._cache: SlotCache = dict(cache or {})
         self._active: list[_Slot] = []
         self._lora: tuple[str, float] | None = None
         self._batch = llama_cpp.llama_batch_init(engine.n_batch, 0, 1)
@@ -112,7 +154,7 @@ class BatchScheduler:
             self._finish(slot)
 
     def _admit(self) -> None:
-        while self._queue and self._free:
+        while self._queue and self._free and len(self._active) < self.controller.limit:
             request = self._queue[0]
             if request.cancel.is_set():  # gave up while waiting
                 self._queue.popleft()
@@ -125,11 +167,27 @@ class BatchScheduler:
             if not self._active:
                 self._lora = request.lora
                 self.engine.set_adapter(request.lora)
-            seq_id = self._free.pop(0)
-            self.engine.clear_slot(seq_id)
+            seq_id, common = self._pick_slot(request)
+            self._free.remove(seq_id)
+            kept = self.engine.keep_prefix(seq_id, min(common, len(request.prompt) - 1))  # feed >= 1 token
+            self._cache.pop(seq_id, None)
             request.result.prompt_tokens = len(request.prompt)
-            self._active.append(_Slot(seq_id, request, TokenStream(self.engine, request.sampling, request.result)))
+            request.result.cached_tokens = kept
+            stream = TokenStream(self.engine, request.sampling, request.result)
+            self._active.append(_Slot(seq_id, request, stream, request.prompt[:kept], fed=kept))
         self._on_change(self.active, self.queued)
+
+    def _pick_slot(self, request: Request) -> tuple[int, int]:
+        """The free slot sharing the longest cached prefix with the prompt; else the least recently used."""
+        best, best_common = self._free[0], 0
+        for seq_id in self._free:
+            lora, tokens = self._cache.get(seq_id, (None, []))
+            if lora != request.lora:
+                continue
+            common = _common_prefix(tokens, request.prompt)
+            if common > best_common:
+                best, best_common = seq_id, common
+        return best, best_common
 
     def _drop_cancelled(self) -> None:
         for slot in list(self._active):
@@ -161,7 +219,13 @@ class BatchScheduler:
             slot.fed += take
             slot.logits_index = n - 1 if slot.fed == len(prompt) else -1
         batch.n_tokens = n
+        started = time.perf_counter()
         self.engine.decode_batch(batch)
+        for slot in self._active:  # what the KV cells now hold
+            if slot.last is not None:
+                slot.tokens.append(slot.last)
+            elif len(slot.tokens) < slot.fed:
+                slot.tokens.extend(slot.request.prompt[len(slot.tokens) : slot.fed])
         for slot in list(self._active):
             if slot.logits_index < 0:
                 continue
@@ -174,13 +238,26 @@ class BatchScheduler:
                 self._finish(slot)
             else:
                 slot.last = token
+        if generating:
+            self.controller.observe(time.perf_counter() - started)
 
     def _finish(self, slot: _Slot, error: Exception | None = None) -> None:
         self._active.remove(slot)
         slot.stream.close()
-        self.engine.clear_slot(slot.seq_id)
+        if error is None:
+            self._cache[slot.seq_id] = (self._lora, slot.tokens)  # its KV cells stay for prefix reuse
+        else:
+            self.engine.clear_slot(slot.seq_id)
         self._free.append(slot.seq_id)
         if not slot.request.cancel.is_set():
             slot.request.emit(error if error is not None else DONE)
         self._on_finish(slot.request)
         self._on_change(self.active, self.queued)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

@@ -1,7 +1,9 @@
 """The HTTP service: OpenAI-compatible routes, health, metrics (Starlette on uvicorn).
 
-Models load in the background after the socket is open, so /health answers 503 until they are
-loaded and warmed up. Each model's requests are decoded together by its batch scheduler (continuous
+The model pool (runtime/pool.py) is set up in the background after the socket is open, so /health
+answers 503 until it is ready (with --preload: until every model is loaded and warmed up). A model
+loads on its first request within the memory budget (503 when it cannot fit) and is evicted after
+keep_alive idle. Each model's requests are decoded together by its batch scheduler (continuous
 batching, runtime/scheduler.py); tokens travel to the request's event loop as they are sampled.
 """
 
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -29,13 +32,19 @@ from .bundle_format import AgentInfo
 from .cache import CachedAnswer, ResponseCache, cache_key
 from .engine import Engine, Generation, Sampling
 from .errors import EdgepackError
+from .memory import process_memory
 from .metrics import Metrics
 from .openai_api import ApiError, CompletionRequest
-from .scheduler import DONE, BatchScheduler, QueueFull, Request
+from .pool import DoesNotFit, ModelPool
+from .scheduler import DONE, BatchScheduler, QueueFull, Request, SlotCache, SlotController
 
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_SECONDS = 1
 LOAD_SAMPLE_SECONDS = 5.0
+EVICT_CHECK_SECONDS = 1.0
+MEMORY_RETRY_AFTER_SECONDS = 5
+
+PoolFactory = Callable[[Callable[[Engine, SlotCache], BatchScheduler]], ModelPool]
 
 
 @dataclass
@@ -63,9 +72,11 @@ class Service:
 
     def __init__(
         self,
-        load: Callable[[], dict[str, Engine]],
+        make_pool: PoolFactory,
         agents: list[AgentInfo],
         *,
+        preload: bool = False,
+        tpot_targets: dict[str, float] | None = None,
         default_max_tokens: int = 512,
         adapter_scales: dict[str, float] | None = None,
         max_queue: int = 16,
@@ -81,12 +92,13 @@ class Service:
         self.default_max_tokens = default_max_tokens
         self.state = "loading"
         self.error: str | None = None
-        self.schedulers: dict[str, BatchScheduler] = {}
+        self.pool: ModelPool | None = None
+        self.preload, self.tpot_targets = preload, tpot_targets or {}
         self.max_queue, self.request_timeout = max_queue, request_timeout
         self.cache, self.agent_digests = cache, agent_digests or {}
         self.alerts = AlertWindow({a.name: a.latency_sla_ms for a in agents if a.latency_sla_ms})
         self._started: dict[int, float] = {}
-        self._load, self._on_ready, self._on_failure = load, on_ready, on_failure
+        self._make_pool, self._on_ready, self._on_failure = make_pool, on_ready, on_failure
         self.created = int(time.time())
         routes = [
             Route("/health", self.health),
@@ -113,30 +125,31 @@ class Service:
 
         class _Lifespan:
             async def __aenter__(self) -> None:
-                threading.Thread(target=service._load_and_warm, name="loader", daemon=True).start()
-                self.sampler = asyncio.get_running_loop().create_task(service._sample_load())
+                threading.Thread(target=service._start_pool, name="loader", daemon=True).start()
+                loop = asyncio.get_running_loop()
+                self.tasks = [loop.create_task(service._sample_load()), loop.create_task(service._evict_idle())]
 
             async def __aexit__(self, *exc: object) -> None:
-                self.sampler.cancel()
-                for scheduler in service.schedulers.values():
-                    await asyncio.to_thread(scheduler.stop)
-                for scheduler in service.schedulers.values():
-                    scheduler.engine.close()
+                for task in self.tasks:
+                    task.cancel()
+                if service.pool is not None:
+                    await asyncio.to_thread(service.pool.close)
                 if service.cache is not None:
                     service.cache.close()
 
         return _Lifespan()
 
-    def _load_and_warm(self) -> None:
+    def _start_pool(self) -> None:
         try:
-            engines = self._load()
-            self.state = "warming"
-            for engine in engines.values():  # touch the weights, build compute buffers, list EOG tokens
-                prompt = engine.tokenize("Hello")
-                warm = Sampling(max_tokens=2, temperature=0, ignore_eos=True)
-                for _ in engine.generate(prompt, warm, Generation()):
-                    pass
-            self.schedulers = {name: self._scheduler(engine) for name, engine in engines.items()}
+            pool = self._make_pool(self._scheduler)
+            self.metrics.memory_budget.set(pool.budget.bytes)
+            self.pool = pool
+            if self.preload:
+                self.state = "warming"
+                for name in {agent.model: None for agent in self.agents.values()}:
+                    pool.acquire(name)
+                    pool.release(name)
+                    self._loaded(name)
             self.state = "ready"
             self.metrics.ready.set(1)
             self._on_ready()
@@ -144,20 +157,63 @@ class Service:
             self.state, self.error = "failed", str(exc)
             self._on_failure(str(exc))
 
-    def _scheduler(self, engine: Engine) -> BatchScheduler:
+    def _scheduler(self, engine: Engine, cache: SlotCache) -> BatchScheduler:
         model = engine.name
 
         def changed(active: int, queued: int) -> None:
             self.metrics.active_slots.labels(model).set(active)
             self.metrics.queued.labels(model).set(queued)
 
+        controller = SlotController(engine.slots, self.tpot_targets.get(model))
         return BatchScheduler(engine, max_queue=self.max_queue, on_finish=lambda r: self._record(model, r),
-                              on_change=changed)
+                              on_change=changed, controller=controller, cache=cache)
+
+    def _loaded(self, name: str) -> None:
+        """Metrics of a model the pool has just loaded."""
+        assert self.pool is not None
+        model = self.pool.loaded.get(name)
+        if model is None:
+            return
+        m, report = self.metrics, model.warmup
+        m.loads.labels(name).inc()
+        m.load_seconds.labels(name).observe(model.load_seconds)
+        for stage, value in (("cold", report.cold), ("warm", report.warm)):
+            if value is not None:
+                m.warmup_latency.labels(name, stage).set(value)
+        if report.concurrent:
+            m.warmup_latency.labels(name, "concurrent_ttft").set(max(report.concurrent))
+
+    def _update_pool_metrics(self) -> None:
+        pool, m = self.pool, self.metrics
+        rss, pss = process_memory()
+        m.rss.set(rss)
+        m.pss.set(pss)
+        if pool is None:
+            return
+        m.memory_estimate.set(pool.usage())
+        m.evictions.set(pool.evictions)
+        for name in {agent.model for agent in self.agents.values()}:
+            model = pool.loaded.get(name)
+            m.model_loaded.labels(name).set(1 if model else 0)
+            if model is not None:
+                controller = model.scheduler.controller
+                m.slot_limit.labels(name).set(controller.limit)
+                if controller.target is not None:
+                    m.tpot_target.labels(name).set(controller.target)
+                if controller.p95 is not None:
+                    m.step_p95.labels(name).set(controller.p95)
+
+    async def _evict_idle(self) -> None:
+        while True:
+            await asyncio.sleep(EVICT_CHECK_SECONDS)
+            if self.pool is not None and self.pool.keep_alive is not None:
+                await asyncio.to_thread(self.pool.evict_expired)
 
     def _record(self, model: str, request: Request) -> None:
         m, result = self.metrics, request.result
         m.generated.labels(model).inc(result.completion_tokens)
         m.prompt.labels(model).inc(result.prompt_tokens)
+        m.prompt_cached.labels(model).inc(result.cached_tokens)
         if result.finish_reason == "cancelled":
             m.cancelled.labels(model).inc()
         started = self._started.pop(id(request), None)
@@ -188,6 +244,7 @@ class Service:
 
     async def metrics_page(self, request: HttpRequest) -> Response:
         self._update_alerts()
+        self._update_pool_metrics()
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: HttpRequest) -> Response:
@@ -219,7 +276,36 @@ class Service:
     async def _complete(self, req: CompletionRequest) -> Response:
         started = time.monotonic()
         agent = self._agent(req.model)
-        scheduler = self.schedulers[agent.model]
+        scheduler = await self._acquire(agent.model)
+        release = _once(lambda: self.pool.release(agent.model))
+        handed_over = False
+        try:
+            response = await self._complete_with(req, agent, scheduler, started, release)
+            handed_over = isinstance(response, StreamingResponse)  # the stream releases the model when it ends
+            return response
+        finally:
+            if not handed_over:
+                release()
+
+    async def _acquire(self, model: str) -> BatchScheduler:
+        """The model's scheduler, loading the model first (in a worker thread) if it is not loaded."""
+        pool = self.pool
+        assert pool is not None
+        scheduler = pool.try_acquire(model)
+        if scheduler is not None:
+            return scheduler
+        try:
+            scheduler = await asyncio.to_thread(pool.acquire, model)
+        except DoesNotFit as exc:
+            headers = {"Retry-After": str(MEMORY_RETRY_AFTER_SECONDS)} if exc.busy else None
+            raise ApiError(503, str(exc), code="insufficient_memory", headers=headers) from None
+        except EdgepackError as exc:
+            raise ApiError(503, f"model {model!r} could not be loaded: {exc}", code="load_failed") from None
+        self._loaded(model)
+        return scheduler
+
+    async def _complete_with(self, req: CompletionRequest, agent: AgentInfo, scheduler: BatchScheduler,
+                             started: float, release: Callable[[], None]) -> Response:
         engine = scheduler.engine
         messages = list(req.messages)
         if agent.system_prompt and not any(role == "system" for role, _ in messages):
@@ -255,10 +341,12 @@ class Service:
                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
             answer = _Answer(_events(job, self.request_timeout), job.request.result, job.request.cancel.set)
         if req.stream:
+            done = _once(lambda: (answer.cancel(), release()))  # also when the stream never started
             return StreamingResponse(
-                self._stream(answer, req, rid, agent.name, key, started),
+                self._stream(answer, req, rid, agent.name, key, started, done),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                background=BackgroundTask(done),
             )
         pieces = []
         try:
@@ -275,7 +363,7 @@ class Service:
         return JSONResponse(body)
 
     async def _stream(self, answer: _Answer, req: CompletionRequest, rid: str, model: str,
-                      key: str | None, started: float) -> AsyncIterator[bytes]:
+                      key: str | None, started: float, done: Callable[[], None]) -> AsyncIterator[bytes]:
         pieces = []
         try:
             if req.kind == "chat":
@@ -295,7 +383,7 @@ class Service:
             self._remember(key, answer, "".join(pieces))
             self.alerts.latency(model, time.monotonic() - started)
         finally:
-            answer.cancel()  # a client that went away frees its slot at once
+            done()  # a client that went away frees its slot at once
 
     # ---- caches ----
 
@@ -354,6 +442,20 @@ async def _events(job: _Job, timeout: float) -> AsyncIterator[str]:
             message = str(event) if isinstance(event, EdgepackError) else "generation failed"
             raise ApiError(500, message)
         yield event
+
+
+def _once(action: Callable[[], object]) -> Callable[[], None]:
+    """action, run at most once however often the result is called."""
+    lock, ran = threading.Lock(), []
+
+    def run() -> None:
+        with lock:
+            if ran:
+                return
+            ran.append(True)
+        action()
+
+    return run
 
 
 def _sse(doc: dict[str, Any]) -> bytes:

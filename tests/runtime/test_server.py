@@ -213,7 +213,9 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
     from conftest import free_port
 
     from edgepack.runtime.bundle_format import AgentInfo
-    from edgepack.runtime.loader import load_models, resolve_config
+    from edgepack.runtime.loader import resolve_config
+    from edgepack.runtime.memory import Budget
+    from edgepack.runtime.pool import ModelPool
     from edgepack.runtime.server import Service
     from edgepack.runtime.store import Store
 
@@ -222,12 +224,12 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
     config = resolve_config(manifest, threads=1)
     gate = threading.Event()
 
-    def gated_load():
+    def gated_pool(make_scheduler):
         gate.wait(30)  # hold the real loader back so the loading state is observable
-        return load_models(store, manifest, config)
+        return ModelPool(store, manifest, config, Budget(2**34, "test"), make_scheduler=make_scheduler)
 
     port = free_port()
-    service = Service(gated_load, [AgentInfo("tiny", "tiny")])
+    service = Service(gated_pool, [AgentInfo("tiny", "tiny")], preload=True)
     server, thread = _serve_in_thread(service, port)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -249,7 +251,7 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
     failures = []
     from edgepack.runtime.bundle_format import AgentInfo
 
-    def broken_load():
+    def broken_load(make_scheduler):
         raise RuntimeError("segment sha256-x is unreadable")
 
     port = free_port()

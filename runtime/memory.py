@@ -1,0 +1,158 @@
+"""Memory: sizes, the serving budget, the process's own use, and what a model's context will need.
+
+The budget is what `serve` may use in all (weights it maps, KV caches, compute buffers, Python):
+`--memory-budget` (bytes or a share of the memory available at start, e.g. "70%"), else 80% of
+MemAvailable plus what the process already uses; it is capped at 80% of the bundle's board memory
+when the bundle names a board, and never exceeds the cgroup's memory.max (less a margin for the
+page cache, which the kernel charges to the cgroup too).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from .errors import EdgepackError
+
+MiB = 2**20
+DEFAULT_SHARE = 0.8
+CGROUP_SHARE = 0.9  # of memory.max: the page cache of mapped weights is charged to the cgroup too
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'160MiB', '1.5GB', '2G', '123456' -> bytes (K/M/G alone are binary, as systemd and Ollama read them)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS:
+        raise EdgepackError(f"size {text!r}: expected bytes or a number with K, M, G, KB, MB, GB, KiB, MiB or GiB")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_mib(n: int | float) -> str:
+    return f"{n / MiB:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class Budget:
+    bytes: int
+    reason: str
+
+
+def process_memory() -> tuple[int, int]:
+    """(RSS, PSS) of this process in bytes. PSS splits pages shared with other mappings (models that
+    share segments, other processes) between them, so it is the honest figure for mapped weights."""
+    rss = pss = None
+    try:
+        for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("Rss", "Pss"):
+                kib = int(value.split()[0]) * 1024
+                rss, pss = (kib, pss) if key == "Rss" else (rss, kib)
+    except (OSError, ValueError, IndexError):
+        pass
+    if rss is None:
+        rss = psutil.Process().memory_info().rss
+    return rss, pss if pss is not None else rss
+
+
+def cgroup_memory_max(root: Path = Path("/sys/fs/cgroup"), proc: Path = Path("/proc/self/cgroup")) -> int | None:
+    """The tightest memory.max from this process's cgroup (v2) up to the root; None when unlimited."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    relative = next((line[3:] for line in lines if line.startswith("0::")), None)
+    if relative is None:
+        return None
+    limits = []
+    directory = root / relative.lstrip("/")
+    while True:
+        try:
+            value = (directory / "memory.max").read_text().strip()
+            if value != "max":
+                limits.append(int(value))
+        except (OSError, ValueError):
+            pass
+        if directory == root or root not in directory.parents:
+            break
+        directory = directory.parent
+    return min(limits) if limits else None
+
+
+def resolve_budget(flag: str | None, board_memory_gib: float | None = None, *,
+                   available: int | None = None, used: int | None = None,
+                   cgroup_max: int | None = None) -> Budget:
+    available = psutil.virtual_memory().available if available is None else available
+    used = process_memory()[0] if used is None else used
+    if flag is not None and flag.strip().endswith("%"):
+        share = _percent(flag)
+        budget, reason = int(share * available) + used, f"{flag.strip()} of available memory"
+    elif flag is not None:
+        budget, reason = parse_size(flag), "--memory-budget"
+    else:
+        budget, reason = int(DEFAULT_SHARE * available) + used, f"{DEFAULT_SHARE:.0%} of available memory"
+        if board_memory_gib:
+            board = int(DEFAULT_SHARE * board_memory_gib * 2**30)
+            if board < budget:
+                budget, reason = board, f"{DEFAULT_SHARE:.0%} of the board's {board_memory_gib:g} GiB"
+    cgroup_max = cgroup_memory_max() if cgroup_max is None else cgroup_max
+    if cgroup_max is not None and budget > int(CGROUP_SHARE * cgroup_max):
+        budget, reason = int(CGROUP_SHARE * cgroup_max), f"{CGROUP_SHARE:.0%} of the cgroup's memory.max"
+    return Budget(budget, reason)
+
+
+def _percent(text: str) -> float:
+    try:
+        share = float(text.strip()[:-1]) / 100
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise EdgepackError(f"--memory-budget {text!r}: a share must be between 0% and 100%")
+    return share
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sizes a model's context, read from the loaded model's hyperparameters."""
+
+    n_layer: int
+    n_head_kv: int
+    key_length: int
+    value_length: int
+    n_vocab: int
+    n_embd: int
+
+
+KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
+
+
+def kv_bytes_per_token(shape: ModelShape, kv_type: str) -> float:
+    """An upper bound: every layer keeps every position (sliding-window layers keep fewer)."""
+    return shape.n_layer * shape.n_head_kv * (shape.key_length + shape.value_length) * KV_ELEMENT_BYTES[kv_type]
+
+
+def compute_bytes(shape: ModelShape, slots: int, n_ubatch: int) -> int:
+    """llama.cpp's compute and output buffers, roughly: one logit row per slot, activations of a micro-batch."""
+    return 4 * shape.n_vocab * slots * 2 + 4 * n_ubatch * shape.n_embd * 24 + 16 * MiB
+
+
+def context_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: int) -> int:
+    return int(kv_bytes_per_token(shape, kv_type) * n_ctx * slots) + compute_bytes(shape, slots, n_ubatch)
+
+
+def fit_context(shape: ModelShape, wanted: int, slots: int, kv_type: str, n_ubatch: int, room: int,
+                minimum: int = 256) -> int | None:
+    """The largest context per slot (a multiple of 256, at most `wanted`) whose KV and compute buffers
+    fit in `room` bytes; None when not even `minimum` fits."""
+    n_ctx = wanted
+    while n_ctx >= minimum:
+        if context_bytes(shape, n_ctx, slots, kv_type, n_ubatch) <= room:
+            return n_ctx
+        n_ctx = (n_ctx // 2) // 256 * 256 if n_ctx > 256 else 0
+    return None

@@ -1,0 +1,239 @@
+"""The loaded models, within a memory budget: loaded on first request, evicted when idle.
+
+A model is loaded (its segments memory-mapped from the store, its context allocated, warmed up) the
+first time a request names it, or at start with `--preload`. Before its context is allocated the pool
+checks the budget: weights not yet mapped by another loaded model (shared segments count once), plus
+its KV cache and compute buffers. When that does not fit, idle models (no request in flight) are
+evicted, least recently used first; then the context is shrunk (halving, down to 256 tokens per slot);
+when even that does not fit the request is refused (HTTP 503) and nothing is allocated. A model no
+request has used for `keep_alive` seconds is evicted by `evict_expired`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .bundle_format import AgentInfo, Manifest
+from .engine import Engine
+from .errors import EdgepackError
+from .loader import ServeConfig, repacked_models
+from .memory import Budget, ModelShape, context_bytes, fit_context, format_mib, process_memory
+from .scheduler import BatchScheduler, SlotCache
+from .store import Store
+from .warmup import WarmupReport, concurrent_stage, prefix_stage, singles_stage
+
+
+class DoesNotFit(EdgepackError):
+    """The model cannot be loaded within the memory budget (now: `busy` says whether waiting may help)."""
+
+    def __init__(self, message: str, busy: bool) -> None:
+        super().__init__(message)
+        self.busy = busy
+
+
+@dataclass
+class Loaded:
+    engine: Engine
+    scheduler: BatchScheduler
+    segments: dict[str, int]  # digest -> bytes of the weights it maps (adapters included)
+    context: int  # bytes of KV cache and buffers, as llama.cpp allocated them
+    n_ctx: int
+    warmup: WarmupReport
+    load_seconds: float
+    last_used: float = field(default_factory=time.monotonic)
+    users: int = 0
+
+
+class ModelPool:
+    def __init__(
+        self,
+        store: Store,
+        manifest: Manifest,
+        config: ServeConfig,
+        budget: Budget,
+        *,
+        keep_alive: float | None = 300.0,
+        make_scheduler: Callable[[Engine, SlotCache], BatchScheduler],
+        log: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.store, self.manifest, self.config, self.budget = store, manifest, config, budget
+        self.keep_alive = keep_alive
+        self._make_scheduler, self._log = make_scheduler, log
+        self._repack = repacked_models(manifest, config.repack)
+        self._adapters = store.adapter_paths(manifest)
+        self._scales = {a.name: a.scale for a in manifest.adapters}
+        self.loaded: dict[str, Loaded] = {}
+        self._loading = threading.Lock()  # held while loading or evicting
+        self._state = threading.Lock()  # guards `loaded` and the users counts
+        self.base = process_memory()[0]  # Python, libraries: what the process uses before any model
+        self.evictions = 0
+        release = store.release_id()
+        self.warm_dir = store.releases / release / "warm" if release else None
+
+    # ---- what the budget holds ----
+
+    def usage(self) -> int:
+        """Estimated bytes in use: the process before models, mapped weights (once), contexts."""
+        return self.base + self._weights(self.loaded.values()) + sum(m.context for m in self.loaded.values())
+
+    @staticmethod
+    def _weights(models) -> int:  # noqa: ANN001 - an iterable of Loaded
+        unique: dict[str, int] = {}
+        for model in models:
+            unique.update(model.segments)
+        return sum(unique.values())
+
+    def _segments(self, name: str) -> dict[str, int]:
+        info = self.manifest.model(name)
+        segments = {str(d): self.manifest.blobs[d].size for d in info.segments}
+        for adapter in self.manifest.adapters:
+            if adapter.base == name:
+                segments[str(adapter.digest)] = self.manifest.blobs[adapter.digest].size
+        return segments
+
+    # ---- acquire / release ----
+
+    def acquire(self, name: str) -> BatchScheduler:
+        """The model's scheduler, loading it first if needed; the caller must `release` it."""
+        scheduler = self.try_acquire(name)
+        if scheduler is not None:
+            return scheduler
+        with self._loading:  # one load or eviction at a time
+            scheduler = self.try_acquire(name)  # loaded by the request ahead of us
+            if scheduler is not None:
+                return scheduler
+            model = self._load(name)
+            with self._state:
+                self.loaded[name] = model
+                model.users += 1
+            return model.scheduler
+
+    def try_acquire(self, name: str) -> BatchScheduler | None:
+        """The scheduler of a loaded model (counted as in use), or None without waiting."""
+        with self._state:
+            model = self.loaded.get(name)
+            if model is None:
+                return None
+            model.users += 1
+            return model.scheduler
+
+    def release(self, name: str) -> None:
+        with self._state:
+            model = self.loaded.get(name)
+            if model is not None:
+                model.users -= 1
+                model.last_used = time.monotonic()
+
+    def evict_expired(self, now: float | None = None) -> list[str]:
+        """Evict models idle for longer than keep_alive."""
+        if self.keep_alive is None:
+            return []
+        with self._loading:
+            now = time.monotonic() if now is None else now
+            with self._state:
+                expired = [n for n, m in self.loaded.items() if m.users == 0 and now - m.last_used >= self.keep_alive]
+            for name in expired:
+                self._evict(name, f"idle for {self.keep_alive:g}s")
+        return expired
+
+    def close(self) -> None:
+        with self._loading:
+            for name in list(self.loaded):
+                self._evict(name, "shutting down", count=False)
+
+    # ---- loading ----
+
+    def _load(self, name: str) -> Loaded:
+        started = time.monotonic()
+        segments = self._segments(name)
+        chosen: dict[str, int] = {}
+
+        def fit(shape: ModelShape) -> int:
+            chosen["n_ctx"] = self._fit(name, shape, segments)
+            return chosen["n_ctx"]
+
+        info = self.manifest.model(name)
+        engine = Engine(
+            self.store.segment_paths(self.manifest, name), name=name, n_ctx=self.config.n_ctx,
+            n_batch=self.config.n_batch, threads=self.config.threads, chat_template=info.chat_template,
+            repack=name in self._repack, slots=self.config.slots, kv_type=self.config.kv_type, fit=fit,
+        )
+        try:
+            for adapter in self.manifest.adapters:
+                if adapter.base == name:
+                    engine.load_adapter(adapter.name, self._adapters[adapter.name])
+            agents = [a for a in self.manifest.agent_list() if a.model == name]
+            report = WarmupReport(name)
+            singles_stage(engine, report)
+            cache = prefix_stage(engine, self.manifest, agents, self.warm_dir, self.config.kv_type, self._scales,
+                                 report)
+            scheduler = self._make_scheduler(engine, cache)
+        except BaseException:
+            engine.close()
+            raise
+        try:
+            concurrent_stage(scheduler, agents, self._scales, report)
+        except BaseException:
+            scheduler.stop()
+            engine.close()
+            raise
+        model = Loaded(engine, scheduler, segments, engine.context_bytes, chosen.get("n_ctx", engine.n_ctx),
+                       report, time.monotonic() - started)
+        self._log(f"loaded {name} in {model.load_seconds:.1f}s ({chosen.get('n_ctx')} tokens x "
+                  f"{self.config.slots} slots; in use {format_mib(self.usage())} of {format_mib(self.budget.bytes)}); "
+                  f"warm-up: {report.summary()}")
+        return model
+
+    def _fit(self, name: str, shape: ModelShape, segments: dict[str, int]) -> int:
+        """Make room for the model and choose its context per slot; raises DoesNotFit."""
+        config = self.config
+        n_ubatch = min(config.n_batch, 512)
+
+        def room() -> int:
+            weights = self._weights(list(self.loaded.values())) + sum(
+                size for digest, size in segments.items()
+                if not any(digest in m.segments for m in self.loaded.values()))
+            return self.budget.bytes - self.base - weights - sum(m.context for m in self.loaded.values())
+
+        wanted = context_bytes(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch)
+        while room() < wanted:
+            with self._state:
+                idle = sorted((m.last_used, n) for n, m in self.loaded.items() if m.users == 0)
+            if not idle:
+                break
+            before = len(self.loaded)
+            self._evict(idle[0][1], f"to make room for {name}")
+            if len(self.loaded) == before:
+                break
+        n_ctx = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, room())
+        if n_ctx is None:
+            alone = self.budget.bytes - self.base - sum(segments.values())
+            busy = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, alone) is not None
+            need = sum(segments.values()) + context_bytes(shape, 256, config.slots, config.kv_type, n_ubatch)
+            where = "while other models are busy; retry later" if busy else "at all"
+            raise DoesNotFit(
+                f"model {name!r} needs about {format_mib(need)} (weights + KV for {config.slots} x 256 tokens) and "
+                f"does not fit the memory budget of {format_mib(self.budget.bytes)} ({self.budget.reason}) {where}",
+                busy=busy,
+            )
+        if n_ctx < config.n_ctx:
+            self._log(f"{name}: context cut to {n_ctx} tokens per slot (of {config.n_ctx}) to fit the memory budget")
+        return n_ctx
+
+    def _evict(self, name: str, why: str, count: bool = True) -> None:
+        with self._state:
+            model = self.loaded.get(name)
+            if model is None or (model.users and count):
+                return  # in use again: keep it
+            del self.loaded[name]
+        model.scheduler.stop()
+        model.engine.close()
+        if count:
+            self.evictions += 1
+        self._log(f"evicted {name} ({why})")
+
+    def agents_of(self, name: str) -> list[AgentInfo]:
+        return [a for a in self.manifest.agent_list() if a.model == name]
