@@ -133,3 +133,73 @@ def test_request_timeout_gives_504_and_frees_the_slot(served_store):
         assert active == ['edgepack_active_slots{model="tiny"} 0.0']
     finally:
         stop_server(process)
+
+
+def test_prefix_reuse_gives_the_same_tokens_and_skips_the_shared_prompt(tiny_gguf, sequential):
+    """A slot keeps its KV cells: a prompt that starts like the slot's last one processes only the rest."""
+    engine = Engine([tiny_gguf], name="prefix", n_ctx=256, n_batch=64, threads=2, slots=2)
+    scheduler = BatchScheduler(engine)
+
+    def run(prompt: str, tokens: int = 40) -> tuple[str, Generation]:
+        collector = Collector()
+        request = Request(engine.tokenize(prompt), Sampling(tokens, temperature=0, ignore_eos=True), collector)
+        scheduler.submit(request)
+        assert collector.done.wait(60) and collector.error is None
+        return "".join(collector.pieces), request.result
+
+    try:
+        text, result = run(PROMPTS[2])
+        assert text == sequential[2] and result.cached_tokens == 0
+        again, result = run(PROMPTS[2])  # the whole prompt is cached: only its last token is fed again
+        assert again == sequential[2] and result.cached_tokens == result.prompt_tokens - 1
+        # a longer prompt that continues the first one reuses at least its tokens
+        follow = PROMPTS[2] + sequential[2]
+        expected = "".join(Engine.generate(fresh := Engine([tiny_gguf], name="f", n_ctx=256, n_batch=64, threads=2),
+                                           fresh.tokenize(follow), Sampling(8, temperature=0, ignore_eos=True),
+                                           Generation()))
+        fresh.close()
+        text, result = run(follow, 8)
+        assert text == expected and result.cached_tokens >= len(engine.tokenize(PROMPTS[2]))
+        other, result = run(PROMPTS[0])  # nothing in common: the other (least recently used) slot
+        assert other == sequential[0] and result.cached_tokens <= 1
+    finally:
+        scheduler.stop()
+        engine.close()
+
+
+def test_slot_controller_shrinks_over_target_and_grows_back():
+    from edgepack.runtime.scheduler import SlotController
+
+    controller = SlotController(4, target=0.010, window=10)
+    for _ in range(10):
+        controller.observe(0.020)
+    assert controller.limit == 3 and controller.p95 == 0.020
+    for _ in range(30):
+        controller.observe(0.020)
+    assert controller.limit == 1  # never below one slot
+    for _ in range(10):
+        controller.observe(0.008)  # under target but not well under: hold
+    assert controller.limit == 1
+    for _ in range(40):
+        controller.observe(0.002)
+    assert controller.limit == 4  # never above the slots
+    free = SlotController(4, target=None)
+    for _ in range(100):
+        free.observe(1.0)
+    assert free.limit == 4
+
+
+def test_adaptive_limit_caps_the_batch_and_shows_in_metrics(served_store):
+    """A target no step can meet: the controller lets one slot decode at a time, visibly in /metrics."""
+    process, base = start_server(served_store, "--threads", "1", "--slots", "4", "--tpot-target", "0.1")
+    try:
+        wait_ready(base, process)
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 200, "ignore_eos": True}
+        with httpx.Client(timeout=60) as client:
+            for _ in range(3):
+                assert client.post(base + "/v1/completions", json=body).status_code == 200
+            metrics = client.get(base + "/metrics").text
+        assert 'edgepack_slot_limit{model="tiny"} 1.0' in metrics
+        assert 'edgepack_tpot_target_seconds{model="tiny"} 0.0001' in metrics
+    finally:
+        stop_server(process)

@@ -1,0 +1,282 @@
+"""The model pool: memory budget, lazy loading, eviction, context sized to fit, warm states; and over HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from conftest import build_bundle, post_json, start_server, stop_server, wait_ready
+from tiny_model import write_tiny_llama
+
+from edgepack.packager import recipe as recipe_mod
+from edgepack.packager.build import BuildOptions, build
+from edgepack.runtime.boards import load_board
+from edgepack.runtime.engine import Generation, Sampling
+from edgepack.runtime.loader import resolve_config
+from edgepack.runtime.memory import Budget, context_bytes
+from edgepack.runtime.pool import DoesNotFit, ModelPool
+from edgepack.runtime.scheduler import DONE, BatchScheduler, Request
+from edgepack.runtime.store import Store
+
+RECIPE = """
+[models.alpha]
+source = "alpha.gguf"
+quant = "Q8_0"
+[models.beta]
+source = "beta.gguf"
+quant = "Q8_0"
+[agents.helper]
+model = "alpha"
+system_prompt = "You are a careful helper. You answer in one short line, and you never make things up."
+[agents.other]
+model = "beta"
+"""
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pool")
+    write_tiny_llama(root / "alpha.gguf", seed=1, chat_template="chatml")
+    write_tiny_llama(root / "beta.gguf", seed=2, chat_template="chatml")
+    (root / "edgepack.toml").write_text(RECIPE)
+    recipe = recipe_mod.load(root / "edgepack.toml")
+    build(BuildOptions(output=root / "two.edgepack", recipe=recipe, board=load_board("host"), quiet=True,
+                       no_eval=True, bundle_version=1))
+    return root / "two.edgepack"
+
+
+@pytest.fixture
+def store(two_models, tmp_path):
+    store = Store(tmp_path / "store")
+    store.install(two_models)
+    return store
+
+
+def make_pool(store: Store, budget: int | None = None, n_ctx: int = 512, **kwargs) -> ModelPool:
+    manifest = store.manifest()
+    config = resolve_config(manifest, threads=1, n_ctx=n_ctx, slots=2)
+    pool = ModelPool(store, manifest, config, Budget(2**40, "test"),
+                     make_scheduler=lambda engine, cache: BatchScheduler(engine, cache=cache), **kwargs)
+    if budget is not None:
+        pool.budget = Budget(pool.base + budget, "test")
+    return pool
+
+
+def need(pool: ModelPool, name: str, n_ctx: int) -> int:
+    """What the pool will ask for the model alone: its weights and its context estimate."""
+    probe = make_pool(pool.store)
+    try:
+        shape = probe.acquire(name).engine.shape()
+    finally:
+        probe.close()
+    return sum(pool._segments(name).values()) + context_bytes(shape, n_ctx, 2, "f16", 512)
+
+
+def generate(scheduler: BatchScheduler, text: str, tokens: int = 8) -> tuple[str, Generation]:
+    engine = scheduler.engine
+    pieces, done = [], threading.Event()
+
+    def emit(event):
+        if event is DONE or isinstance(event, Exception):
+            done.set()
+        else:
+            pieces.append(event)
+
+    request = Request(engine.tokenize(text), Sampling(tokens, temperature=0, ignore_eos=True), emit)
+    scheduler.submit(request)
+    assert done.wait(30)
+    return "".join(pieces), request.result
+
+
+def test_models_load_on_first_use_and_idle_ones_make_room(store):
+    pool = make_pool(store)
+    beta_need = need(pool, "beta", 512)
+    try:
+        assert pool.loaded == {}
+        scheduler = pool.acquire("alpha")
+        assert list(pool.loaded) == ["alpha"] and scheduler.engine.n_ctx == 512
+        beta_context = beta_need - sum(pool._segments("beta").values())
+        pool.budget = Budget(pool.usage() + beta_context - 1, "test")  # room for alpha or beta, not both
+        generate(scheduler, "the way")
+        pool.release("alpha")
+        pool.acquire("beta")  # alpha is idle: evicted to make room
+        assert list(pool.loaded) == ["beta"] and pool.evictions == 1
+        assert pool.usage() <= pool.budget.bytes
+        # beta is in use, so alpha cannot be loaded now: refused, and waiting may help
+        with pytest.raises(DoesNotFit, match="busy; retry later") as refused:
+            pool.acquire("alpha")
+        assert refused.value.busy and list(pool.loaded) == ["beta"]
+        pool.release("beta")
+        assert pool.acquire("alpha").engine.name == "alpha"
+    finally:
+        pool.close()
+
+
+def test_keep_alive_evicts_idle_models(store):
+    pool = make_pool(store, keep_alive=30)
+    try:
+        pool.acquire("alpha")
+        assert pool.evict_expired(time.monotonic() + 60) == []  # in use: kept however long
+        pool.release("alpha")
+        assert pool.evict_expired(time.monotonic() + 10) == []
+        assert pool.evict_expired(time.monotonic() + 31) == ["alpha"] and pool.loaded == {}
+    finally:
+        pool.close()
+
+
+def test_context_is_cut_to_fit_and_refused_when_nothing_fits(store):
+    probe = make_pool(store)
+    weights = sum(probe._segments("alpha").values())
+    pool = make_pool(store, budget=need(probe, "alpha", 1024) - 1, n_ctx=4096)
+    try:
+        engine = pool.acquire("alpha").engine
+        assert engine.n_ctx == 512  # 4096, 2048 and 1024 per slot did not fit
+    finally:
+        pool.close()
+    tight = make_pool(store, budget=weights)  # the weights alone fill it: no context fits
+    try:
+        with pytest.raises(DoesNotFit, match="does not fit the memory budget .* at all") as refused:
+            tight.acquire("alpha")
+        assert not refused.value.busy and tight.loaded == {}
+    finally:
+        tight.close()
+
+
+def test_agent_warm_state_is_saved_then_loaded_and_answers_the_same(store):
+    pool = make_pool(store)
+    try:
+        scheduler = pool.acquire("alpha")
+        report = pool.loaded["alpha"].warmup
+        tokens, how, _ = report.prefixes["helper"]
+        assert how == "computed and saved" and tokens > 10
+        assert len(report.singles) == 3 and report.cold is not None and report.warm is not None
+        snapshots = list(pool.warm_dir.glob("helper-*.state"))
+        assert len(snapshots) == 1
+        prompt = scheduler.engine.format_chat([("system", store.manifest().agents[0].system_prompt),
+                                               ("user", "the time")])
+        first, result = generate(scheduler, prompt)
+        assert result.cached_tokens >= tokens - 2  # the system prompt was not processed again
+    finally:
+        pool.close()
+
+    restarted = make_pool(store)
+    try:
+        scheduler = restarted.acquire("alpha")
+        assert restarted.loaded["alpha"].warmup.prefixes["helper"][1] == "loaded"
+        again, result = generate(scheduler, prompt)
+        assert again == first and result.cached_tokens >= tokens - 2
+    finally:
+        restarted.close()
+
+    snapshots[0].write_bytes(b"\x00garbage" * 100)  # a damaged snapshot is recomputed, never trusted
+    damaged = make_pool(store)
+    try:
+        scheduler = damaged.acquire("alpha")
+        assert damaged.loaded["alpha"].warmup.prefixes["helper"][1] == "computed and saved"
+        assert generate(scheduler, prompt)[0] == first
+    finally:
+        damaged.close()
+
+
+def test_server_loads_lazily_evicts_after_keep_alive_and_gives_503_when_nothing_fits(store):
+    process, base = start_server(store.root, "--threads", "1", "--keep-alive", "1s", "--ctx", "512")
+    try:
+        wait_ready(base, process)
+        metrics = httpx.get(base + "/metrics").text
+        assert 'edgepack_model_loaded{model="alpha"} 0.0' in metrics  # nothing loaded before a request
+        status, body = post_json(base + "/v1/chat/completions", {
+            "model": "helper", "messages": [{"role": "user", "content": "the"}], "max_tokens": 4})
+        assert status == 200, body
+        assert 'edgepack_model_loaded{model="alpha"} 1.0' in httpx.get(base + "/metrics").text
+        deadline = time.monotonic() + 15
+        while 'edgepack_model_loaded{model="alpha"} 1.0' in httpx.get(base + "/metrics").text:
+            assert time.monotonic() < deadline, "alpha was not evicted after keep-alive"
+            time.sleep(0.2)
+        metrics = httpx.get(base + "/metrics").text
+        assert "edgepack_model_evictions 1.0" in metrics
+        assert 'edgepack_warmup_latency_seconds{model="alpha",stage="cold"}' in metrics
+        status, _ = post_json(base + "/v1/chat/completions", {
+            "model": "helper", "messages": [{"role": "user", "content": "the"}], "max_tokens": 4})
+        assert status == 200  # loaded again
+        assert 'edgepack_model_loads_total{model="alpha"} 2.0' in httpx.get(base + "/metrics").text
+    finally:
+        stop_server(process)
+
+    process, base = start_server(store.root, "--threads", "1", "--memory-budget", "1M")
+    try:
+        wait_ready(base, process)
+        status, body = post_json(base + "/v1/completions", {"model": "other", "prompt": "the", "max_tokens": 4})
+        assert status == 503 and body["error"]["code"] == "insufficient_memory"
+        assert "does not fit the memory budget of 1 MiB (--memory-budget) at all" in body["error"]["message"]
+        assert httpx.get(base + "/health").status_code == 200  # the server itself carries on
+    finally:
+        stop_server(process)
+
+
+def test_preload_loads_every_model_before_ready(store):
+    process, base = start_server(store.root, "--threads", "1", "--preload", "--ctx", "512")
+    try:
+        wait_ready(base, process)
+        metrics = httpx.get(base + "/metrics").text
+        assert 'edgepack_model_loaded{model="alpha"} 1.0' in metrics
+        assert 'edgepack_model_loaded{model="beta"} 1.0' in metrics
+    finally:
+        stop_server(process)
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    (["--memory-budget", "lots"], "size 'lots': expected bytes"),
+    (["--memory-budget", "150%"], "a share must be between 0% and 100%"),
+    (["--keep-alive", "soon"], "--keep-alive 'soon': expected a duration"),
+])
+def test_bad_memory_flags_are_refused_in_one_line(store, flag, message):
+    from conftest import run_cli
+
+    result = run_cli("serve", "--store", str(store.root), *flag)
+    assert result.returncode != 0 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_budget_resolution():
+    from edgepack.runtime.memory import resolve_budget
+
+    gib = 2**30
+    assert resolve_budget(None, available=10 * gib, used=gib, cgroup_max=None).bytes == 9 * gib
+    assert resolve_budget("50%", available=10 * gib, used=gib, cgroup_max=None).bytes == 6 * gib
+    assert resolve_budget("2G", available=10 * gib, used=gib, cgroup_max=None).bytes == 2 * gib
+    board = resolve_budget(None, 4, available=10 * gib, used=gib, cgroup_max=None)
+    assert board.bytes == int(0.8 * 4 * gib) and "board" in board.reason
+    capped = resolve_budget("8G", available=10 * gib, used=gib, cgroup_max=4 * gib)
+    assert capped.bytes == int(0.9 * 4 * gib) and "memory.max" in capped.reason
+
+
+def test_cgroup_memory_max_takes_the_tightest_ancestor(tmp_path):
+    from edgepack.runtime.memory import cgroup_memory_max
+
+    root = tmp_path / "cgroup"
+    (root / "system.slice" / "edgepack.service").mkdir(parents=True)
+    (root / "system.slice" / "memory.max").write_text("1073741824\n")
+    (root / "system.slice" / "edgepack.service" / "memory.max").write_text("max\n")
+    proc = tmp_path / "cgroup-of-self"
+    proc.write_text("0::/system.slice/edgepack.service\n")
+    assert cgroup_memory_max(root, proc) == 2**30
+    proc.write_text("0::/\n")
+    assert cgroup_memory_max(root, proc) is None
+
+
+def test_built_bundle_with_board_budget(tiny_gguf, tmp_path):
+    """A bundle built for a 4 GiB board is never budgeted above 80% of 4 GiB, whatever the host has."""
+    bundle = build_bundle(tiny_gguf, tmp_path / "pi.edgepack", quant="Q8_0", name="pi", board=load_board("rpi4"))
+    store = tmp_path / "store"
+    Store(store).install(bundle)
+    process, base = start_server(store, "--threads", "1")
+    try:
+        wait_ready(base, process)
+        budget = [line for line in httpx.get(base + "/metrics").text.splitlines()
+                  if line.startswith("edgepack_memory_budget_bytes ")]
+        board_gib = load_board("rpi4").memory_gib
+        assert float(budget[0].split()[1]) <= 0.8 * board_gib * 2**30
+    finally:
+        stop_server(process)
