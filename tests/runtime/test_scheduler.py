@@ -160,8 +160,8 @@ def test_prefix_reuse_gives_the_same_tokens_and_skips_the_shared_prompt(tiny_ggu
         fresh.close()
         text, result = run(follow, 8)
         assert text == expected and result.cached_tokens >= len(engine.tokenize(PROMPTS[2]))
-        other, result = run(PROMPTS[0])  # nothing in common: the other (least recently used) slot
-        assert other == sequential[0] and result.cached_tokens <= 1
+        other, result = run(PROMPTS[0])  # little in common (BOS, a few byte tokens): still the same answer
+        assert other == sequential[0] and result.cached_tokens < result.prompt_tokens // 2
     finally:
         scheduler.stop()
         engine.close()
