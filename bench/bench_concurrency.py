@@ -149,10 +149,10 @@ def servers(model: Path, store: Path, threads: int) -> list[Server]:
     return [
         Server(EDGEPACK, [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(ports[0]),
                           "--threads", str(threads), "--ctx", str(CTX_PER_SLOT), "--slots", str(SLOTS),
-                          "--no-cache"],  # its response cache would answer repeated greedy prompts from memory
-               {"ignore_eos": True}, ports[0]),
+                          "--no-cache", "--preload"],  # the response cache would answer repeated greedy prompts
+               {"ignore_eos": True, "cache_prompt": False}, ports[0]),
         # -c is the whole KV pool, split over -np slots; without -kvu each slot gets its own KV stream,
-        # as edgepack's slots do. cache_prompt=false: evaluate every prompt, as edgepack does.
+        # as edgepack's slots do. cache_prompt=false (both): evaluate every prompt, no prefix reuse.
         Server(LLAMA, [str(LLAMA_SERVER), "-m", str(model), "-t", str(threads), "-tb", str(threads),
                        "-c", str(SLOTS * CTX_PER_SLOT), "-np", str(SLOTS), "--host", "127.0.0.1",
                        "--port", str(ports[1])],

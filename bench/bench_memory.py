@@ -377,7 +377,8 @@ def measure(bundle: Bundle, repack: str, args: argparse.Namespace) -> Run:
         base = f"http://127.0.0.1:{port}"
         # --no-cache: a repeated request answered from the response cache would not run the model
         cmd = [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(port), "--threads",
-               str(args.threads), "--ctx", str(args.ctx), "--slots", str(args.slots), "--repack", repack, "--no-cache"]
+               str(args.threads), "--ctx", str(args.ctx), "--slots", str(args.slots), "--repack", repack, "--no-cache",
+               "--preload"]
         log = WORK / f"serve-{bundle.setting}-{bundle.k}-{repack}.log"
         started = time.perf_counter()
         with running(cmd, log) as proc, new_client() as client:

@@ -110,8 +110,9 @@ def free_port() -> int:
 
 
 def edgepack_command(store: Path, port: int, threads: int) -> list[str]:
+    # --no-cache: measure decoding, not the response cache; --preload: ready means loaded, as llama-server's
     return [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(port),
-            "--threads", str(threads), "--ctx", str(CTX), "--no-cache"]  # measure decoding, not the cache
+            "--threads", str(threads), "--ctx", str(CTX), "--no-cache", "--preload"]
 
 
 def llama_server_command(model: Path, port: int, threads: int) -> list[str]:
@@ -156,8 +157,7 @@ def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 
 
 
 def request_body(tokens: int) -> dict:
-    # cache_prompt=false makes llama-server evaluate the prompt every time, as edgepack does
-    # (edgepack ignores the field).
+    # cache_prompt=false makes both servers evaluate the prompt every time (no prefix reuse)
     return {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}, "cache_prompt": False}
 

@@ -97,6 +97,8 @@ def gc(store_dir: Path) -> None:
 @click.option("--keep-alive", default="5m", show_default=True,
               help="Evict a model after this long without requests (30s, 5m, 1h; -1: never).")
 @click.option("--preload", is_flag=True, help="Load and warm up every model before reporting ready.")
+@click.option("--warm-state/--no-warm-state", default=True, show_default=True,
+              help="Keep each agent's system-prompt KV state ready in a slot, saved in the release for restarts.")
 @click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f16", "q8_0"]),
               help="KV cache element type (q8_0 halves its memory).")
 @click.option("--tpot-target", type=click.FloatRange(min=0.1),
@@ -104,7 +106,8 @@ def gc(store_dir: Path) -> None:
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
 def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str, slots: int,
           max_queue: int, request_timeout: float, cache: bool, cache_ttl: float, disk_cache_ttl: float,
-          memory_budget: str | None, keep_alive: str, preload: bool, kv_type: str, tpot_target: float | None) -> None:
+          memory_budget: str | None, keep_alive: str, preload: bool, warm_state: bool, kv_type: str,
+          tpot_target: float | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -134,7 +137,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
             server.should_exit = True
 
     def make_pool(make_scheduler) -> ModelPool:  # noqa: ANN001 - see server.PoolFactory
-        return ModelPool(store, manifest, config, budget, keep_alive=keep, make_scheduler=make_scheduler,
+        return ModelPool(store, manifest, config, budget, keep_alive=keep, warm_state=warm_state,
+                         make_scheduler=make_scheduler,
                          log=lambda line: click.echo(f"edgepack: {line}", err=True))
 
     agents = list(manifest.agent_list())

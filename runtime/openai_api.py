@@ -36,6 +36,7 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     sampling: dict[str, Any]  # keyword arguments for engine.Sampling (without max_tokens)
+    cache_prompt: bool = True  # llama-server's extension: false = process the whole prompt again
 
 
 _SAMPLING_FIELDS = {
@@ -109,6 +110,9 @@ def _request(kind: str, doc: dict, *, messages, prompt: str, max_tokens: Any) ->
         raise ApiError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
     sampling["ignore_eos"] = ignore_eos
     sampling["stop"] = _stop(doc.get("stop"))
+    cache_prompt = doc.get("cache_prompt", True)
+    if not isinstance(cache_prompt, bool):
+        raise ApiError(400, "'cache_prompt' must be a boolean", param="cache_prompt")
     return CompletionRequest(
         kind=kind,
         model=model,
@@ -118,6 +122,7 @@ def _request(kind: str, doc: dict, *, messages, prompt: str, max_tokens: Any) ->
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         sampling=sampling,
+        cache_prompt=cache_prompt,
     )
 
 

@@ -56,11 +56,12 @@ class ModelPool:
         budget: Budget,
         *,
         keep_alive: float | None = 300.0,
+        warm_state: bool = True,
         make_scheduler: Callable[[Engine, SlotCache], BatchScheduler],
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.store, self.manifest, self.config, self.budget = store, manifest, config, budget
-        self.keep_alive = keep_alive
+        self.keep_alive, self.warm_state = keep_alive, warm_state
         self._make_scheduler, self._log = make_scheduler, log
         self._repack = repacked_models(manifest, config.repack)
         self._adapters = store.adapter_paths(manifest)
@@ -169,7 +170,7 @@ class ModelPool:
             report = WarmupReport(name)
             singles_stage(engine, report)
             cache = prefix_stage(engine, self.manifest, agents, self.warm_dir, self.config.kv_type, self._scales,
-                                 report)
+                                 report) if self.warm_state else {}
             scheduler = self._make_scheduler(engine, cache)
         except BaseException:
             engine.close()

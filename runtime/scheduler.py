@@ -40,6 +40,7 @@ class Request:
     sampling: Sampling
     emit: Callable[[object], None]  # receives text pieces, then DONE or an exception
     lora: tuple[str, float] | None = None
+    reuse_prefix: bool = True  # False: process the whole prompt even if a slot holds its beginning
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Generation = field(default_factory=Generation)
 
@@ -182,7 +183,7 @@ class BatchScheduler:
         best, best_common = self._free[0], 0
         for seq_id in self._free:
             lora, tokens = self._cache.get(seq_id, (None, []))
-            if lora != request.lora:
+            if lora != request.lora or not request.reuse_prefix:
                 continue
             common = _common_prefix(tokens, request.prompt)
             if common > best_common:

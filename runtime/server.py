@@ -56,7 +56,8 @@ class _Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
 
 
-def _new_job(prompt: list[int], sampling: Sampling, lora: tuple[str, float] | None, started: float) -> _Job:
+def _new_job(prompt: list[int], sampling: Sampling, lora: tuple[str, float] | None, started: float,
+             reuse_prefix: bool = True) -> _Job:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -64,7 +65,7 @@ def _new_job(prompt: list[int], sampling: Sampling, lora: tuple[str, float] | No
         with contextlib.suppress(RuntimeError):  # the event loop is gone: the server is shutting down
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-    return _Job(Request(prompt, sampling, emit, lora), started, events)
+    return _Job(Request(prompt, sampling, emit, lora, reuse_prefix), started, events)
 
 
 class Service:
@@ -331,7 +332,7 @@ class Service:
         key = self._cache_key(agent, req.kind, text, sampling)
         answer = self._cached(key, len(prompt)) if key else None
         if answer is None:
-            job = _new_job(prompt, sampling, lora, started)
+            job = _new_job(prompt, sampling, lora, started, req.cache_prompt)
             self._started[id(job.request)] = started
             try:
                 scheduler.submit(job.request)
