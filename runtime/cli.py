@@ -16,6 +16,7 @@ from . import __version__
 from .boards import host_profile, list_boards
 from .errors import EdgepackError
 from .store import Store
+from .systemd import notify, unit_command
 
 
 class _Group(click.Group):
@@ -119,6 +120,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
 
     store = Store(store_dir)
     manifest = store.manifest()
+    notify(f"STATUS=loading {manifest.name} v{manifest.bundle_version}")
     config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type)
     keep = parse_duration(keep_alive)
     budget = resolve_budget(memory_budget, _board_memory(manifest.board))
@@ -128,11 +130,13 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     server: uvicorn.Server | None = None
 
     def on_ready() -> None:
-        click.echo(f"edgepack: ready on http://{host}:{port} ({', '.join(names)}, {config.threads} threads)",
-                   err=True)
+        status = f"ready on http://{host}:{port} ({', '.join(names)}, {config.threads} threads)"
+        click.echo(f"edgepack: {status}", err=True)
+        notify(f"READY=1\nSTATUS={status}")
 
     def on_failure(message: str) -> None:
         click.echo(f"edgepack: error: {message}", err=True)
+        notify(f"STATUS=failed: {message}")
         if server is not None:
             server.should_exit = True
 
@@ -273,6 +277,9 @@ def boards(as_json: bool) -> None:
 def format_table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+cli.add_command(unit_command)
 
 
 def _add_host_commands() -> None:

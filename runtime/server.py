@@ -37,6 +37,7 @@ from .metrics import Metrics
 from .openai_api import ApiError, CompletionRequest
 from .pool import DoesNotFit, ModelPool
 from .scheduler import DONE, BatchScheduler, QueueFull, Request, SlotCache, SlotController
+from .systemd import notify, watchdog_interval, watchdog_loop
 
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_SECONDS = 1
@@ -129,8 +130,12 @@ class Service:
                 threading.Thread(target=service._start_pool, name="loader", daemon=True).start()
                 loop = asyncio.get_running_loop()
                 self.tasks = [loop.create_task(service._sample_load()), loop.create_task(service._evict_idle())]
+                interval = watchdog_interval()
+                if interval:
+                    self.tasks.append(loop.create_task(watchdog_loop(interval, lambda: service.state != "failed")))
 
             async def __aexit__(self, *exc: object) -> None:
+                notify("STOPPING=1")
                 for task in self.tasks:
                     task.cancel()
                 if service.pool is not None:
