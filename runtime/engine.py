@@ -307,18 +307,37 @@ class Engine:
     def clear_slot(self, seq_id: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
 
+    def can_keep(self, seq_id: int, n_keep: int) -> bool:
+        """Whether the slot's first n_keep positions can be reused: not when a sliding-window layer has
+        already forgotten positions the next token must see (llama-server's rule)."""
+        if n_keep <= 0:
+            return False
+        pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id)
+        n_swa = llama_cpp.llama_model_n_swa(self._model)
+        return pos_min <= max(0, n_keep - n_swa) if n_swa > 0 else pos_min <= 0
+
     def keep_prefix(self, seq_id: int, n_keep: int) -> int:
-        """Drop the slot's KV cells from position n_keep on and return how many positions stay usable: 0
-        when the cache cannot be cut there (a sliding-window layer has already forgotten positions the
-        next token must see; llama-server's rule)."""
-        if n_keep > 0:
-            pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id)
-            n_swa = llama_cpp.llama_model_n_swa(self._model)
-            fits = pos_min <= max(0, n_keep - n_swa) if n_swa > 0 else pos_min <= 0
-            if fits and llama_cpp.llama_memory_seq_rm(self._memory, seq_id, n_keep, -1):
-                return n_keep
+        """Drop the slot's KV cells from position n_keep on; how many positions stay (0: all dropped)."""
+        if self.can_keep(seq_id, n_keep) and llama_cpp.llama_memory_seq_rm(self._memory, seq_id, n_keep, -1):
+            return n_keep
         self.clear_slot(seq_id)
         return 0
+
+    def slot_state(self, seq_id: int) -> bytes:
+        """The slot's KV state as bytes (to restore it into any slot later)."""
+        size = llama_cpp.llama_state_seq_get_size(self._ctx, seq_id)
+        buf = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
+        return bytes(buf[:written])
+
+    def restore_slot(self, seq_id: int, state: bytes) -> bool:
+        """Replace the slot's KV cells with a state from slot_state; False (slot cleared) if refused."""
+        self.clear_slot(seq_id)
+        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), seq_id) == 0:
+            self.clear_slot(seq_id)
+            return False
+        return True
 
     def save_slot(self, seq_id: int, path: Path, tokens: list[int]) -> None:
         """Write the slot's KV state (and the tokens it holds) to path, atomically."""

@@ -21,7 +21,7 @@ from .engine import Engine
 from .errors import EdgepackError
 from .loader import ServeConfig, repacked_models
 from .memory import Budget, ModelShape, context_bytes, fit_context, format_mib, process_memory
-from .scheduler import BatchScheduler, SlotCache
+from .scheduler import BatchScheduler, Prefix, SlotCache
 from .store import Store
 from .warmup import WarmupReport, concurrent_stage, prefix_stage, singles_stage
 
@@ -57,7 +57,7 @@ class ModelPool:
         *,
         keep_alive: float | None = 300.0,
         warm_state: bool = True,
-        make_scheduler: Callable[[Engine, SlotCache], BatchScheduler],
+        make_scheduler: Callable[[Engine, SlotCache, list[Prefix]], BatchScheduler],
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.store, self.manifest, self.config, self.budget = store, manifest, config, budget
@@ -169,14 +169,14 @@ class ModelPool:
             agents = [a for a in self.manifest.agent_list() if a.model == name]
             report = WarmupReport(name)
             singles_stage(engine, report)
-            cache = prefix_stage(engine, self.manifest, agents, self.warm_dir, self.config.kv_type, self._scales,
-                                 report) if self.warm_state else {}
-            scheduler = self._make_scheduler(engine, cache)
+            cache, prefixes = prefix_stage(engine, self.manifest, agents, self.warm_dir, self.config.kv_type,
+                                           self._scales, report) if self.warm_state else ({}, [])
+            scheduler = self._make_scheduler(engine, cache, prefixes)
         except BaseException:
             engine.close()
             raise
         try:
-            concurrent_stage(scheduler, agents, self._scales, report)
+            concurrent_stage(scheduler, agents if self.warm_state else [], self._scales, report)
         except BaseException:
             scheduler.stop()
             engine.close()

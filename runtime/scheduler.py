@@ -62,6 +62,15 @@ class _Slot:
 SlotCache = dict[int, tuple[tuple[str, float] | None, list[int]]]  # seq id -> (adapter, tokens in its KV)
 
 
+@dataclass(frozen=True)
+class Prefix:
+    """A saved KV state of a prompt beginning (an agent's system prompt), restorable into any slot."""
+
+    lora: tuple[str, float] | None
+    tokens: list[int]
+    state: bytes
+
+
 class SlotController:
     """Adaptive batch size: keeps the p95 time per output token under `target` seconds by changing how
     many slots may decode together (shrink when over, grow when under 70% of it), one step at a time
@@ -92,7 +101,8 @@ class BatchScheduler:
     def __init__(self, engine: Engine, *, max_queue: int = 16,
                  on_finish: Callable[[Request], None] = lambda r: None,
                  on_change: Callable[[int, int], None] = lambda active, queued: None,
-                 controller: SlotController | None = None, cache: SlotCache | None = None) -> None:
+                 controller: SlotController | None = None, cache: SlotCache | None = None,
+                 prefixes: list[Prefix] | None = None) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self.controller = controller or SlotController(engine.slots)
@@ -102,6 +112,7 @@ class BatchScheduler:
         self._stopping = False
         self._free = list(range(engine.slots))  # least recently used first
         self._cache: SlotCache = dict(cache or {})
+        self.prefixes = list(prefixes or [])
         self._active: list[_Slot] = []
         self._lora: tuple[str, float] | None = None
         self._batch = llama_cpp.llama_batch_init(engine.n_batch, 0, 1)
@@ -170,13 +181,31 @@ class BatchScheduler:
                 self.engine.set_adapter(request.lora)
             seq_id, common = self._pick_slot(request)
             self._free.remove(seq_id)
-            kept = self.engine.keep_prefix(seq_id, min(common, len(request.prompt) - 1))  # feed >= 1 token
             self._cache.pop(seq_id, None)
+            want = min(common, len(request.prompt) - 1)  # feed at least one token, for the logits
+            prefix = self._saved_prefix(request)
+            if prefix is not None and len(prefix.tokens) > want or not self.engine.can_keep(seq_id, want):
+                want = self._restore(seq_id, prefix, request) if prefix is not None else 0
+            kept = self.engine.keep_prefix(seq_id, want)
             request.result.prompt_tokens = len(request.prompt)
             request.result.cached_tokens = kept
             stream = TokenStream(self.engine, request.sampling, request.result)
             self._active.append(_Slot(seq_id, request, stream, request.prompt[:kept], fed=kept))
         self._on_change(self.active, self.queued)
+
+    def _saved_prefix(self, request: Request) -> Prefix | None:
+        """The longest saved prefix the prompt starts with (same adapter)."""
+        if not request.reuse_prefix:
+            return None
+        fitting = [p for p in self.prefixes if p.lora == request.lora and len(p.tokens) <= len(request.prompt)
+                   and request.prompt[: len(p.tokens)] == p.tokens]
+        return max(fitting, key=lambda p: len(p.tokens), default=None)
+
+    def _restore(self, seq_id: int, prefix: Prefix, request: Request) -> int:
+        if not self.engine.restore_slot(seq_id, prefix.state):
+            self.prefixes.remove(prefix)  # refused once, refused always
+            return 0
+        return min(len(prefix.tokens), len(request.prompt) - 1)
 
     def _pick_slot(self, request: Request) -> tuple[int, int]:
         """The free slot sharing the longest cached prefix with the prompt; else the least recently used."""

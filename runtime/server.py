@@ -36,7 +36,7 @@ from .memory import process_memory
 from .metrics import Metrics
 from .openai_api import ApiError, CompletionRequest
 from .pool import DoesNotFit, ModelPool
-from .scheduler import DONE, BatchScheduler, QueueFull, Request, SlotCache, SlotController
+from .scheduler import DONE, BatchScheduler, Prefix, QueueFull, Request, SlotCache, SlotController
 from .systemd import notify, watchdog_interval, watchdog_loop
 
 MAX_BODY_BYTES = 1 << 20
@@ -45,7 +45,7 @@ LOAD_SAMPLE_SECONDS = 5.0
 EVICT_CHECK_SECONDS = 1.0
 MEMORY_RETRY_AFTER_SECONDS = 5
 
-PoolFactory = Callable[[Callable[[Engine, SlotCache], BatchScheduler]], ModelPool]
+PoolFactory = Callable[[Callable[[Engine, SlotCache, list[Prefix]], BatchScheduler]], ModelPool]
 
 
 @dataclass
@@ -163,7 +163,7 @@ class Service:
             self.state, self.error = "failed", str(exc)
             self._on_failure(str(exc))
 
-    def _scheduler(self, engine: Engine, cache: SlotCache) -> BatchScheduler:
+    def _scheduler(self, engine: Engine, cache: SlotCache, prefixes: list[Prefix]) -> BatchScheduler:
         model = engine.name
 
         def changed(active: int, queued: int) -> None:
@@ -172,7 +172,7 @@ class Service:
 
         controller = SlotController(engine.slots, self.tpot_targets.get(model))
         return BatchScheduler(engine, max_queue=self.max_queue, on_finish=lambda r: self._record(model, r),
-                              on_change=changed, controller=controller, cache=cache)
+                              on_change=changed, controller=controller, cache=cache, prefixes=prefixes)
 
     def _loaded(self, name: str) -> None:
         """Metrics of a model the pool has just loaded."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from .bundle_format import AgentInfo, Manifest
 from .engine import Engine, Generation, Sampling
 from .errors import EdgepackError
-from .scheduler import DONE, BatchScheduler, Request, SlotCache
+from .scheduler import DONE, BatchScheduler, Prefix, Request, SlotCache
 
 SINGLE_RUNS = 3
 _PROBES = ("a", "Z9")  # two user messages: the agent's prefix is what their renderings share
@@ -88,9 +88,12 @@ def snapshot_path(folder: Path, manifest: Manifest, agent: AgentInfo, kv_type: s
 
 
 def prefix_stage(engine: Engine, manifest: Manifest, agents: list[AgentInfo], folder: Path | None,
-                 kv_type: str, scales: dict[str, float], report: WarmupReport) -> SlotCache:
-    """Put each agent's system-prompt KV into its own slot (first `engine.slots` agents with one)."""
+                 kv_type: str, scales: dict[str, float], report: WarmupReport) -> tuple[SlotCache, list[Prefix]]:
+    """Put each agent's system-prompt KV into its own slot (first `engine.slots` agents with one), and keep
+    a copy of each to restore into any slot later (a sliding-window model forgets a slot's prefix once a
+    request has gone past the window)."""
     cache: SlotCache = {}
+    prefixes: list[Prefix] = []
     with_prefix = [(a, agent_prefix(engine, a)) for a in agents]
     for seq_id, (agent, tokens) in enumerate([(a, t) for a, t in with_prefix if len(t) > 1][: engine.slots]):
         lora = (agent.adapter, scales.get(agent.adapter, 1.0)) if agent.adapter else None
@@ -112,9 +115,10 @@ def prefix_stage(engine: Engine, manifest: Manifest, agents: list[AgentInfo], fo
                 except (OSError, EdgepackError):
                     how = "computed (not saved: the store is read-only)"
         cache[seq_id] = (lora, tokens)
+        prefixes.append(Prefix(lora, tokens, engine.slot_state(seq_id)))
         report.prefixes[agent.name] = (len(tokens), how, time.perf_counter() - started)
     engine.set_adapter(None)
-    return cache
+    return cache, prefixes
 
 
 def concurrent_stage(scheduler: BatchScheduler, agents: list[AgentInfo], scales: dict[str, float],

@@ -58,7 +58,8 @@ def make_pool(store: Store, budget: int | None = None, n_ctx: int = 512, **kwarg
     manifest = store.manifest()
     config = resolve_config(manifest, threads=1, n_ctx=n_ctx, slots=2)
     pool = ModelPool(store, manifest, config, Budget(2**40, "test"),
-                     make_scheduler=lambda engine, cache: BatchScheduler(engine, cache=cache), **kwargs)
+                     make_scheduler=lambda engine, cache, prefixes: BatchScheduler(engine, cache=cache,
+                                                                                prefixes=prefixes), **kwargs)
     if budget is not None:
         pool.budget = Budget(pool.base + budget, "test")
     return pool

@@ -93,7 +93,7 @@ def test_full_queue_gets_429_with_retry_after(served_store):
     try:
         wait_ready(base, process)
         body = {"model": "tiny", "prompt": "the", "max_tokens": 32000, "ignore_eos": True, "stream": True}
-        with httpx.Client(timeout=30) as client, client.stream("POST", base + "/v1/completions", json=body) as first:
+        with httpx.Client(timeout=90) as client, client.stream("POST", base + "/v1/completions", json=body) as first:
             assert first.status_code == 200
             next(first.iter_lines())  # the first request holds the only slot
             refused = client.post(base + "/v1/completions", json={**body, "stream": False})
