@@ -93,6 +93,9 @@ def gc(store_dir: Path) -> None:
               help="Cache answers to deterministic (temperature 0) requests: L1 in memory, L2 in DIR/cache/.")
 @click.option("--cache-ttl", default=120.0, show_default=True, type=click.FloatRange(0), help="L1 seconds.")
 @click.option("--disk-cache-ttl", default=3600.0, show_default=True, type=click.FloatRange(0), help="L2 seconds.")
+@click.option("--semantic-cache", "semantic_threshold", type=click.FloatRange(0.5, 1.0),
+              help="Also answer deterministic requests whose last user message means the same as a cached one "
+                   "(cosine similarity at or above this, e.g. 0.9; off by default: see docs/semantic-cache.md).")
 @click.option("--memory-budget", help="Memory the server may use: a size (2G, 1500MiB) or a share of the available "
                                       "memory (70%). Default: 80% of available, capped by the board and cgroup.")
 @click.option("--keep-alive", default="5m", show_default=True,
@@ -107,8 +110,8 @@ def gc(store_dir: Path) -> None:
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
 def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str, slots: int,
           max_queue: int, request_timeout: float, cache: bool, cache_ttl: float, disk_cache_ttl: float,
-          memory_budget: str | None, keep_alive: str, preload: bool, warm_state: bool, kv_type: str,
-          tpot_target: float | None) -> None:
+          semantic_threshold: float | None, memory_budget: str | None, keep_alive: str, preload: bool,
+          warm_state: bool, kv_type: str, tpot_target: float | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -116,6 +119,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     from .loader import resolve_config
     from .memory import format_mib, resolve_budget
     from .pool import ModelPool
+    from .semantic_cache import SemanticCache
     from .server import Service
 
     store = Store(store_dir)
@@ -153,6 +157,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         max_queue=max_queue, request_timeout=request_timeout,
         cache=ResponseCache(store.root / "cache" / "responses.sqlite", l1_ttl=cache_ttl, l2_ttl=disk_cache_ttl)
         if cache else None,
+        semantic=SemanticCache(semantic_threshold, ttl=max(cache_ttl, 1.0)) if semantic_threshold is not None
+        else None,
         agent_digests={a.name: manifest.agent_digest(a) for a in agents},
         on_ready=on_ready, on_failure=on_failure,
     )

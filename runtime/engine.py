@@ -18,6 +18,7 @@ from pathlib import Path
 import llama_cpp
 
 from . import llama
+from .embedder import Embedder
 from .errors import EdgepackError
 from .memory import ModelShape
 
@@ -122,6 +123,7 @@ class Engine:
         self._eog_tokens: list[int] | None = None
         self._one = (llama_cpp.llama_token * 1)()
         self._adapters: dict[str, ctypes.c_void_p] = {}
+        self._embedder: Embedder | None = None
 
     def shape(self) -> ModelShape:
         n_embd, n_head = llama_cpp.llama_model_n_embd(self._model), llama_cpp.llama_model_n_head(self._model)
@@ -163,7 +165,17 @@ class Engine:
         if status != 0:
             raise EdgepackError(f"llama.cpp could not set the adapter on {self.name!r}")
 
+    def embedder(self) -> Embedder:
+        """Sentence embeddings from this model's weights (its own small context), made on first use."""
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = Embedder(self._model, threads=1)  # one thread: steadier beside the decoder
+            return self._embedder
+
     def close(self) -> None:
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
         for adapter in self._adapters.values():
             llama_cpp.llama_adapter_lora_free(adapter)
         self._adapters = {}
@@ -328,7 +340,7 @@ class Engine:
         size = llama_cpp.llama_state_seq_get_size(self._ctx, seq_id)
         buf = (ctypes.c_uint8 * size)()
         written = llama_cpp.llama_state_seq_get_data(self._ctx, buf, size, seq_id)
-        return bytes(buf[:written])
+        return ctypes.string_at(buf, written)
 
     def restore_slot(self, seq_id: int, state: bytes) -> bool:
         """Replace the slot's KV cells with a state from slot_state; False (slot cleared) if refused."""

@@ -42,9 +42,19 @@ class Metrics:
         self.active_slots = Gauge("edgepack_active_slots", "Generations being decoded together", ["model"],
                                   registry=r)
         self.cache_requests = Counter(
-            "edgepack_cache_requests", "Deterministic requests by cache outcome (l1, l2 hit or miss)", ["result"],
-            registry=r,
+            "edgepack_cache_requests", "Deterministic requests by cache outcome (l1, l2, semantic hit or miss)",
+            ["result"], registry=r,
         )
+        self.embedding_seconds = Histogram(
+            "edgepack_embedding_seconds", "Time to embed a request for the semantic cache",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2), registry=r,
+        )
+        self.semantic_similarity = Histogram(
+            "edgepack_semantic_cache_similarity", "Cosine similarity of semantic cache hits",
+            buckets=(0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0), registry=r,
+        )
+        self.semantic_entries = Gauge("edgepack_semantic_cache_entries", "Answers held by the semantic cache",
+                                      registry=r)
         self.ready = Gauge("edgepack_ready", "1 when the server takes requests (models preloaded if asked)",
                            registry=r)
         self.prompt_cached = Counter(

@@ -37,6 +37,7 @@ from .metrics import Metrics
 from .openai_api import ApiError, CompletionRequest
 from .pool import DoesNotFit, ModelPool
 from .scheduler import DONE, BatchScheduler, Prefix, QueueFull, Request, SlotCache, SlotController
+from .semantic_cache import SemanticCache, partition_key
 from .systemd import notify, watchdog_interval, watchdog_loop
 
 MAX_BODY_BYTES = 1 << 20
@@ -83,6 +84,7 @@ class Service:
         adapter_scales: dict[str, float] | None = None,
         max_queue: int = 16,
         cache: ResponseCache | None = None,
+        semantic: SemanticCache | None = None,
         agent_digests: dict[str, str] | None = None,
         request_timeout: float = 300.0,
         on_ready: Callable[[], None] = lambda: None,
@@ -97,7 +99,7 @@ class Service:
         self.pool: ModelPool | None = None
         self.preload, self.tpot_targets = preload, tpot_targets or {}
         self.max_queue, self.request_timeout = max_queue, request_timeout
-        self.cache, self.agent_digests = cache, agent_digests or {}
+        self.cache, self.semantic, self.agent_digests = cache, semantic, agent_digests or {}
         self.alerts = AlertWindow({a.name: a.latency_sla_ms for a in agents if a.latency_sla_ms})
         self._started: dict[int, float] = {}
         self._make_pool, self._on_ready, self._on_failure = make_pool, on_ready, on_failure
@@ -334,8 +336,7 @@ class Service:
         sampling = Sampling(max_tokens=max_tokens, **{**defaults, **req.sampling})
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
         rid = openai_api.new_id(req.kind)
-        key = self._cache_key(agent, req.kind, text, sampling)
-        answer = self._cached(key, len(prompt)) if key else None
+        answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt))
         if answer is None:
             job = _new_job(prompt, sampling, lora, started, req.cache_prompt)
             self._started[id(job.request)] = started
@@ -349,7 +350,7 @@ class Service:
         if req.stream:
             done = _once(lambda: (answer.cancel(), release()))  # also when the stream never started
             return StreamingResponse(
-                self._stream(answer, req, rid, agent.name, key, started, done),
+                self._stream(answer, req, rid, agent.name, keys, started, done),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(done),
@@ -361,7 +362,7 @@ class Service:
         finally:
             answer.cancel()
         text_out = "".join(pieces)
-        self._remember(key, answer, text_out)
+        self._remember(keys, answer, text_out)
         self.alerts.latency(agent.name, time.monotonic() - started)
         result = answer.result
         body = openai_api.completion_body(req, rid, agent.name, text_out, result.finish_reason,
@@ -369,7 +370,7 @@ class Service:
         return JSONResponse(body)
 
     async def _stream(self, answer: _Answer, req: CompletionRequest, rid: str, model: str,
-                      key: str | None, started: float, done: Callable[[], None]) -> AsyncIterator[bytes]:
+                      keys: _CacheKeys, started: float, done: Callable[[], None]) -> AsyncIterator[bytes]:
         pieces = []
         try:
             if req.kind == "chat":
@@ -386,37 +387,65 @@ class Service:
             if req.include_usage:
                 yield _sse(openai_api.usage_chunk(req, rid, model, result.prompt_tokens, result.completion_tokens))
             yield b"data: [DONE]\n\n"
-            self._remember(key, answer, "".join(pieces))
+            self._remember(keys, answer, "".join(pieces))
             self.alerts.latency(model, time.monotonic() - started)
         finally:
             done()  # a client that went away frees its slot at once
 
     # ---- caches ----
 
-    def _cache_key(self, agent: AgentInfo, kind: str, text: str, sampling: Sampling) -> str | None:
-        """Only deterministic requests (temperature 0) are cached."""
-        if self.cache is None or sampling.temperature > 0:
-            return None
+    async def _lookup(self, agent: AgentInfo, req: CompletionRequest, messages: list[tuple[str, str]], text: str,
+                      sampling: Sampling, engine: Engine, prompt_tokens: int) -> tuple[_Answer | None, _CacheKeys]:
+        """Only deterministic requests (temperature 0) are cached: exact match (L1, L2), then by meaning."""
+        keys = _CacheKeys()
+        if sampling.temperature > 0 or (self.cache is None and self.semantic is None):
+            return None, keys
         digest = self.agent_digests.get(agent.name, agent.name)
-        return cache_key(digest, agent.name, kind, text, dataclasses.asdict(sampling))
+        params = dataclasses.asdict(sampling)
+        if self.cache is not None:
+            keys.exact = cache_key(digest, agent.name, req.kind, text, params)
+            level, hit = self.cache.get(keys.exact)
+            if hit is not None:
+                return self._hit(str(level), hit, prompt_tokens), keys
+        if self.semantic is not None and (req.kind == "text" or messages[-1][0] == "user"):
+            chat = req.kind == "chat"
+            context = json.dumps(messages[:-1]) if chat else ""  # the system prompt and earlier turns: exact
+            partition = partition_key(digest, agent.name, req.kind, params, context)
+            embedded = time.monotonic()
+            vector = await asyncio.to_thread(engine.embedder().embed, messages[-1][1] if chat else req.prompt)
+            self.metrics.embedding_seconds.observe(time.monotonic() - embedded)
+            keys.semantic = (partition, vector)
+            found = self.semantic.lookup(partition, vector)
+            if found is not None:
+                self.metrics.semantic_similarity.observe(found[1])
+                return self._hit("semantic", found[0], prompt_tokens), keys
+        self.metrics.cache_requests.labels("miss").inc()
+        self.alerts.cache_lookup(False)
+        return None, keys
 
-    def _cached(self, key: str, prompt_tokens: int) -> _Answer | None:
-        assert self.cache is not None
-        level, hit = self.cache.get(key)
-        self.alerts.cache_lookup(hit is not None)
-        if hit is None:
-            self.metrics.cache_requests.labels("miss").inc()
-            return None
+    def _hit(self, level: str, hit: CachedAnswer, prompt_tokens: int) -> _Answer:
         self.metrics.cache_requests.labels(level).inc()
+        self.alerts.cache_lookup(True)
         result = Generation(prompt_tokens=prompt_tokens, completion_tokens=hit.completion_tokens,
                             finish_reason=hit.finish_reason)
         return _Answer(_replay(hit.text), result, lambda: None, cached=True)
 
-    def _remember(self, key: str | None, answer: _Answer, text: str) -> None:
+    def _remember(self, keys: _CacheKeys, answer: _Answer, text: str) -> None:
         result = answer.result
-        if key and not answer.cached and self.cache is not None and result.finish_reason in ("stop", "length"):
-            self.cache.put(key, CachedAnswer(text, result.finish_reason, result.prompt_tokens,
-                                             result.completion_tokens))
+        if answer.cached or result.finish_reason not in ("stop", "length"):
+            return
+        cached = CachedAnswer(text, result.finish_reason, result.prompt_tokens, result.completion_tokens)
+        if keys.exact and self.cache is not None:
+            self.cache.put(keys.exact, cached)
+        if keys.semantic and self.semantic is not None:
+            self.semantic.put(*keys.semantic, cached)
+            self.metrics.semantic_entries.set(len(self.semantic))
+
+
+@dataclass
+class _CacheKeys:
+    exact: str | None = None
+    semantic: tuple[str, Any] | None = None  # partition, embedding vector
 
 
 @dataclass

@@ -100,3 +100,38 @@ def test_http_deterministic_requests_hit_l1_then_l2_after_restart(tiny_bundle, t
     finally:
         stop_server(process)
     assert (store / "cache" / "responses.sqlite").is_file()
+
+
+def test_semantic_cache_over_http(served_store):
+    """Exact caches off: an identical user message is a semantic hit; another system prompt (an exact part of
+    the key) or a sampled request is not."""
+    process, base = start_server(served_store, "--threads", "1", "--no-cache", "--semantic-cache", "0.99")
+    try:
+        wait_ready(base, process)
+
+        def ask(system: str, **extra) -> str:
+            body = {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                    "messages": [{"role": "system", "content": system}, {"role": "user", "content": "the time"}],
+                    **extra}
+            response = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        def outcomes() -> dict[str, float]:
+            found = {}
+            for line in httpx.get(base + "/metrics").text.splitlines():
+                if line.startswith("edgepack_cache_requests_total{"):
+                    found[line.split('"')[1]] = float(line.split()[-1])
+            return found
+
+        first = ask("be brief")
+        assert outcomes() == {"miss": 1.0}
+        assert ask("be brief") == first
+        assert outcomes() == {"miss": 1.0, "semantic": 1.0}
+        ask("be verbose")
+        assert outcomes() == {"miss": 2.0, "semantic": 1.0}
+        ask("be brief", temperature=0.7)  # sampled: not looked up at all
+        assert outcomes() == {"miss": 2.0, "semantic": 1.0}
+        assert "edgepack_semantic_cache_entries 2.0" in httpx.get(base + "/metrics").text
+    finally:
+        stop_server(process)
