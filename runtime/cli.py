@@ -17,6 +17,7 @@ from .boards import host_profile, list_boards
 from .errors import EdgepackError
 from .store import Store
 from .systemd import notify, unit_command
+from .tune import read_local_config, tune_command
 
 
 class _Group(click.Group):
@@ -83,8 +84,9 @@ def gc(store_dir: Path) -> None:
 @click.option("--repack", default="auto", show_default=True, type=click.Choice(["auto", "always", "never"]),
               help="llama.cpp weight repacking: faster kernels for some types, but private copies of the weights; "
                    "auto repacks only models that share no segment with another.")
-@click.option("--slots", default=2, show_default=True, type=click.IntRange(1, 64),
-              help="Requests decoded together per model (continuous batching); each slot has --ctx tokens.")
+@click.option("--slots", type=click.IntRange(1, 64),
+              help="Requests decoded together per model (continuous batching); each slot has --ctx tokens "
+                   "(default: `edgepack tune`'s choice, else 2).")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a slot; beyond that, 429 with Retry-After.")
 @click.option("--request-timeout", default=300.0, show_default=True, type=click.FloatRange(0.001),
@@ -108,8 +110,8 @@ def gc(store_dir: Path) -> None:
 @click.option("--tpot-target", type=click.FloatRange(min=0.1),
               help="Milliseconds per output token the adaptive batch size keeps p95 under (default: from the "
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
-def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str, slots: int,
-          max_queue: int, request_timeout: float, cache: bool, cache_ttl: float, disk_cache_ttl: float,
+def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str,
+          slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float, disk_cache_ttl: float,
           semantic_threshold: float | None, memory_budget: str | None, keep_alive: str, preload: bool,
           warm_state: bool, kv_type: str, tpot_target: float | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
@@ -125,7 +127,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     store = Store(store_dir)
     manifest = store.manifest()
     notify(f"STATUS=loading {manifest.name} v{manifest.bundle_version}")
-    config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type)
+    local = read_local_config(store)
+    config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type, local=local)
     keep = parse_duration(keep_alive)
     budget = resolve_budget(memory_budget, _board_memory(manifest.board))
     for info in manifest.models:
@@ -166,7 +169,9 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     click.echo(f"edgepack: memory budget {format_mib(budget.bytes)} ({budget.reason}); models load "
                f"{'now' if preload else 'on first request'}, idle ones are evicted after "
                f"{'never' if keep is None else f'{keep:g}s'}", err=True)
-    if threads is None:
+    if threads is None and "threads" in local:
+        click.echo(f"edgepack: {config.threads} threads (local.json, from `edgepack tune`)", err=True)
+    elif threads is None:
         from .hardware import thread_plan
 
         plan = thread_plan()
@@ -249,7 +254,7 @@ def run(store_dir: Path, prompt: str, model: str | None, max_tokens: int, temper
     store = Store(store_dir)
     manifest = store.manifest()
     info = manifest.model(model)
-    config = resolve_config(manifest, threads)
+    config = resolve_config(manifest, threads, local=read_local_config(store))
     engine = Engine(store.segment_paths(manifest, info.name), name=info.name, n_ctx=config.n_ctx,
                     n_batch=config.n_batch, threads=config.threads, chat_template=info.chat_template)
     try:
@@ -286,6 +291,7 @@ def format_table(rows: list[tuple[str, ...]]) -> str:
 
 
 cli.add_command(unit_command)
+cli.add_command(tune_command)
 
 
 def _add_host_commands() -> None:

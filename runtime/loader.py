@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from . import hardware
@@ -23,22 +24,28 @@ class ServeConfig:
 
 
 def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None,
-                   repack: str = "auto", slots: int = 2, kv_type: str = "f16") -> ServeConfig:
-    """Flags win; then the bundle's board profile (capped at the CPUs we may use); then physical cores."""
+                   repack: str = "auto", slots: int | None = None, kv_type: str = "f16",
+                   local: dict[str, int] | None = None) -> ServeConfig:
+    """Flags win; then the release's local.json (`edgepack tune`, see tune.read_local_config); then the
+    bundle's board profile (capped at the CPUs we may use); then physical cores."""
     if threads is not None and threads < 1:
         raise EdgepackError(f"--threads must be at least 1, got {threads}")
-    if slots < 1:
+    if slots is not None and slots < 1:
         raise EdgepackError(f"--slots must be at least 1, got {slots}")
     if n_ctx is not None and n_ctx < 16:
         raise EdgepackError(f"--ctx must be at least 16, got {n_ctx}")
+    local = local or {}
     defaults = manifest.runtime
+    if threads is None and "threads" in local:
+        threads = min(local["threads"], len(os.sched_getaffinity(0)))  # tuned where it may have had more CPUs
     if threads is None:
         cores = hardware.default_threads()
         threads = min(defaults.threads, cores) if defaults.threads else cores
+    slots = slots or local.get("slots", 2)
     return ServeConfig(
         threads=threads,
         n_ctx=n_ctx or defaults.n_ctx,
-        n_batch=defaults.n_batch,
+        n_batch=max(local.get("n_batch", defaults.n_batch), slots),  # one token per generating slot fits a step
         max_tokens=defaults.max_tokens,
         repack=repack,
         slots=slots,

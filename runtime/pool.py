@@ -39,7 +39,7 @@ class Loaded:
     engine: Engine
     scheduler: BatchScheduler
     segments: dict[str, int]  # digest -> bytes of the weights it maps (adapters included)
-    context: int  # bytes of KV cache and buffers, as llama.cpp allocated them
+    context: int  # bytes of KV cache and buffers (llama.cpp's figures) and other memory the load added
     n_ctx: int
     warmup: WarmupReport
     load_seconds: float
@@ -71,6 +71,7 @@ class ModelPool:
         self._state = threading.Lock()  # guards `loaded` and the users counts
         self.base = process_memory()[0]  # Python, libraries: what the process uses before any model
         self.evictions = 0
+        self._shapes: dict[str, ModelShape] = {}  # of models loaded before: later loads decide up front
         release = store.release_id()
         self.warm_dir = store.releases / release / "warm" if release else None
 
@@ -151,11 +152,23 @@ class ModelPool:
         started = time.monotonic()
         segments = self._segments(name)
         chosen: dict[str, int] = {}
+        known = self._shapes.get(name)
+        if known is not None:  # decide before mapping anything: a refusal costs no memory
+            chosen["n_ctx"] = self._fit(name, known, segments)
+        elif self.base + sum(segments.values()) > self.budget.bytes:
+            raise DoesNotFit(f"model {name!r} has {format_mib(sum(segments.values()))} of weights: it does not fit "
+                             f"the memory budget of {format_mib(self.budget.bytes)} ({self.budget.reason}) at all",
+                             busy=False)
 
         def fit(shape: ModelShape) -> int:
-            chosen["n_ctx"] = self._fit(name, shape, segments)
+            self._shapes[name] = shape
+            if "n_ctx" not in chosen:
+                chosen["n_ctx"] = self._fit(name, shape, segments)
             return chosen["n_ctx"]
 
+        new_weights = sum(size for digest, size in segments.items()
+                          if not any(digest in m.segments for m in self.loaded.values()))
+        before = process_memory()[0]
         info = self.manifest.model(name)
         engine = Engine(
             self.store.segment_paths(self.manifest, name), name=name, n_ctx=self.config.n_ctx,
@@ -181,7 +194,9 @@ class ModelPool:
             scheduler.stop()
             engine.close()
             raise
-        model = Loaded(engine, scheduler, segments, engine.context_bytes, chosen.get("n_ctx", engine.n_ctx),
+        # what llama.cpp's figures miss (vocabulary, repacked weights, allocator): measured growth beyond them
+        other = max(0, process_memory()[0] - before - new_weights - engine.context_bytes)
+        model = Loaded(engine, scheduler, segments, engine.context_bytes + other, chosen.get("n_ctx", engine.n_ctx),
                        report, time.monotonic() - started)
         self._log(f"loaded {name} in {model.load_seconds:.1f}s ({chosen.get('n_ctx')} tokens x "
                   f"{self.config.slots} slots; in use {format_mib(self.usage())} of {format_mib(self.budget.bytes)}); "

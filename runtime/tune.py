@@ -19,17 +19,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import numpy as np
 
 from . import hardware
 from .bundle_format import Manifest
-from .engine import Engine, Sampling
 from .errors import EdgepackError
-from .scheduler import DONE, BatchScheduler, Request
 from .store import Store
+
+if TYPE_CHECKING:  # imported where used: registering the command must not load llama.cpp
+    from .engine import Engine
+    from .scheduler import BatchScheduler
 
 LOCAL_CONFIG = "local.json"
 LOCAL_CONFIG_FORMAT = 1
@@ -277,6 +278,9 @@ class _Run:
 
 def run_concurrent(scheduler: BatchScheduler, prompt: list[int], requests: int, tokens: int) -> _Run:
     """Submit `requests` greedy generations of `tokens` tokens at once and wait for all of them."""
+    from .engine import Sampling
+    from .scheduler import DONE, Request
+
     sampling = Sampling(tokens, temperature=0, ignore_eos=True)
     finished = [threading.Event() for _ in range(requests)]
     errors: list[Exception] = []
@@ -316,11 +320,18 @@ def measure(engine: Engine, prompt: list[int], tokens: int, runs: int) -> list[_
 
 def run_cold(engine: Engine, prompt: list[int], tokens: int) -> _Run:
     """One run on a fresh scheduler: its prefix cache is empty, so every prompt is processed in full."""
+    from .scheduler import BatchScheduler
+
     scheduler = BatchScheduler(engine, max_queue=engine.slots)
     try:
         return run_concurrent(scheduler, prompt, engine.slots, tokens)
     finally:
         scheduler.stop()
+
+
+def p95(values: list[float]) -> float:
+    """95th percentile, interpolated between the closest ranks (numpy's default method)."""
+    return values[0] if len(values) == 1 else statistics.quantiles(values, n=20, method="inclusive")[-1]
 
 
 def summarize(model: str, candidate: Candidate, runs: list[_Run], sla_ms: int | None) -> Measurement:
@@ -332,8 +343,8 @@ def summarize(model: str, candidate: Candidate, runs: list[_Run], sla_ms: int | 
         spread=(max(rates) - min(rates)) / 2,
         ttft_ms=1000 * statistics.median(x for r in runs for x in r.ttft),
         tpot_ms=1000 * statistics.median(tpot),
-        tpot_p95_ms=1000 * float(np.percentile(tpot, 95)),
-        latency_p95_ms=1000 * float(np.percentile([x for r in runs for x in r.latency], 95)),
+        tpot_p95_ms=1000 * p95(tpot),
+        latency_p95_ms=1000 * p95([x for r in runs for x in r.latency]),
         sla_ms=sla_ms,
     )
 
@@ -341,7 +352,8 @@ def summarize(model: str, candidate: Candidate, runs: list[_Run], sla_ms: int | 
 def sweep(store: Store, manifest: Manifest, models: list[str], candidates: list[Candidate], *, tokens: int,
           runs: int, n_ctx: int, progress: Callable[[Measurement], None] = lambda m: None) -> list[Measurement]:
     """Measure every model under every candidate, one engine per (model, candidate)."""
-    from .loader import repacked_models  # lazily: the loader reads local.json through this module
+    from .engine import Engine
+    from .loader import repacked_models  # the loader reads local.json through this module: no cycle at import
 
     repack = repacked_models(manifest, "auto")  # as `serve` loads them
     targets = latency_targets(manifest)
