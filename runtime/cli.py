@@ -111,9 +111,9 @@ def gc(store_dir: Path) -> None:
               help="Milliseconds per output token the adaptive batch size keeps p95 under (default: from the "
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
 def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str,
-          slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float, disk_cache_ttl: float,
-          semantic_threshold: float | None, memory_budget: str | None, keep_alive: str, preload: bool,
-          warm_state: bool, kv_type: str, tpot_target: float | None) -> None:
+          slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
+          disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
+          preload: bool, warm_state: bool, kv_type: str, tpot_target: float | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
