@@ -95,7 +95,8 @@ def test_full_queue_gets_429_with_retry_after(served_store):
         body = {"model": "tiny", "prompt": "the", "max_tokens": 32000, "ignore_eos": True, "stream": True}
         with httpx.Client(timeout=90) as client, client.stream("POST", base + "/v1/completions", json=body) as first:
             assert first.status_code == 200
-            next(first.iter_lines())  # the first request holds the only slot
+            lines = first.iter_lines()  # kept: a dropped iterator closes the connection, which frees the slot
+            next(lines)  # the first request holds the only slot
             refused = client.post(base + "/v1/completions", json={**body, "stream": False})
             assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
             assert refused.json()["error"]["code"] == "queue_full"
