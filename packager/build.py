@@ -22,7 +22,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.runtime import __version__, llama
+from edgepack.runtime import __version__, llama, memory
 from edgepack.runtime.boards import BoardProfile
 from edgepack.runtime.bundle_format import (
     BUNDLE_SUFFIX,
@@ -34,6 +34,7 @@ from edgepack.runtime.bundle_format import (
     RuntimeDefaults,
     check_name,
 )
+from edgepack.runtime.errors import EdgepackError
 from edgepack.runtime.store import bundle_manifest
 
 from . import bundle_writer, chat_templates, compress, evaluate, gates, gguf_info, quant_types, report, segment
@@ -269,16 +270,12 @@ def _sha256(path: Path) -> str:
     return hasher.hexdigest()
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
 def parse_size(text: str) -> int:
-    """'160MiB', '1.5GB', '123456' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _SIZE_UNITS:
-        raise PackagerError(f"size {text!r}: expected bytes or a number with B, KB, MB, GB, KiB, MiB or GiB")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    """'160MiB', '1.5GB', '123456' -> bytes (the runtime's reading of sizes, as a packager error)."""
+    try:
+        return memory.parse_size(text)
+    except EdgepackError as exc:
+        raise PackagerError(str(exc)) from None
 
 
 def _quality_options(opts: BuildOptions, job: _ModelJob, source: gguf_info.GGUFInfo,

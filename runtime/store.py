@@ -25,6 +25,7 @@ import zstandard
 
 from .bundle_format import MANIFEST_NAME, MAX_MANIFEST_BYTES, BlobInfo, Digest, Manifest
 from .errors import EdgepackError
+from .files import fsync_dir
 
 _CHUNK = 1 << 20
 _MAX_ZSTD_WINDOW = 1 << 27  # 128 MiB: refuse frames that would make us allocate more
@@ -142,14 +143,14 @@ class Store:
         self.releases.mkdir(exist_ok=True)
         for digest in staged:
             os.replace(staging / str(digest), self.blob_path(digest))
-        _fsync_dir(self.blobs)
+        fsync_dir(self.blobs)
         release_dir = self.releases / release
         if not release_dir.exists():
             tmp = staging / "release"
             tmp.mkdir()
             _write_synced(tmp / MANIFEST_NAME, manifest.to_json())
             os.replace(tmp, release_dir)
-            _fsync_dir(self.releases)
+            fsync_dir(self.releases)
         current = self.release_id("current")
         if current == release:
             return
@@ -164,7 +165,7 @@ class Store:
             tmp.unlink()
         os.symlink(Path("releases") / release, tmp)
         os.replace(tmp, self.root / link)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def gc(self) -> tuple[list[str], int, int]:
         """Remove releases other than current and previous, and blobs those two do not reference.
@@ -326,9 +327,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -13,7 +13,6 @@ import re
 import shutil
 import socket
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import click
 
 from . import __version__
 from .errors import EdgepackError
+from .files import replace_atomically
 from .memory import parse_size
 
 UNIT_NAME = "edgepack.service"
@@ -322,18 +322,8 @@ def _c_escape(ch: str) -> str:
 def write_atomically(path: Path, text: str) -> None:
     """Write `text` to `path` through a synced temporary file and a rename: readers never see half a unit."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        replace_atomically(path, text.encode(), mode=0o644)
     except OSError as exc:
-        raise EdgepackError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise EdgepackError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 

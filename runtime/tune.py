@@ -6,13 +6,11 @@ rollback and a new release starts from the defaults again. docs/tuning.md has th
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import stat
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +24,7 @@ import click
 from . import hardware
 from .bundle_format import Manifest
 from .errors import EdgepackError
+from .files import replace_atomically
 from .store import Store
 
 if TYPE_CHECKING:  # imported where used: registering the command must not load llama.cpp
@@ -115,7 +114,7 @@ def write_local_config(store: Store, values: dict[str, int], results: list[dict[
     data = (json.dumps(doc, indent=2) + "\n").encode()
     parse_local_config(data, str(path))  # never write what read_local_config would refuse
     try:
-        _replace_atomically(path, data)
+        replace_atomically(path, data)
     except OSError as exc:
         raise EdgepackError(f"{path}: cannot write: {exc.strerror or exc}") from None
     return path
@@ -126,22 +125,6 @@ def check_writable(path: Path) -> None:
         raise EdgepackError(f"{path}: cannot write: is a directory (delete it)")
     if not os.access(path.parent, os.W_OK):
         raise EdgepackError(f"{path}: cannot write: {path.parent} is not writable")
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over path (a link there is replaced, not followed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _read_regular_file(path: Path) -> bytes | None:
@@ -173,14 +156,6 @@ def _llama_version() -> str:
     from .llama import version
 
     return version()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- the sweep ---------------------------------------------------------------------------------------------
