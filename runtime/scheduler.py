@@ -110,7 +110,7 @@ class BatchScheduler:
         self._queue: collections.deque[Request] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
-        self._free = list(range(engine.slots))  # least recently used first
+        self._free = list(range(engine.slots))
         self._cache: SlotCache = dict(cache or {})
         self.prefixes = list(prefixes or [])
         self._active: list[_Slot] = []
@@ -208,8 +208,9 @@ class BatchScheduler:
         return min(len(prefix.tokens), len(request.prompt) - 1)
 
     def _pick_slot(self, request: Request) -> tuple[int, int]:
-        """The free slot sharing the longest cached prefix with the prompt; else the least recently used."""
-        best, best_common = self._free[0], 0
+        """The free slot sharing the longest cached prefix with the prompt; else the lowest free seq id, which
+        keeps the active ids consecutive (one llama.cpp micro-batch per step)."""
+        best, best_common = min(self._free), 0
         for seq_id in self._free:
             lora, tokens = self._cache.get(seq_id, (None, []))
             if lora != request.lora or not request.reuse_prefix:
@@ -236,18 +237,23 @@ class BatchScheduler:
             n += 1
 
         generating = [s for s in self._active if s.last is not None]
-        for slot in generating:
-            slot.logits_index = n
-            add(slot.last, len(slot.request.prompt) + slot.request.result.completion_tokens - 1, slot.seq_id, True)
-        for slot in self._active:
-            if slot.last is not None or n >= budget:
-                continue
-            prompt = slot.request.prompt
-            take = min(len(prompt) - slot.fed, budget - n)
-            for i in range(slot.fed, slot.fed + take):
-                add(prompt[i], i, slot.seq_id, i == len(prompt) - 1)
-            slot.fed += take
-            slot.logits_index = n - 1 if slot.fed == len(prompt) else -1
+        room, takes = budget - len(generating), {}
+        for slot in self._active:  # prompt chunks, in arrival order, in what the generating slots leave
+            if slot.last is None and room > 0:
+                takes[slot.seq_id] = min(len(slot.request.prompt) - slot.fed, room)
+                room -= takes[slot.seq_id]
+        # in seq id order: llama.cpp puts only consecutive seq ids in one micro-batch (non-unified KV)
+        for slot in sorted(self._active, key=lambda s: s.seq_id):
+            if slot.last is not None:
+                slot.logits_index = n
+                add(slot.last, len(slot.request.prompt) + slot.request.result.completion_tokens - 1, slot.seq_id,
+                    True)
+            elif takes.get(slot.seq_id):
+                prompt = slot.request.prompt
+                for i in range(slot.fed, slot.fed + takes[slot.seq_id]):
+                    add(prompt[i], i, slot.seq_id, i == len(prompt) - 1)
+                slot.fed += takes[slot.seq_id]
+                slot.logits_index = n - 1 if slot.fed == len(prompt) else -1
         batch.n_tokens = n
         started = time.perf_counter()
         self.engine.decode_batch(batch)
