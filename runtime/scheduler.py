@@ -41,6 +41,7 @@ class Request:
     emit: Callable[[object], None]  # receives text pieces, then DONE or an exception
     lora: tuple[str, float] | None = None
     reuse_prefix: bool = True  # False: process the whole prompt even if a slot holds its beginning
+    warmup: bool = False  # the server's own warm-up request: not counted in the metrics
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Generation = field(default_factory=Generation)
 

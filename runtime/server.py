@@ -218,6 +218,8 @@ class Service:
                 await asyncio.to_thread(self.pool.evict_expired)
 
     def _record(self, model: str, request: Request) -> None:
+        if request.warmup:
+            return
         m, result = self.metrics, request.result
         m.generated.labels(model).inc(result.completion_tokens)
         m.prompt.labels(model).inc(result.prompt_tokens)

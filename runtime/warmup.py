@@ -134,7 +134,7 @@ def concurrent_stage(scheduler: BatchScheduler, agents: list[AgentInfo], scales:
         lora = (agent.adapter, scales.get(agent.adapter, 1.0)) if agent.adapter else None
         request = Request(engine.tokenize(text), Sampling(max_tokens=2, temperature=0, ignore_eos=True),
                           lambda event: done.release() if event is DONE or isinstance(event, Exception) else None,
-                          lora)
+                          lora, warmup=True)
         requests.append(request)
     started = time.monotonic()
     for request in requests:

@@ -190,7 +190,10 @@ def test_server_loads_lazily_evicts_after_keep_alive_and_gives_503_when_nothing_
         status, body = post_json(base + "/v1/chat/completions", {
             "model": "helper", "messages": [{"role": "user", "content": "the"}], "max_tokens": 4})
         assert status == 200, body
-        assert 'edgepack_model_loaded{model="alpha"} 1.0' in httpx.get(base + "/metrics").text
+        metrics = httpx.get(base + "/metrics").text
+        assert 'edgepack_model_loaded{model="alpha"} 1.0' in metrics
+        generated = body["usage"]["completion_tokens"]  # the warm-up's own requests are not counted
+        assert f'edgepack_generated_tokens_total{{model="alpha"}} {generated:.1f}' in metrics
         deadline = time.monotonic() + 15
         while 'edgepack_model_loaded{model="alpha"} 1.0' in httpx.get(base + "/metrics").text:
             assert time.monotonic() < deadline, "alpha was not evicted after keep-alive"
