@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15)
@@ -65,6 +65,9 @@ class Metrics:
         self.rss = Gauge("edgepack_process_resident_memory_bytes", "Resident memory of the server (RSS)", registry=r)
         self.pss = Gauge("edgepack_process_proportional_memory_bytes",
                          "Proportional set size (shared pages split between their users)", registry=r)
+        self.system_cpu = Gauge("edgepack_system_cpu_percent", "System CPU use, last 5 s sample", registry=r)
+        self.system_memory = Gauge("edgepack_system_memory_percent", "System memory in use", registry=r)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
         self.memory_budget = Gauge("edgepack_memory_budget_bytes", "The memory budget models are loaded within",
                                    registry=r)
         self.memory_estimate = Gauge("edgepack_memory_estimate_bytes",

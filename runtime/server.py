@@ -241,6 +241,9 @@ class Service:
     async def _sample_load(self) -> None:
         while True:
             self.alerts.sample_load()
+            _, cpu, memory = self.alerts.load[-1]
+            self.metrics.system_cpu.set(cpu)
+            self.metrics.system_memory.set(memory)
             self._update_alerts()
             await asyncio.sleep(LOAD_SAMPLE_SECONDS)
 

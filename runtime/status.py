@@ -85,7 +85,11 @@ def summary(url: str) -> list[tuple[str, str]]:
         rows.append((f"{label} p50/p95/p99", " / ".join(ms(quantile(samples, name, q)) for q in (0.5, 0.95, 0.99))))
     rows.append(("cache hits", f"{(cache.get('l1', 0) + cache.get('l2', 0)) / lookups:.0%} of {lookups:.0f} "
                  f"(L1 {cache.get('l1', 0):.0f}, L2 {cache.get('l2', 0):.0f})" if lookups else "–"))
-    rows.append(("resident memory", f"{total('edgepack_process_resident_memory_bytes') / 2**20:.0f} MiB"))
+    rows.append(("resident memory", f"{total('edgepack_process_resident_memory_bytes') / 2**20:.0f} MiB (PSS "
+                 f"{total('edgepack_process_proportional_memory_bytes') / 2**20:.0f} MiB, budget "
+                 f"{total('edgepack_memory_budget_bytes') / 2**20:.0f} MiB)"))
+    rows.append(("system CPU / memory", f"{total('edgepack_system_cpu_percent'):.0f}% / "
+                 f"{total('edgepack_system_memory_percent'):.0f}%"))
     firing = [dict(k)["alert"] for k, v in samples.get("edgepack_alert", {}).items() if v]
     rows.append(("alerts", ", ".join(firing) if firing else "none"))
     return rows

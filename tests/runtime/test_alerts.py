@@ -57,5 +57,7 @@ def test_status_reads_a_live_server(server):
     lines = {line[:width].strip(): line[width:].strip() for line in result.stdout.splitlines()}
     assert lines["status"] == "ok" and lines["alerts"] == "none"
     assert lines["latency p50/p95/p99"].endswith("ms")
+    assert "MiB (PSS " in lines["resident memory"] and "budget" in lines["resident memory"]
+    assert lines["system CPU / memory"].endswith("%")
     down = run_cli("status", "--url", "http://127.0.0.1:9")
     assert down.returncode == 1 and "no edgepack server answers" in down.stderr
