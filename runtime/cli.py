@@ -81,6 +81,9 @@ def gc(store_dir: Path) -> None:
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--threads", type=int, help="Threads per model (default: the board's, else physical cores).")
 @click.option("--ctx", "n_ctx", type=int, help="Context size per model (default: the bundle's).")
+@click.option("--threads-batch", type=int,
+              help="Threads for prompt processing, if it runs faster with another count than generation "
+                   "(default: --threads).")
 @click.option("--repack", default="auto", show_default=True, type=click.Choice(["auto", "always", "never"]),
               help="llama.cpp weight repacking: faster kernels for some types, but private copies of the weights; "
                    "auto repacks only models that share no segment with another.")
@@ -110,7 +113,8 @@ def gc(store_dir: Path) -> None:
 @click.option("--tpot-target", type=click.FloatRange(min=0.1),
               help="Milliseconds per output token the adaptive batch size keeps p95 under (default: from the "
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
-def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, repack: str,
+def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None,
+          threads_batch: int | None, repack: str,
           slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
           disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
           preload: bool, warm_state: bool, kv_type: str, tpot_target: float | None) -> None:
@@ -128,7 +132,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     manifest = store.manifest()
     notify(f"STATUS=loading {manifest.name} v{manifest.bundle_version}")
     local = read_local_config(store)
-    config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type, local=local)
+    config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type, local=local,
+                            threads_batch=threads_batch)
     keep = parse_duration(keep_alive)
     budget = resolve_budget(memory_budget, _board_memory(manifest.board))
     for info in manifest.models:

@@ -76,6 +76,7 @@ class Engine:
         slots: int = 1,
         kv_type: str = "f16",
         fit: Callable[[ModelShape], int] | None = None,
+        threads_batch: int | None = None,
     ) -> None:
         """n_ctx is per slot; `slots` sequences can be decoded together (each with its own KV cells).
         kv_type is the KV cache's element type: f16, or q8_0 (half the memory, needs flash attention).
@@ -107,7 +108,7 @@ class Engine:
         if kv_type != "f16":
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # llama.cpp needs it for a quantized V
         params.n_threads = threads
-        params.n_threads_batch = threads
+        params.n_threads_batch = threads_batch or threads  # prompt processing (several tokens per sequence)
         params.no_perf = True
         log: list[str] = []
         with llama.log_listener(log.append):

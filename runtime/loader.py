@@ -21,15 +21,18 @@ class ServeConfig:
     repack: str = "auto"  # auto: repack only models that share no segment with another model
     slots: int = 2  # requests decoded together per model (continuous batching)
     kv_type: str = "f16"  # KV cache element type: f16 or q8_0
+    threads_batch: int | None = None  # threads for prompt processing (None: the same as threads)
 
 
 def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None,
                    repack: str = "auto", slots: int | None = None, kv_type: str = "f16",
-                   local: dict[str, int] | None = None) -> ServeConfig:
+                   local: dict[str, int] | None = None, threads_batch: int | None = None) -> ServeConfig:
     """Flags win; then the release's local.json (`edgepack tune`, see tune.read_local_config); then the
     bundle's board profile (capped at the CPUs we may use); then physical cores."""
     if threads is not None and threads < 1:
         raise EdgepackError(f"--threads must be at least 1, got {threads}")
+    if threads_batch is not None and threads_batch < 1:
+        raise EdgepackError(f"--threads-batch must be at least 1, got {threads_batch}")
     if slots is not None and slots < 1:
         raise EdgepackError(f"--slots must be at least 1, got {slots}")
     if n_ctx is not None and n_ctx < 16:
@@ -50,6 +53,7 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         repack=repack,
         slots=slots,
         kv_type=kv_type,
+        threads_batch=threads_batch,
     )
 
 

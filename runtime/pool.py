@@ -172,7 +172,8 @@ class ModelPool:
         info = self.manifest.model(name)
         engine = Engine(
             self.store.segment_paths(self.manifest, name), name=name, n_ctx=self.config.n_ctx,
-            n_batch=self.config.n_batch, threads=self.config.threads, chat_template=info.chat_template,
+            n_batch=self.config.n_batch, threads=self.config.threads, threads_batch=self.config.threads_batch,
+            chat_template=info.chat_template,
             repack=name in self._repack, slots=self.config.slots, kv_type=self.config.kv_type, fit=fit,
         )
         try:

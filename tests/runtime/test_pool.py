@@ -234,6 +234,7 @@ def test_preload_loads_every_model_before_ready(store):
     (["--memory-budget", "lots"], "size 'lots': expected bytes"),
     (["--memory-budget", "150%"], "a share must be between 0% and 100%"),
     (["--keep-alive", "soon"], "--keep-alive 'soon': expected a duration"),
+    (["--threads-batch", "0"], "--threads-batch must be at least 1, got 0"),
 ])
 def test_bad_memory_flags_are_refused_in_one_line(store, flag, message):
     from conftest import run_cli
