@@ -50,7 +50,9 @@ system_prompt = "You plan the steps of a task."
 temperature = 0.2                 # sampling defaults: temperature, top_p, top_k, min_p,
 max_tokens = 256                  # repeat_penalty, max_tokens, seed
 # tier = "critical"               # the strictest tier of a model's agents gates that model's build
-# latency_sla_ms = 800            # target time per answer, shown in /metrics later
+# latency_sla_ms = 800            # target time per answer (alerts; adaptive batching aims at sla / max_tokens)
+# semantic_cache = 0.9            # also answer requests that mean the same (docs/semantic-cache.md); off if absent
+# cache_sampled = false           # true: cache answers to temperature > 0 requests too
 
 # [agents.sql]
 # model = "base"
@@ -191,7 +193,8 @@ def _adapter(t: _Table, name: str, models: set[str]) -> AdapterSpec:
 
 
 def _agent(t: _Table, name: str, models: set[str], adapter_base: dict[str, str]) -> AgentInfo:
-    t.unknown({"model", "adapter", "system_prompt", "tier", "latency_sla_ms", *SAMPLING_KEYS})
+    t.unknown({"model", "adapter", "system_prompt", "tier", "latency_sla_ms", "semantic_cache", "cache_sampled",
+               *SAMPLING_KEYS})
     model = t.get("model", str, "the name of a model in [models]", required=True)
     if model not in models:
         t.fail("model", f"one of the models ({', '.join(sorted(models))})", model)
@@ -204,4 +207,8 @@ def _agent(t: _Table, name: str, models: set[str], adapter_base: dict[str, str])
         if value is not None:
             sampling[key] = kind(value)
     sla = t.get("latency_sla_ms", int, "an integer (milliseconds)")
-    return AgentInfo(t.name(name), model, adapter, t.get("system_prompt", str, "a string"), sampling, t.tier(), sla)
+    semantic = t.get("semantic_cache", (int, float), "a cosine similarity between 0.5 and 1")
+    if semantic is not None and not 0.5 <= semantic <= 1:
+        t.fail("semantic_cache", "a cosine similarity between 0.5 and 1", semantic)
+    return AgentInfo(t.name(name), model, adapter, t.get("system_prompt", str, "a string"), sampling, t.tier(), sla,
+                     None if semantic is None else float(semantic), bool(t.get("cache_sampled", bool, "true or false")))

@@ -100,6 +100,8 @@ class AgentInfo:
     sampling: dict[str, Any] = field(default_factory=dict)
     tier: str | None = None
     latency_sla_ms: int | None = None
+    semantic_cache: float | None = None  # answer by meaning at this cosine similarity (opt-in)
+    cache_sampled: bool = False  # cache answers to requests with temperature > 0 too
 
 
 @dataclass(frozen=True)
@@ -347,7 +349,15 @@ def _parse_agent(a: _Fields, models: set[str], adapter_base: dict[str, str]) -> 
         system_prompt=a.get("system_prompt", (str, type(None)), "a string or null", None),
         sampling=sampling, tier=a.get("tier", (str, type(None)), "a string or null", None),
         latency_sla_ms=a.get("latency_sla_ms", (int, type(None)), "an integer or null", None),
+        semantic_cache=_threshold(a, a.get("semantic_cache", (int, float, type(None)), "a number or null", None)),
+        cache_sampled=a.get("cache_sampled", bool, "true or false", False),
     )
+
+
+def _threshold(f: _Fields, value: float | None) -> float | None:
+    if value is not None and not 0.5 <= value <= 1:
+        f.fail("semantic_cache", "a cosine similarity between 0.5 and 1", value)
+    return None if value is None else float(value)
 
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")

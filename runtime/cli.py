@@ -125,7 +125,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     from .loader import resolve_config
     from .memory import format_mib, resolve_budget
     from .pool import ModelPool
-    from .semantic_cache import SemanticCache
+    from .semantic_cache import DEFAULT_THRESHOLD, SemanticCache
     from .server import Service
 
     store = Store(store_dir)
@@ -165,8 +165,9 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         max_queue=max_queue, request_timeout=request_timeout,
         cache=ResponseCache(store.root / "cache" / "responses.sqlite", l1_ttl=cache_ttl, l2_ttl=disk_cache_ttl)
         if cache else None,
-        semantic=SemanticCache(semantic_threshold, ttl=max(cache_ttl, 1.0)) if semantic_threshold is not None
-        else None,
+        semantic=SemanticCache(semantic_threshold or DEFAULT_THRESHOLD, ttl=max(cache_ttl, 1.0))
+        if semantic_threshold is not None or any(a.semantic_cache is not None for a in agents) else None,
+        semantic_all=semantic_threshold is not None,
         agent_digests={a.name: manifest.agent_digest(a) for a in agents},
         on_ready=on_ready, on_failure=on_failure,
     )

@@ -74,14 +74,15 @@ class SemanticCache:
         with self._lock:
             return len(self._entries)
 
-    def lookup(self, partition: str, vector: np.ndarray) -> tuple[CachedAnswer, float] | None:
+    def lookup(self, partition: str, vector: np.ndarray,
+               threshold: float | None = None) -> tuple[CachedAnswer, float] | None:
         """The answer of the most similar live entry in `partition` and its cosine similarity, if it reaches
-        the threshold; None otherwise."""
+        the threshold (the cache's, or this lookup's: an agent's own); None otherwise."""
         query = _unit(vector)
         with self._lock:
             self._drop_expired(self._clock())
             best = self._best(partition, query)
-            if best is None or best[1] < self.threshold:
+            if best is None or best[1] < (self.threshold if threshold is None else threshold):
                 return None
             entry_id, similarity = best
             self._entries.move_to_end(entry_id)

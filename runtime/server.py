@@ -85,6 +85,7 @@ class Service:
         max_queue: int = 16,
         cache: ResponseCache | None = None,
         semantic: SemanticCache | None = None,
+        semantic_all: bool = False,
         agent_digests: dict[str, str] | None = None,
         request_timeout: float = 300.0,
         on_ready: Callable[[], None] = lambda: None,
@@ -100,6 +101,7 @@ class Service:
         self.preload, self.tpot_targets = preload, tpot_targets or {}
         self.max_queue, self.request_timeout = max_queue, request_timeout
         self.cache, self.semantic, self.agent_digests = cache, semantic, agent_digests or {}
+        self.semantic_all = semantic_all  # --semantic-cache: every agent; else only agents with semantic_cache
         self.alerts = AlertWindow({a.name: a.latency_sla_ms for a in agents if a.latency_sla_ms})
         self._started: dict[int, float] = {}
         self._make_pool, self._on_ready, self._on_failure = make_pool, on_ready, on_failure
@@ -401,9 +403,11 @@ class Service:
 
     async def _lookup(self, agent: AgentInfo, req: CompletionRequest, messages: list[tuple[str, str]], text: str,
                       sampling: Sampling, engine: Engine, prompt_tokens: int) -> tuple[_Answer | None, _CacheKeys]:
-        """Only deterministic requests (temperature 0) are cached: exact match (L1, L2), then by meaning."""
+        """Deterministic requests (temperature 0; any, for agents with cache_sampled) are cached: exact match
+        (L1, L2), then by meaning (for all agents with --semantic-cache, else for agents that opted in)."""
         keys = _CacheKeys()
-        if sampling.temperature > 0 or (self.cache is None and self.semantic is None):
+        semantic = self.semantic if self.semantic_all or agent.semantic_cache is not None else None
+        if (sampling.temperature > 0 and not agent.cache_sampled) or (self.cache is None and semantic is None):
             return None, keys
         digest = self.agent_digests.get(agent.name, agent.name)
         params = dataclasses.asdict(sampling)
@@ -412,7 +416,7 @@ class Service:
             level, hit = self.cache.get(keys.exact)
             if hit is not None:
                 return self._hit(str(level), hit, prompt_tokens), keys
-        if self.semantic is not None and (req.kind == "text" or messages[-1][0] == "user"):
+        if semantic is not None and (req.kind == "text" or messages[-1][0] == "user"):
             chat = req.kind == "chat"
             context = json.dumps(messages[:-1]) if chat else ""  # the system prompt and earlier turns: exact
             partition = partition_key(digest, agent.name, req.kind, params, context)
@@ -420,7 +424,7 @@ class Service:
             vector = await asyncio.to_thread(engine.embedder().embed, messages[-1][1] if chat else req.prompt)
             self.metrics.embedding_seconds.observe(time.monotonic() - embedded)
             keys.semantic = (partition, vector)
-            found = self.semantic.lookup(partition, vector)
+            found = semantic.lookup(partition, vector, agent.semantic_cache)
             if found is not None:
                 self.metrics.semantic_similarity.observe(found[1])
                 return self._hit("semantic", found[0], prompt_tokens), keys

@@ -192,6 +192,8 @@ RECIPE_ERRORS = [
      "adapters.x.base: expected one of the models"),
     ("[models.base]\nsource = 'base.gguf'\n[agents.a]\nmodel = 'base'\ntier = 'yolo'", "agents.a.tier"),
     ("[models.'bad name!']\nsource = 'base.gguf'", "expected a name of letters"),
+    ("[models.base]\nsource = 'base.gguf'\n[agents.a]\nmodel = 'base'\nsemantic_cache = 2",
+     "agents.a.semantic_cache: expected a cosine similarity between 0.5 and 1"),
     ("[models.base\nsource=", "not valid TOML"),
 ]
 

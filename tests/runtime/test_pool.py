@@ -32,6 +32,8 @@ model = "alpha"
 system_prompt = "You are a careful helper. You answer in one short line, and you never make things up."
 [agents.other]
 model = "beta"
+semantic_cache = 0.99
+cache_sampled = true
 """
 
 
@@ -283,5 +285,32 @@ def test_built_bundle_with_board_budget(tiny_gguf, tmp_path):
                   if line.startswith("edgepack_memory_budget_bytes ")]
         board_gib = load_board("rpi4").memory_gib
         assert float(budget[0].split()[1]) <= 0.8 * board_gib * 2**30
+    finally:
+        stop_server(process)
+
+
+def test_agents_opt_in_to_the_semantic_cache_and_to_caching_sampled_answers(store):
+    manifest = store.manifest()
+    other = next(a for a in manifest.agents if a.name == "other")
+    assert other.semantic_cache == 0.99 and other.cache_sampled
+    process, base = start_server(store.root, "--threads", "1", "--no-cache", "--ctx", "512")
+    try:
+        wait_ready(base, process)
+
+        def ask(agent: str, **extra) -> None:
+            status, body = post_json(base + "/v1/chat/completions", {
+                "model": agent, "messages": [{"role": "user", "content": "the time"}], "max_tokens": 4, **extra})
+            assert status == 200, body
+
+        def outcomes() -> dict[str, float]:
+            return {line.split('"')[1]: float(line.split()[-1]) for line in httpx.get(base + "/metrics").text
+                    .splitlines() if line.startswith("edgepack_cache_requests_total{")}
+
+        ask("helper", temperature=0)
+        ask("helper", temperature=0)
+        assert outcomes() == {}  # not opted in, and the exact caches are off: not looked up at all
+        ask("other", temperature=0.7, seed=3)  # sampled, but this agent caches those too
+        ask("other", temperature=0.7, seed=3)
+        assert outcomes() == {"miss": 1.0, "semantic": 1.0}
     finally:
         stop_server(process)
