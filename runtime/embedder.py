@@ -83,7 +83,7 @@ class Embedder:
 
     def _decode(self, tokens: list[int]) -> None:
         array = (llama_cpp.llama_token * len(tokens))(*tokens)  # alive until the decode returns
-        if llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(array, len(tokens))) != 0:
+        if llama.decode(self._ctx, llama_cpp.llama_batch_get_one(array, len(tokens))) != 0:
             raise EdgepackError(f"llama.cpp failed to compute an embedding ({llama.last_error()})")
 
     def close(self) -> None:

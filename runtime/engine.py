@@ -280,7 +280,7 @@ class Engine:
             yield from self._generate_locked(prompt, sampling, result, cancel)
 
     def _decode(self, tokens: ctypes.Array, n: int) -> None:
-        if llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(tokens, n)) != 0:
+        if llama.decode(self._ctx, llama_cpp.llama_batch_get_one(tokens, n)) != 0:
             raise EdgepackError(f"llama.cpp failed to decode ({llama.last_error()})")
 
     def _generate_locked(
@@ -311,7 +311,7 @@ class Engine:
     # ---- primitives for the batch scheduler (one thread drives them) ----
 
     def decode_batch(self, batch: llama_cpp.llama_batch) -> None:
-        if llama_cpp.llama_decode(self._ctx, batch) != 0:
+        if llama.decode(self._ctx, batch) != 0:
             raise EdgepackError(f"llama.cpp failed to decode a batch ({llama.last_error()})")
 
     def sample(self, sampler: ctypes.c_void_p, index: int) -> int:

@@ -7,6 +7,7 @@ a ring buffer (shown with EDGEPACK_LLAMA_LOG=1) so a failed load can say why in 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import ctypes
 import os
@@ -55,6 +56,16 @@ def log_listener(listener: Callable[[str], None]) -> Iterator[None]:
         yield
     finally:
         _listener = None
+
+
+_decoder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-decode")
+
+
+def decode(ctx: ctypes.c_void_p, batch: llama_cpp.llama_batch) -> int:
+    """llama_decode, always on one thread of the process. llama.cpp's CPU backend runs its OpenMP team on
+    the calling thread: with each model decoding from its own thread, every model kept a team, and a model
+    decoded ~15% slower once another had served (bench/RUNTIME.md). One thread, one team, no oversubscription."""
+    return _decoder.submit(llama_cpp.llama_decode, ctx, batch).result()
 
 
 def last_error() -> str:
