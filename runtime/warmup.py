@@ -89,14 +89,19 @@ def snapshot_path(folder: Path, manifest: Manifest, agent: AgentInfo, kv_type: s
 
 def prefix_stage(engine: Engine, manifest: Manifest, agents: list[AgentInfo], folder: Path | None,
                  kv_type: str, scales: dict[str, float], report: WarmupReport) -> tuple[SlotCache, list[Prefix]]:
-    """Put each agent's system-prompt KV into its own slot (first `engine.slots` agents with one), and keep
-    a copy of each to restore into any slot later (a sliding-window model forgets a slot's prefix once a
-    request has gone past the window)."""
+    """Put each agent's system-prompt KV into a slot of its own while there are slots (the last slot takes
+    the rest in turn), and keep a copy of each to restore into any slot later (also because a sliding-window
+    model forgets a slot's prefix once a request has gone past the window)."""
     cache: SlotCache = {}
     prefixes: list[Prefix] = []
-    with_prefix = [(a, agent_prefix(engine, a)) for a in agents]
-    for seq_id, (agent, tokens) in enumerate([(a, t) for a, t in with_prefix if len(t) > 1][: engine.slots]):
+    seen: set[tuple] = set()
+    for agent in agents:
+        tokens = agent_prefix(engine, agent)
         lora = (agent.adapter, scales.get(agent.adapter, 1.0)) if agent.adapter else None
+        if len(tokens) < 2 or (lora, tuple(tokens)) in seen:
+            continue
+        seen.add((lora, tuple(tokens)))
+        seq_id = min(len(prefixes), engine.slots - 1)
         started = time.perf_counter()
         path = snapshot_path(folder, manifest, agent, kv_type, tokens) if folder is not None else None
         loaded = engine.load_slot(seq_id, path, len(tokens)) if path is not None and path.is_file() else None

@@ -218,3 +218,26 @@ def test_init_writes_a_recipe_that_parses(tmp_path):
     assert recipe.agents[0].sampling == {"temperature": 0.2, "max_tokens": 256}
     again = run_cli("init", str(path))
     assert again.returncode == 1 and "--force" in again.stderr
+
+
+def test_every_agent_prefix_is_kept_even_with_fewer_slots(agents_bundle, tmp_path):
+    """Two agents with system prompts (one with an adapter) on one base, one slot: both prefixes are saved and
+    kept for restoring, and each agent's request reuses its own."""
+    from edgepack.runtime.loader import resolve_config
+    from edgepack.runtime.memory import Budget
+    from edgepack.runtime.pool import ModelPool
+    from edgepack.runtime.scheduler import BatchScheduler
+
+    store = Store(tmp_path / "store")
+    store.install(agents_bundle.output)
+    manifest = store.manifest()
+    pool = ModelPool(store, manifest, resolve_config(manifest, threads=1, n_ctx=256, slots=1), Budget(2**34, "t"),
+                     make_scheduler=lambda e, c, p: BatchScheduler(e, cache=c, prefixes=p))
+    try:
+        scheduler = pool.acquire("base")
+        report = pool.loaded["base"].warmup
+        assert set(report.prefixes) == {"planner", "sql"}
+        assert {p.lora for p in scheduler.prefixes} == {None, ("sql", 1.0)}
+        assert len(list(pool.warm_dir.glob("*.state"))) == 2
+    finally:
+        pool.close()
