@@ -159,23 +159,24 @@ def test_the_best_is_the_fastest_within_the_latency_target():
     assert choose(two)[0].threads == 2
 
 
-def test_serve_uses_the_tuned_settings_and_flags_win(store):
+def served_slot_limit(store: Store, *flags: str) -> tuple[str, str]:
+    """The slot limit a server started with these flags reports after one request, and its stderr."""
     import httpx
     from conftest import start_server, stop_server, wait_ready
 
+    process, base = start_server(store.root, *flags)
+    try:
+        wait_ready(base, process)
+        assert httpx.post(base + "/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
+        limit = next(line.split()[-1] for line in httpx.get(base + "/metrics").text.splitlines()
+                     if line.startswith('edgepack_slot_limit{model="tiny"}'))
+    finally:
+        stop_server(process)
+    return limit, process.stderr.read()
+
+
+def test_serve_uses_the_tuned_settings_and_flags_win(store):
     write_local_config(store, {"threads": 1, "slots": 3, "n_batch": 64}, [])
-    process, base = start_server(store.root)
-    try:
-        wait_ready(base, process)
-        assert httpx.post(base + "/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
-        assert 'edgepack_slot_limit{model="tiny"} 3.0' in httpx.get(base + "/metrics").text
-    finally:
-        stop_server(process)
-    assert "1 threads (local.json, from `edgepack tune`)" in process.stderr.read()
-    process, base = start_server(store.root, "--slots", "2")
-    try:
-        wait_ready(base, process)
-        assert httpx.post(base + "/v1/completions", json={"prompt": "the", "max_tokens": 2}).status_code == 200
-        assert 'edgepack_slot_limit{model="tiny"} 2.0' in httpx.get(base + "/metrics").text
-    finally:
-        stop_server(process)
+    limit, log = served_slot_limit(store)
+    assert limit == "3.0" and "1 threads (local.json, from `edgepack tune`)" in log
+    assert served_slot_limit(store, "--slots", "2")[0] == "2.0"
