@@ -170,6 +170,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         semantic_all=semantic_threshold is not None,
         agent_digests={a.name: manifest.agent_digest(a) for a in agents},
         on_ready=on_ready, on_failure=on_failure,
+        on_warning=lambda message: click.echo(f"edgepack: warning: {message}", err=True),
     )
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on http://{host}:{port}", err=True)
     click.echo(f"edgepack: memory budget {format_mib(budget.bytes)} ({budget.reason}); models load "

@@ -90,6 +90,7 @@ class Service:
         request_timeout: float = 300.0,
         on_ready: Callable[[], None] = lambda: None,
         on_failure: Callable[[str], None] = lambda message: None,
+        on_warning: Callable[[str], None] = lambda message: None,
     ) -> None:
         self.metrics = Metrics()
         self.agents = {agent.name: agent for agent in agents}
@@ -105,6 +106,7 @@ class Service:
         self.alerts = AlertWindow({a.name: a.latency_sla_ms for a in agents if a.latency_sla_ms})
         self._started: dict[int, float] = {}
         self._make_pool, self._on_ready, self._on_failure = make_pool, on_ready, on_failure
+        self._on_warning = on_warning
         self.created = int(time.time())
         routes = [
             Route("/health", self.health),
@@ -157,7 +159,11 @@ class Service:
             if self.preload:
                 self.state = "warming"
                 for name in {agent.model: None for agent in self.agents.values()}:
-                    pool.acquire(name)
+                    try:
+                        pool.acquire(name)
+                    except DoesNotFit as exc:  # the others still serve; its requests get 503
+                        self._on_warning(f"not preloaded: {exc}")
+                        continue
                     pool.release(name)
                     self._loaded(name)
             self.state = "ready"

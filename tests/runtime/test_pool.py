@@ -220,6 +220,15 @@ def test_server_loads_lazily_evicts_after_keep_alive_and_gives_503_when_nothing_
     finally:
         stop_server(process)
 
+    process, base = start_server(store.root, "--threads", "1", "--memory-budget", "1M", "--preload")
+    try:
+        wait_ready(base, process)  # a model that cannot be preloaded does not stop the server
+        status, body = post_json(base + "/v1/completions", {"model": "other", "prompt": "the", "max_tokens": 4})
+        assert status == 503 and body["error"]["code"] == "insufficient_memory"
+    finally:
+        stop_server(process)
+    assert "warning: not preloaded: model 'alpha'" in process.stderr.read()
+
 
 def test_preload_loads_every_model_before_ready(store):
     process, base = start_server(store.root, "--threads", "1", "--preload", "--ctx", "512")
