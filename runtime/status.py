@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -71,7 +72,10 @@ def summary(url: str) -> list[tuple[str, str]]:
     lookups = sum(cache.values())
     rows = [
         ("status", health.get("status", "?") + (f" ({health['error']})" if health.get("error") else "")),
-        ("requests", f"{requests:.0f} ({errors:.0f} errors/refusals)"),
+        ("requests", f"{requests:.0f} ({errors:.0f} errors/refusals){_rate(requests, samples)}"),
+        ("models loaded", ", ".join(
+            f"{dict(k)['model']} ({total('edgepack_slot_limit', model=dict(k)['model']):.0f} slots)"
+            for k, v in samples.get("edgepack_model_loaded", {}).items() if v) or "none"),
         ("in flight / queued / active slots", f"{total('edgepack_requests_in_flight'):.0f} / "
          f"{total('edgepack_queue_depth'):.0f} / {total('edgepack_active_slots'):.0f}"),
         ("generated tokens", f"{total('edgepack_generated_tokens_total'):.0f}"),
@@ -83,8 +87,9 @@ def summary(url: str) -> list[tuple[str, str]]:
                         ("time to first token", "edgepack_time_to_first_token_seconds"),
                         ("time per output token", "edgepack_time_per_output_token_seconds")):
         rows.append((f"{label} p50/p95/p99", " / ".join(ms(quantile(samples, name, q)) for q in (0.5, 0.95, 0.99))))
-    rows.append(("cache hits", f"{(cache.get('l1', 0) + cache.get('l2', 0)) / lookups:.0%} of {lookups:.0f} "
-                 f"(L1 {cache.get('l1', 0):.0f}, L2 {cache.get('l2', 0):.0f})" if lookups else "–"))
+    hits = lookups - cache.get("miss", 0)
+    rows.append(("cache hits", f"{hits / lookups:.0%} of {lookups:.0f} (L1 {cache.get('l1', 0):.0f}, L2 "
+                 f"{cache.get('l2', 0):.0f}, semantic {cache.get('semantic', 0):.0f})" if lookups else "–"))
     rows.append(("resident memory", f"{total('edgepack_process_resident_memory_bytes') / 2**20:.0f} MiB (PSS "
                  f"{total('edgepack_process_proportional_memory_bytes') / 2**20:.0f} MiB, budget "
                  f"{total('edgepack_memory_budget_bytes') / 2**20:.0f} MiB)"))
@@ -93,3 +98,10 @@ def summary(url: str) -> list[tuple[str, str]]:
     firing = [dict(k)["alert"] for k, v in samples.get("edgepack_alert", {}).items() if v]
     rows.append(("alerts", ", ".join(firing) if firing else "none"))
     return rows
+
+
+def _rate(requests: float, samples: dict) -> str:
+    """Requests per second since the server started (its process start time, from the process collector)."""
+    started = sum(samples.get("process_start_time_seconds", {}).values())
+    elapsed = time.time() - started
+    return f", {requests / elapsed:.2f}/s since start" if started and elapsed > 0 else ""
