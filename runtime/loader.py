@@ -45,6 +45,8 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         cores = hardware.default_threads()
         threads = min(defaults.threads, cores) if defaults.threads else cores
     slots = slots or local.get("slots", 2)
+    if threads_batch is None and "threads_batch" in local:
+        threads_batch = min(local["threads_batch"], len(os.sched_getaffinity(0)))
     return ServeConfig(
         threads=threads,
         n_ctx=n_ctx or defaults.n_ctx,

@@ -35,7 +35,7 @@ LOCAL_CONFIG = "local.json"
 LOCAL_CONFIG_FORMAT = 1
 MAX_LOCAL_CONFIG_BYTES = 1 << 20
 # n_batch never below the most slots: the scheduler puts one token of every generating slot in a batch.
-LIMITS = {"threads": (1, 1024), "slots": (1, 64), "n_batch": (64, 16384)}
+LIMITS = {"threads": (1, 1024), "slots": (1, 64), "n_batch": (64, 16384), "threads_batch": (1, 1024)}
 _KNOWN_KEYS = {"format", "measured", *LIMITS}
 
 DEFAULT_SLOTS = (1, 2, 4)
@@ -234,6 +234,16 @@ def choose(measurements: list[Measurement]) -> tuple[Candidate, str]:
     return min(by_candidate, key=overshoot), "no configuration meets the latency targets: the closest to them"
 
 
+def prompt_threads(measurements: list[Measurement], best: Candidate) -> int:
+    """The thread count whose prompt processing (time to first token, with best's slots and batch size) was the
+    fastest: prompts are compute-bound and may prefer another count than generation."""
+    ttft: dict[int, list[float]] = {}
+    for m in measurements:
+        if (m.candidate.slots, m.candidate.n_batch) == (best.slots, best.n_batch):
+            ttft.setdefault(m.candidate.threads, []).append(m.ttft_ms)
+    return min(ttft, key=lambda threads: (statistics.fmean(ttft[threads]), threads != best.threads))
+
+
 def benchmark_prompt(engine: Engine) -> list[int]:
     """A fixed prompt of exactly PROMPT_TOKENS tokens (the text repeated or cut), the same for every run."""
     tokens = engine.tokenize(_PROMPT_TEXT)
@@ -417,18 +427,22 @@ def tune_command(store_dir: Path, model: str | None, threads: list[int] | None, 
     measurements = sweep(store, manifest, models, candidates, tokens=tokens, runs=runs, n_ctx=ctx,
                          progress=lambda m: click.echo(f"tune: {_progress_line(m)}", err=True))
     best, rule = choose(measurements)
+    chosen = asdict(best)
+    if (threads_batch := prompt_threads(measurements, best)) != best.threads:
+        chosen["threads_batch"] = threads_batch  # prompts ran faster with another count
     results = [m.row() for m in measurements]
     path = None
     if not dry_run:
         settings = {"models": models, "tokens": tokens, "runs": runs, "prompt_tokens": PROMPT_TOKENS, "n_ctx": ctx,
                     "load_average": round(load, 2), "rule": rule}
-        path = write_local_config(store, asdict(best), results, release_id=release, settings=settings)
+        path = write_local_config(store, chosen, results, release_id=release, settings=settings)
     if as_json:
-        click.echo(json.dumps({"release": release, "best": asdict(best), "rule": rule, "results": results,
+        click.echo(json.dumps({"release": release, "best": chosen, "rule": rule, "results": results,
                                "local_config": str(path) if path else None}, indent=2))
         return
     click.echo(results_table(measurements, best))
-    click.echo(f"best: threads={best.threads} slots={best.slots} n_batch={best.n_batch}: {rule}")
+    click.echo(f"best: threads={best.threads} slots={best.slots} n_batch={best.n_batch}"
+               + (f" threads_batch={chosen['threads_batch']}" if "threads_batch" in chosen else "") + f": {rule}")
     click.echo(f"wrote {path}; `edgepack serve` uses it unless flags say otherwise" if path
                else "dry run: nothing written")
 

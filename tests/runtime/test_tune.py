@@ -159,6 +159,19 @@ def test_the_best_is_the_fastest_within_the_latency_target():
     assert choose(two)[0].threads == 2
 
 
+def test_prompt_threads_are_kept_apart_only_when_prompts_ran_faster():
+    from dataclasses import replace
+
+    from edgepack.runtime.tune import prompt_threads
+
+    rows = [replace(measured("m", 2, 30, 100), ttft_ms=40.0), replace(measured("m", 4, 20, 100), ttft_ms=25.0),
+            replace(measured("m", 1, 10, 100), ttft_ms=90.0)]
+    best = choose(rows)[0]
+    assert best.threads == 2 and prompt_threads(rows, best) == 4
+    tied = [replace(r, ttft_ms=40.0) for r in rows]
+    assert prompt_threads(tied, best) == 2  # no faster count: the same as generation
+
+
 def served_slot_limit(store: Store, *flags: str) -> tuple[str, str]:
     """The slot limit a server started with these flags reports after one request, and its stderr."""
     import httpx
