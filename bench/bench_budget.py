@@ -42,7 +42,7 @@ from edgepack.runtime.cli import format_table
 
 WORK = OUT / "budget"
 MIB = 2**20
-BUDGETS = ("900MiB", "560MiB", "300MiB")
+BUDGETS = ("900MiB", "480MiB", "300MiB")
 CLIENTS = 4
 PROMPTS = ["Once upon a time", "The weather today is", "Write a list of three fruits:",
            "In a small village by the sea there lived an old fisherman who"]

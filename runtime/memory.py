@@ -20,6 +20,7 @@ from .errors import EdgepackError
 MiB = 2**20
 DEFAULT_SHARE = 0.8
 CGROUP_SHARE = 0.9  # of memory.max: the page cache of mapped weights is charged to the cgroup too
+HEADROOM = 32 * 2**20  # kept free of models: requests in flight, HTTP buffers, Python objects under load
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
                "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -127,14 +128,26 @@ class ModelShape:
     value_length: int
     n_vocab: int
     n_embd: int
+    architecture: str = ""
+    n_swa: int = 0  # sliding-window size (0: every layer attends to the whole context)
 
 
 KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
+# llama.cpp's fixed layer patterns of interleaved sliding-window attention: every N-th layer attends to the whole
+# context, the others to a window. An architecture not listed here is sized as if every layer were full.
+SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
 
 
-def kv_bytes_per_token(shape: ModelShape, kv_type: str) -> float:
-    """An upper bound: every layer keeps every position (sliding-window layers keep fewer)."""
-    return shape.n_layer * shape.n_head_kv * (shape.key_length + shape.value_length) * KV_ELEMENT_BYTES[kv_type]
+def kv_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: int) -> int:
+    """KV cache bytes for `slots` streams of n_ctx cells: full layers keep n_ctx cells, sliding-window layers
+    (llama.cpp's swa_full=false) their window plus one micro-batch, rounded up to 256 cells."""
+    per_cell = shape.n_head_kv * (shape.key_length + shape.value_length) * KV_ELEMENT_BYTES[kv_type]
+    pattern = SWA_PATTERNS.get(shape.architecture) if shape.n_swa > 0 else None
+    if pattern is None:
+        return int(per_cell * shape.n_layer * n_ctx * slots)
+    full = shape.n_layer // pattern
+    window = min(n_ctx, -(-(shape.n_swa + n_ubatch) // 256) * 256)
+    return int(per_cell * slots * (full * n_ctx + (shape.n_layer - full) * window))
 
 
 def compute_bytes(shape: ModelShape, slots: int, n_ubatch: int) -> int:
@@ -143,7 +156,7 @@ def compute_bytes(shape: ModelShape, slots: int, n_ubatch: int) -> int:
 
 
 def context_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: int) -> int:
-    return int(kv_bytes_per_token(shape, kv_type) * n_ctx * slots) + compute_bytes(shape, slots, n_ubatch)
+    return kv_bytes(shape, n_ctx, slots, kv_type, n_ubatch) + compute_bytes(shape, slots, n_ubatch)
 
 
 def fit_context(shape: ModelShape, wanted: int, slots: int, kv_type: str, n_ubatch: int, room: int,

@@ -20,7 +20,7 @@ from .bundle_format import AgentInfo, Manifest
 from .engine import Engine
 from .errors import EdgepackError
 from .loader import ServeConfig, repacked_models
-from .memory import Budget, ModelShape, context_bytes, fit_context, format_mib, process_memory
+from .memory import HEADROOM, Budget, ModelShape, context_bytes, fit_context, format_mib, process_memory
 from .scheduler import BatchScheduler, Prefix, SlotCache
 from .store import Store
 from .warmup import WarmupReport, concurrent_stage, prefix_stage, singles_stage
@@ -155,7 +155,7 @@ class ModelPool:
         known = self._shapes.get(name)
         if known is not None:  # decide before mapping anything: a refusal costs no memory
             chosen["n_ctx"] = self._fit(name, known, segments)
-        elif self.base + sum(segments.values()) > self.budget.bytes:
+        elif self.base + HEADROOM + sum(segments.values()) > self.budget.bytes:
             raise DoesNotFit(f"model {name!r} has {format_mib(sum(segments.values()))} of weights: it does not fit "
                              f"the memory budget of {format_mib(self.budget.bytes)} ({self.budget.reason}) at all",
                              busy=False)
@@ -213,7 +213,7 @@ class ModelPool:
             weights = self._weights(list(self.loaded.values())) + sum(
                 size for digest, size in segments.items()
                 if not any(digest in m.segments for m in self.loaded.values()))
-            return self.budget.bytes - self.base - weights - sum(m.context for m in self.loaded.values())
+            return self.budget.bytes - HEADROOM - self.base - weights - sum(m.context for m in self.loaded.values())
 
         wanted = context_bytes(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch)
         while room() < wanted:
@@ -227,13 +227,14 @@ class ModelPool:
                 break
         n_ctx = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, room())
         if n_ctx is None:
-            alone = self.budget.bytes - self.base - sum(segments.values())
+            alone = self.budget.bytes - HEADROOM - self.base - sum(segments.values())
             busy = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, alone) is not None
             need = sum(segments.values()) + context_bytes(shape, 256, config.slots, config.kv_type, n_ubatch)
             where = "while other models are busy; retry later" if busy else "at all"
             raise DoesNotFit(
                 f"model {name!r} needs about {format_mib(need)} (weights + KV for {config.slots} x 256 tokens) and "
-                f"does not fit the memory budget of {format_mib(self.budget.bytes)} ({self.budget.reason}) {where}",
+                f"does not fit the memory budget of {format_mib(self.budget.bytes)} ({self.budget.reason}) {where}"
+                f" (the server itself keeps {format_mib(self.base + HEADROOM)} of it)",
                 busy=busy,
             )
         if n_ctx < config.n_ctx:

@@ -15,7 +15,7 @@ from edgepack.packager.build import BuildOptions, build
 from edgepack.runtime.boards import load_board
 from edgepack.runtime.engine import Generation, Sampling
 from edgepack.runtime.loader import resolve_config
-from edgepack.runtime.memory import Budget, context_bytes
+from edgepack.runtime.memory import HEADROOM, Budget, context_bytes
 from edgepack.runtime.pool import DoesNotFit, ModelPool
 from edgepack.runtime.scheduler import DONE, BatchScheduler, Request
 from edgepack.runtime.store import Store
@@ -63,7 +63,7 @@ def make_pool(store: Store, budget: int | None = None, n_ctx: int = 512, **kwarg
                      make_scheduler=lambda engine, cache, prefixes: BatchScheduler(engine, cache=cache,
                                                                                 prefixes=prefixes), **kwargs)
     if budget is not None:
-        pool.budget = Budget(pool.base + budget, "test")
+        pool.budget = Budget(pool.base + HEADROOM + budget, "test")
     return pool
 
 
@@ -101,7 +101,7 @@ def test_models_load_on_first_use_and_idle_ones_make_room(store):
         scheduler = pool.acquire("alpha")
         assert list(pool.loaded) == ["alpha"] and scheduler.engine.n_ctx == 512
         beta_context = beta_need - sum(pool._segments("beta").values())
-        pool.budget = Budget(pool.usage() + beta_context - 1, "test")  # room for alpha or beta, not both
+        pool.budget = Budget(pool.usage() + HEADROOM + beta_context - 1, "test")  # room for alpha or beta, not both
         generate(scheduler, "the way")
         pool.release("alpha")
         pool.acquire("beta")  # alpha is idle: evicted to make room
