@@ -323,3 +323,16 @@ def test_agents_opt_in_to_the_semantic_cache_and_to_caching_sampled_answers(stor
         assert outcomes() == {"miss": 1.0, "semantic": 1.0}
     finally:
         stop_server(process)
+
+
+def test_kv_estimate_follows_the_sliding_window_layout():
+    """Gemma 3 270M's shape: llama.cpp allocates 54 MiB of KV for 2 x 4096 (3 full layers, 15 windowed)."""
+    from edgepack.runtime.memory import ModelShape, kv_bytes
+
+    gemma = ModelShape(n_layer=18, n_head_kv=1, key_length=256, value_length=256, n_vocab=262144, n_embd=640,
+                       architecture="gemma3", n_swa=512)
+    assert kv_bytes(gemma, 4096, 2, "f16", 512) == 54 * 2**20
+    assert kv_bytes(gemma, 512, 2, "f16", 512) == 18 * 2**20  # the window is never more than the context
+    unknown = ModelShape(18, 1, 256, 256, 262144, 640, architecture="newarch", n_swa=512)
+    assert kv_bytes(unknown, 4096, 2, "f16", 512) == 144 * 2**20  # no known layout: every layer full
+    assert kv_bytes(gemma, 4096, 2, "q8_0", 512) == int(54 * 2**20 * 34 / 64)
