@@ -120,3 +120,13 @@ def _parse(path: Path) -> BoardProfile:
         cores=cores,
         gpu=doc.get("gpu"),
     )
+
+
+def board_memory_gib(name: str) -> float | None:
+    """The memory of the board a bundle was built for, when this install knows the board (None for host)."""
+    if not name or name == HOST:
+        return None
+    try:
+        return load_board(name).memory_gib
+    except EdgepackError:
+        return None

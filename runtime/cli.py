@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .boards import host_profile, list_boards
+from .boards import board_memory_gib, host_profile, list_boards
 from .errors import EdgepackError
 from .store import Store
 from .systemd import notify, unit_command
@@ -135,7 +135,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type, local=local,
                             threads_batch=threads_batch)
     keep = parse_duration(keep_alive)
-    budget = resolve_budget(memory_budget, _board_memory(manifest.board))
+    budget = resolve_budget(memory_budget, board_memory_gib(manifest.board))
     for info in manifest.models:
         store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
     store.adapter_paths(manifest)
@@ -192,18 +192,6 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         raise EdgepackError(service.error)
     if not server.started:
         raise EdgepackError(f"could not listen on {host}:{port}")
-
-
-def _board_memory(name: str) -> float | None:
-    """The memory of the board the bundle was built for, when this install knows it."""
-    from .boards import HOST, load_board
-
-    if not name or name == HOST:
-        return None
-    try:
-        return load_board(name).memory_gib
-    except EdgepackError:
-        return None
 
 
 def parse_duration(text: str) -> float | None:

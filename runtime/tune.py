@@ -335,20 +335,31 @@ def summarize(model: str, candidate: Candidate, runs: list[_Run], sla_ms: int | 
 
 
 def sweep(store: Store, manifest: Manifest, models: list[str], candidates: list[Candidate], *, tokens: int,
-          runs: int, n_ctx: int, progress: Callable[[Measurement], None] = lambda m: None) -> list[Measurement]:
-    """Measure every model under every candidate, one engine per (model, candidate)."""
+          runs: int, n_ctx: int, progress: Callable[[Measurement], None] = lambda m: None,
+          budget: int | None = None, skipped: Callable[[str], None] = lambda message: None) -> list[Measurement]:
+    """Measure every model under every candidate, one engine per (model, candidate). With a memory budget
+    (bytes), a candidate whose context would not fit it is skipped, as `serve` would not allocate it."""
     from .engine import Engine
     from .loader import repacked_models  # the loader reads local.json through this module: no cycle at import
+    from .memory import process_memory
 
     repack = repacked_models(manifest, "auto")  # as `serve` loads them
     targets = latency_targets(manifest)
+    base = process_memory()[0]
     results = []
     for name in models:
         info = manifest.model(name)
         paths = store.segment_paths(manifest, name)
+        weights = sum(manifest.blobs[d].size for d in info.segments)
         for candidate in candidates:
-            engine = Engine(paths, name=name, n_ctx=n_ctx, n_batch=candidate.n_batch, threads=candidate.threads,
-                            chat_template=info.chat_template, repack=name in repack, slots=candidate.slots)
+            fit = _fit_within(budget, base + weights, name, candidate, n_ctx)
+            try:
+                engine = Engine(paths, name=name, n_ctx=n_ctx, n_batch=candidate.n_batch, threads=candidate.threads,
+                                chat_template=info.chat_template, repack=name in repack, slots=candidate.slots,
+                                fit=fit)
+            except _DoesNotFit as exc:
+                skipped(str(exc))
+                continue
             try:
                 prompt = benchmark_prompt(engine)
                 engine.check_fits(len(prompt), tokens)
@@ -358,6 +369,24 @@ def sweep(store: Store, manifest: Manifest, models: list[str], candidates: list[
             progress(result)
             results.append(result)
     return results
+
+
+class _DoesNotFit(EdgepackError):
+    """A candidate whose context would not fit the memory budget."""
+
+
+def _fit_within(budget: int | None, used: int, name: str, candidate: Candidate, n_ctx: int) -> Callable:
+    """Engine's `fit`: the context as asked, or _DoesNotFit when it and `used` (process + weights) exceed budget."""
+    from .memory import HEADROOM, context_bytes, format_mib
+
+    def fit(shape) -> int:  # noqa: ANN001 - a memory.ModelShape
+        need = used + HEADROOM + context_bytes(shape, n_ctx, candidate.slots, "f16", min(candidate.n_batch, 512))
+        if budget is not None and need > budget:
+            raise _DoesNotFit(f"{name}: {candidate.slots} slots x {n_ctx} tokens need about {format_mib(need)}, "
+                              f"over the memory budget of {format_mib(budget)}: skipped")
+        return n_ctx
+
+    return fit
 
 
 # ---- the command -------------------------------------------------------------------------------------------
@@ -399,10 +428,13 @@ class IntList(click.ParamType):
 @click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 100), help="Measured runs (median).")
 @click.option("--ctx", "n_ctx", type=click.IntRange(PROMPT_TOKENS + 2),
               help="Context per slot (default: the bundle's).")
+@click.option("--memory-budget", help="Skip configurations that would not fit this budget, as `serve` reads it "
+                                      "(default: serve's default budget).")
 @click.option("--dry-run", is_flag=True, help="Measure and print, write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def tune_command(store_dir: Path, model: str | None, threads: list[int] | None, slots: list[int],
-                 batches: list[int], tokens: int, runs: int, n_ctx: int | None, dry_run: bool, as_json: bool) -> None:
+                 batches: list[int], tokens: int, runs: int, n_ctx: int | None, memory_budget: str | None,
+                 dry_run: bool, as_json: bool) -> None:
     """Measure threads, slots and batch sizes on this device and keep the best for `serve`."""
     allowed = len(os.sched_getaffinity(0))
     if threads and max(threads) > allowed:
@@ -424,8 +456,16 @@ def tune_command(store_dir: Path, model: str | None, threads: list[int] | None, 
     if load > allowed / 2:
         click.echo(f"tune: warning: the machine is busy (load {load:.1f} on {os.cpu_count()} CPUs); other work skews"
                    " the figures, multi-threaded ones most", err=True)
+    from .boards import board_memory_gib
+    from .memory import resolve_budget
+
+    budget = resolve_budget(memory_budget, board_memory_gib(manifest.board))
     measurements = sweep(store, manifest, models, candidates, tokens=tokens, runs=runs, n_ctx=ctx,
-                         progress=lambda m: click.echo(f"tune: {_progress_line(m)}", err=True))
+                         progress=lambda m: click.echo(f"tune: {_progress_line(m)}", err=True),
+                         budget=budget.bytes, skipped=lambda line: click.echo(f"tune: {line}", err=True))
+    if not measurements:
+        raise EdgepackError(f"no configuration fits the memory budget of {budget.bytes / 2**20:.0f} MiB "
+                            f"({budget.reason}); try fewer --slots or a smaller --ctx")
     best, rule = choose(measurements)
     chosen = asdict(best)
     if (threads_batch := prompt_threads(measurements, best)) != best.threads:

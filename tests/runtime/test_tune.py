@@ -127,6 +127,13 @@ def test_an_unknown_model_is_refused_in_one_line(store):
     assert result.exit_code == 1 and result.stderr == "Error: bundle 'tiny' has no model 'nope'\n"
 
 
+def test_configurations_over_the_memory_budget_are_skipped(store):
+    result = tune(store, *SWEEP, "--memory-budget", "1M")
+    assert result.exit_code == 1 and not local_config(store).exists()
+    assert result.stderr.splitlines()[-1].startswith("Error: no configuration fits the memory budget of 1 MiB")
+    assert "tiny: 1 slots x 512 tokens need about" in result.stderr and ": skipped" in result.stderr
+
+
 def test_local_config_round_trips(store):
     write_local_config(store, {"threads": 2, "slots": 4, "n_batch": 256}, [{"model": "tiny"}])
     assert read_local_config(store) == {"threads": 2, "slots": 4, "n_batch": 256}
