@@ -153,7 +153,9 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
             server.should_exit = True
 
     def make_pool(make_scheduler) -> ModelPool:  # noqa: ANN001 - see server.PoolFactory
+        embedding = frozenset(a.model for a in agents if semantic_threshold is not None or a.semantic_cache is not None)
         return ModelPool(store, manifest, config, budget, keep_alive=keep, warm_state=warm_state,
+                         embedding_models=embedding,
                          make_scheduler=make_scheduler,
                          log=lambda line: click.echo(f"edgepack: {line}", err=True))
 

@@ -45,7 +45,10 @@ class Embedder:
         # turns them on for the last token alone.
         self._prefill = declared is None
         self._lock = threading.Lock()
-        self._ctx = _context(model, declared, n_ctx, threads)
+        log: list[str] = []
+        with llama.log_listener(log.append):
+            self._ctx = _context(model, declared, n_ctx, threads)
+        self.context_bytes = llama.buffer_bytes(log)
         self.n_ctx = n_ctx
         self.dim = llama_cpp.llama_model_n_embd_out(model)
         self._memory = llama_cpp.llama_get_memory(self._ctx)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import ctypes
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,7 +112,7 @@ class Engine:
         log: list[str] = []
         with llama.log_listener(log.append):
             self._ctx = llama_cpp.llama_init_from_model(self._model, params)
-        self.context_bytes = _buffer_bytes(log)  # KV, compute and output buffers, as llama.cpp reports them
+        self.context_bytes = llama.buffer_bytes(log)  # KV, compute and output buffers, as llama.cpp reports them
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EdgepackError(f"llama.cpp could not create a context for {name}: {llama.last_error()}")
@@ -176,6 +175,10 @@ class Engine:
             if self._embedder is None:
                 self._embedder = Embedder(self._model, threads=1)  # one thread: steadier beside the decoder
             return self._embedder
+
+    @property
+    def embedder_bytes(self) -> int:
+        return self._embedder.context_bytes if self._embedder is not None else 0
 
     def close(self) -> None:
         if self._embedder is not None:
@@ -393,13 +396,6 @@ class Engine:
 
     def set_adapter(self, lora: tuple[str, float] | None) -> None:
         self._apply_adapter(lora)
-
-
-_BUFFER_LINE = re.compile(r"(KV|compute|output) buffer size =\s*([0-9.]+) MiB")
-
-
-def _buffer_bytes(log: list[str]) -> int:
-    return int(sum(float(m.group(2)) for line in log if (m := _BUFFER_LINE.search(line))) * 2**20)
 
 
 class TokenStream:

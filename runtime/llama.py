@@ -11,6 +11,7 @@ import concurrent.futures
 import contextlib
 import ctypes
 import os
+import re
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -66,6 +67,14 @@ def decode(ctx: ctypes.c_void_p, batch: llama_cpp.llama_batch) -> int:
     the calling thread: with each model decoding from its own thread, every model kept a team, and a model
     decoded ~15% slower once another had served (bench/RUNTIME.md). One thread, one team, no oversubscription."""
     return _decoder.submit(llama_cpp.llama_decode, ctx, batch).result()
+
+
+_BUFFER_LINE = re.compile(r"(KV|compute|output) buffer size =\s*([0-9.]+) MiB")
+
+
+def buffer_bytes(log: list[str]) -> int:
+    """The KV, compute and output buffers llama.cpp reported while creating a context, in bytes."""
+    return int(sum(float(m.group(2)) for line in log if (m := _BUFFER_LINE.search(line))) * 2**20)
 
 
 def last_error() -> str:

@@ -57,11 +57,13 @@ class ModelPool:
         *,
         keep_alive: float | None = 300.0,
         warm_state: bool = True,
+        embedding_models: frozenset[str] = frozenset(),
         make_scheduler: Callable[[Engine, SlotCache, list[Prefix]], BatchScheduler],
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.store, self.manifest, self.config, self.budget = store, manifest, config, budget
         self.keep_alive, self.warm_state = keep_alive, warm_state
+        self.embedding_models = embedding_models  # models whose agents use the semantic cache: an embedder each
         self._make_scheduler, self._log = make_scheduler, log
         self._repack = repacked_models(manifest, config.repack)
         self._adapters = store.adapter_paths(manifest)
@@ -185,6 +187,8 @@ class ModelPool:
             singles_stage(engine, report)
             cache, prefixes = prefix_stage(engine, self.manifest, agents, self.warm_dir, self.config.kv_type,
                                            self._scales, report) if self.warm_state else ({}, [])
+            if name in self.embedding_models:
+                engine.embedder()  # now, inside the budget check, rather than on the first lookup
             scheduler = self._make_scheduler(engine, cache, prefixes)
         except BaseException:
             engine.close()
@@ -196,8 +200,9 @@ class ModelPool:
             engine.close()
             raise
         # what llama.cpp's figures miss (vocabulary, repacked weights, allocator): measured growth beyond them
-        other = max(0, process_memory()[0] - before - new_weights - engine.context_bytes)
-        model = Loaded(engine, scheduler, segments, engine.context_bytes + other, chosen.get("n_ctx", engine.n_ctx),
+        allocated = engine.context_bytes + engine.embedder_bytes
+        other = max(0, process_memory()[0] - before - new_weights - allocated)
+        model = Loaded(engine, scheduler, segments, allocated + other, chosen.get("n_ctx", engine.n_ctx),
                        report, time.monotonic() - started)
         self._log(f"loaded {name} in {model.load_seconds:.1f}s ({chosen.get('n_ctx')} tokens x "
                   f"{self.config.slots} slots; in use {format_mib(self.usage())} of {format_mib(self.budget.bytes)}); "
@@ -215,7 +220,8 @@ class ModelPool:
                 if not any(digest in m.segments for m in self.loaded.values()))
             return self.budget.bytes - HEADROOM - self.base - weights - sum(m.context for m in self.loaded.values())
 
-        wanted = context_bytes(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch)
+        embedder = context_bytes(shape, 512, 1, "f16", 512) if name in self.embedding_models else 0
+        wanted = context_bytes(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch) + embedder
         while room() < wanted:
             with self._state:
                 idle = sorted((m.last_used, n) for n, m in self.loaded.items() if m.users == 0)
@@ -225,9 +231,9 @@ class ModelPool:
             self._evict(idle[0][1], f"to make room for {name}")
             if len(self.loaded) == before:
                 break
-        n_ctx = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, room())
+        n_ctx = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, room() - embedder)
         if n_ctx is None:
-            alone = self.budget.bytes - HEADROOM - self.base - sum(segments.values())
+            alone = self.budget.bytes - HEADROOM - self.base - sum(segments.values()) - embedder
             busy = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, alone) is not None
             need = sum(segments.values()) + context_bytes(shape, 256, config.slots, config.kv_type, n_ubatch)
             where = "while other models are busy; retry later" if busy else "at all"

@@ -336,3 +336,13 @@ def test_kv_estimate_follows_the_sliding_window_layout():
     unknown = ModelShape(18, 1, 256, 256, 262144, 640, architecture="newarch", n_swa=512)
     assert kv_bytes(unknown, 4096, 2, "f16", 512) == 144 * 2**20  # no known layout: every layer full
     assert kv_bytes(gemma, 4096, 2, "q8_0", 512) == int(54 * 2**20 * 34 / 64)
+
+
+def test_a_model_with_semantic_cache_gets_its_embedder_inside_the_budget(store):
+    pool = make_pool(store, embedding_models=frozenset({"beta"}))
+    try:
+        engine = pool.acquire("beta").engine
+        assert engine.embedder_bytes > 0 and pool.loaded["beta"].context >= engine.context_bytes + engine.embedder_bytes
+        assert pool.acquire("alpha").engine.embedder_bytes == 0  # no agent of alpha uses it
+    finally:
+        pool.close()
