@@ -108,6 +108,10 @@ def gc(store_dir: Path) -> None:
 @click.option("--preload", is_flag=True, help="Load and warm up every model before reporting ready.")
 @click.option("--warm-state/--no-warm-state", default=True, show_default=True,
               help="Keep each agent's system-prompt KV state ready in a slot, saved in the release for restarts.")
+@click.option("--warmup", "warmup", default="singles,batch", show_default=True,
+              help="Warm-up stages run when a model loads: singles (one-at-a-time requests: cold, then warm), "
+                   "batch (one concurrent request per slot); 'none' for neither. The agents' system prompts are "
+                   "the warm state (--no-warm-state).")
 @click.option("--kv-type", default="f16", show_default=True, type=click.Choice(["f16", "q8_0"]),
               help="KV cache element type (q8_0 halves its memory).")
 @click.option("--tpot-target", type=click.FloatRange(min=0.1),
@@ -117,7 +121,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
           threads_batch: int | None, repack: str,
           slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
           disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
-          preload: bool, warm_state: bool, kv_type: str, tpot_target: float | None) -> None:
+          preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -135,6 +139,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type, local=local,
                             threads_batch=threads_batch)
     keep = parse_duration(keep_alive)
+    stages = parse_stages(warmup)
     budget = resolve_budget(memory_budget, board_memory_gib(manifest.board))
     for info in manifest.models:
         store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
@@ -154,7 +159,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
 
     def make_pool(make_scheduler) -> ModelPool:  # noqa: ANN001 - see server.PoolFactory
         embedding = frozenset(a.model for a in agents if semantic_threshold is not None or a.semantic_cache is not None)
-        return ModelPool(store, manifest, config, budget, keep_alive=keep, warm_state=warm_state,
+        return ModelPool(store, manifest, config, budget, keep_alive=keep, warm_state=warm_state, warmup=stages,
                          embedding_models=embedding,
                          make_scheduler=make_scheduler,
                          log=lambda line: click.echo(f"edgepack: {line}", err=True))
@@ -194,6 +199,16 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         raise EdgepackError(service.error)
     if not server.started:
         raise EdgepackError(f"could not listen on {host}:{port}")
+
+
+def parse_stages(text: str) -> frozenset[str]:
+    """'singles,batch' / 'none' -> the warm-up stages to run."""
+    from .warmup import WARMUP_STAGES
+
+    stages = frozenset(s.strip() for s in text.split(",") if s.strip() and s.strip() != "none")
+    if not stages <= WARMUP_STAGES:
+        raise EdgepackError(f"--warmup {text!r}: expected stages among {', '.join(sorted(WARMUP_STAGES))}, or none")
+    return stages
 
 
 def parse_duration(text: str) -> float | None:

@@ -23,7 +23,7 @@ from .loader import ServeConfig, repacked_models
 from .memory import HEADROOM, Budget, ModelShape, context_bytes, fit_context, format_mib, process_memory
 from .scheduler import BatchScheduler, Prefix, SlotCache
 from .store import Store
-from .warmup import WarmupReport, concurrent_stage, prefix_stage, singles_stage
+from .warmup import WARMUP_STAGES, WarmupReport, concurrent_stage, prefix_stage, singles_stage
 
 
 class DoesNotFit(EdgepackError):
@@ -57,12 +57,13 @@ class ModelPool:
         *,
         keep_alive: float | None = 300.0,
         warm_state: bool = True,
+        warmup: frozenset[str] = WARMUP_STAGES,
         embedding_models: frozenset[str] = frozenset(),
         make_scheduler: Callable[[Engine, SlotCache, list[Prefix]], BatchScheduler],
         log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.store, self.manifest, self.config, self.budget = store, manifest, config, budget
-        self.keep_alive, self.warm_state = keep_alive, warm_state
+        self.keep_alive, self.warm_state, self.warmup = keep_alive, warm_state, warmup
         self.embedding_models = embedding_models  # models whose agents use the semantic cache: an embedder each
         self._make_scheduler, self._log = make_scheduler, log
         self._repack = repacked_models(manifest, config.repack)
@@ -184,7 +185,8 @@ class ModelPool:
                     engine.load_adapter(adapter.name, self._adapters[adapter.name])
             agents = [a for a in self.manifest.agent_list() if a.model == name]
             report = WarmupReport(name)
-            singles_stage(engine, report)
+            if "singles" in self.warmup:
+                singles_stage(engine, report)
             cache, prefixes = prefix_stage(engine, self.manifest, agents, self.warm_dir, self.config.kv_type,
                                            self._scales, report) if self.warm_state else ({}, [])
             if name in self.embedding_models:
@@ -194,7 +196,8 @@ class ModelPool:
             engine.close()
             raise
         try:
-            concurrent_stage(scheduler, agents if self.warm_state else [], self._scales, report)
+            if "batch" in self.warmup:
+                concurrent_stage(scheduler, agents if self.warm_state else [], self._scales, report)
         except BaseException:
             scheduler.stop()
             engine.close()

@@ -22,6 +22,7 @@ from .errors import EdgepackError
 from .scheduler import DONE, BatchScheduler, Prefix, Request, SlotCache
 
 SINGLE_RUNS = 3
+WARMUP_STAGES = frozenset({"singles", "batch"})  # the agents' prefixes are the warm state (--no-warm-state)
 _PROBES = ("a", "Z9")  # two user messages: the agent's prefix is what their renderings share
 
 

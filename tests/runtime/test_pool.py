@@ -246,6 +246,7 @@ def test_preload_loads_every_model_before_ready(store):
     (["--memory-budget", "150%"], "a share must be between 0% and 100%"),
     (["--keep-alive", "soon"], "--keep-alive 'soon': expected a duration"),
     (["--threads-batch", "0"], "--threads-batch must be at least 1, got 0"),
+    (["--warmup", "singles,sauna"], "--warmup 'singles,sauna': expected stages among batch, singles, or none"),
 ])
 def test_bad_memory_flags_are_refused_in_one_line(store, flag, message):
     from conftest import run_cli
@@ -344,5 +345,15 @@ def test_a_model_with_semantic_cache_gets_its_embedder_inside_the_budget(store):
         engine = pool.acquire("beta").engine
         assert engine.embedder_bytes > 0 and pool.loaded["beta"].context >= engine.context_bytes + engine.embedder_bytes
         assert pool.acquire("alpha").engine.embedder_bytes == 0  # no agent of alpha uses it
+    finally:
+        pool.close()
+
+
+def test_warmup_stages_are_configurable(store):
+    pool = make_pool(store, warmup=frozenset())
+    try:
+        pool.acquire("alpha")
+        report = pool.loaded["alpha"].warmup
+        assert report.singles == [] and report.concurrent == [] and "helper" in report.prefixes
     finally:
         pool.close()
