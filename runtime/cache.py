@@ -39,12 +39,18 @@ class ResponseCache:
         self._l1: collections.OrderedDict[str, tuple[float, CachedAnswer]] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self.warning: str | None = None  # set when the L2 file was damaged and set aside
         if path is not None and l2_ttl > 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, expires REAL NOT NULL, "
-                             "answer TEXT NOT NULL)")
+            try:
+                self._db = _open(path)
+            except sqlite3.DatabaseError as exc:  # not a database, or damaged: the cache is disposable
+                aside = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+                path.rename(aside)
+                for suffix in ("-wal", "-shm"):  # its journal belongs to the damaged file, not the new one
+                    path.with_name(path.name + suffix).unlink(missing_ok=True)
+                self.warning = f"response cache {path} was unreadable ({exc}); moved to {aside.name}, starting empty"
+                self._db = _open(path)
 
     def get(self, key: str) -> tuple[str | None, CachedAnswer | None]:
         """(level that hit: "l1" / "l2", or None; the answer)."""
@@ -58,10 +64,14 @@ class ResponseCache:
                 del self._l1[key]
             if self._db is None:
                 return None, None
-            row = self._db.execute("SELECT expires, answer FROM answers WHERE key = ?", (key,)).fetchone()
-            if row is None or row[0] <= now:
+            try:
+                row = self._db.execute("SELECT expires, answer FROM answers WHERE key = ?", (key,)).fetchone()
+                if row is None or row[0] <= now:
+                    return None, None
+                answer = CachedAnswer(**json.loads(row[1]))
+            except (sqlite3.Error, ValueError, TypeError):  # a damaged row or file: a miss, and it goes
+                self._forget(key)
                 return None, None
-            answer = CachedAnswer(**json.loads(row[1]))
             self._remember(key, answer, now)
             return "l2", answer
 
@@ -70,9 +80,18 @@ class ResponseCache:
         with self._lock:
             self._remember(key, answer, now)
             if self._db is not None:
-                self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
-                                 (key, now + self.l2_ttl, json.dumps(asdict(answer))))
-                self._db.execute("DELETE FROM answers WHERE expires <= ?", (now,))
+                try:
+                    self._db.execute("INSERT OR REPLACE INTO answers VALUES (?, ?, ?)",
+                                     (key, now + self.l2_ttl, json.dumps(asdict(answer))))
+                    self._db.execute("DELETE FROM answers WHERE expires <= ?", (now,))
+                except sqlite3.Error:  # disk full, file gone or damaged: keep serving from L1 alone
+                    self.close()
+
+    def _forget(self, key: str) -> None:
+        try:
+            self._db.execute("DELETE FROM answers WHERE key = ?", (key,))
+        except sqlite3.Error:
+            self.close()
 
     def _remember(self, key: str, answer: CachedAnswer, now: float) -> None:
         if self.l1_ttl <= 0 or self.l1_entries <= 0:
@@ -86,3 +105,16 @@ class ResponseCache:
         if self._db is not None:
             self._db.close()
             self._db = None
+
+
+def _open(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, expires REAL NOT NULL, "
+                   "answer TEXT NOT NULL)")
+        db.execute("SELECT expires, answer FROM answers LIMIT 1").fetchall()
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db

@@ -166,12 +166,15 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
 
     agents = list(manifest.agent_list())
     names = [a.name for a in agents]
+    responses = ResponseCache(store.root / "cache" / "responses.sqlite", l1_ttl=cache_ttl, l2_ttl=disk_cache_ttl) \
+        if cache else None
+    if responses is not None and responses.warning:
+        click.echo(f"edgepack: warning: {responses.warning}", err=True)
     service = Service(
         make_pool, agents, preload=preload, tpot_targets=tpot_targets(agents, config.max_tokens, tpot_target),
         default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in manifest.adapters},
         max_queue=max_queue, request_timeout=request_timeout,
-        cache=ResponseCache(store.root / "cache" / "responses.sqlite", l1_ttl=cache_ttl, l2_ttl=disk_cache_ttl)
-        if cache else None,
+        cache=responses,
         semantic=SemanticCache(semantic_threshold or DEFAULT_THRESHOLD, ttl=max(cache_ttl, 1.0))
         if semantic_threshold is not None or any(a.semantic_cache is not None for a in agents) else None,
         semantic_all=semantic_threshold is not None,

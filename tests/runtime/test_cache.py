@@ -135,3 +135,33 @@ def test_semantic_cache_over_http(served_store):
         assert "edgepack_semantic_cache_entries 2.0" in httpx.get(base + "/metrics").text
     finally:
         stop_server(process)
+
+
+def test_a_damaged_l2_file_or_row_is_set_aside_not_fatal(tmp_path, served_store):
+    import sqlite3
+
+    path = tmp_path / "cache" / "responses.sqlite"
+    path.parent.mkdir()
+    path.write_bytes(b"this is not a database" * 100)
+    cache = ResponseCache(path, l1_ttl=0, l2_ttl=3600)
+    assert "was unreadable" in cache.warning and len(list(path.parent.glob("responses.sqlite.damaged-*"))) == 1
+    cache.put("k", ANSWER)
+    assert cache.get("k") == ("l2", ANSWER)
+    cache.close()
+    with sqlite3.connect(path) as db:  # a row whose answer is garbage: a miss, and the row goes
+        db.execute("UPDATE answers SET answer = 'nonsense{' WHERE key = 'k'")
+    cache = ResponseCache(path, l1_ttl=0, l2_ttl=3600)
+    assert cache.warning is None and cache.get("k") == (None, None)
+    cache.close()
+
+    store_cache = served_store / "cache" / "responses.sqlite"  # the server starts anyway, and says why
+    store_cache.parent.mkdir(exist_ok=True)
+    store_cache.write_bytes(b"\x00garbage" * 500)
+    process, base = start_server(served_store, "--threads", "1")
+    try:
+        wait_ready(base, process)
+        body = {"model": "tiny", "prompt": "the", "max_tokens": 3, "temperature": 0}
+        assert httpx.post(base + "/v1/completions", json=body, timeout=60).status_code == 200
+    finally:
+        stop_server(process)
+    assert "warning: response cache" in process.stderr.read()
