@@ -117,9 +117,8 @@ def gc(store_dir: Path) -> None:
 @click.option("--tpot-target", type=click.FloatRange(min=0.1),
               help="Milliseconds per output token the adaptive batch size keeps p95 under (default: from the "
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
-def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None,
-          threads_batch: int | None, repack: str,
-          slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
+def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, threads_batch: int | None,
+          repack: str, slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
           disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
           preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
@@ -158,14 +157,13 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
             server.should_exit = True
 
     def make_pool(make_scheduler) -> ModelPool:  # noqa: ANN001 - see server.PoolFactory
-        embedding = frozenset(a.model for a in agents if semantic_threshold is not None or a.semantic_cache is not None)
         return ModelPool(store, manifest, config, budget, keep_alive=keep, warm_state=warm_state, warmup=stages,
-                         embedding_models=embedding,
-                         make_scheduler=make_scheduler,
+                         embedding_models=frozenset(a.model for a in by_meaning), make_scheduler=make_scheduler,
                          log=lambda line: click.echo(f"edgepack: {line}", err=True))
 
     agents = list(manifest.agent_list())
     names = [a.name for a in agents]
+    by_meaning = [a for a in agents if semantic_threshold is not None or a.semantic_cache is not None]
     responses = ResponseCache(store.root / "cache" / "responses.sqlite", l1_ttl=cache_ttl, l2_ttl=disk_cache_ttl) \
         if cache else None
     if responses is not None and responses.warning:
@@ -175,8 +173,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in manifest.adapters},
         max_queue=max_queue, request_timeout=request_timeout,
         cache=responses,
-        semantic=SemanticCache(semantic_threshold or DEFAULT_THRESHOLD, ttl=max(cache_ttl, 1.0))
-        if semantic_threshold is not None or any(a.semantic_cache is not None for a in agents) else None,
+        semantic=SemanticCache(semantic_threshold or DEFAULT_THRESHOLD, ttl=max(cache_ttl, 1.0)) if by_meaning
+        else None,
         semantic_all=semantic_threshold is not None,
         agent_digests={a.name: manifest.agent_digest(a) for a in agents},
         on_ready=on_ready, on_failure=on_failure,
