@@ -65,7 +65,8 @@ def demo(work_dir: Path, board: str, question: str, port: int | None) -> None:
     base = f"http://127.0.0.1:{port}"
     click.echo(f"[4/5] serve: {base}")
     server = subprocess.Popen(
-        [sys.executable, "-m", "edgepack.runtime.cli", "serve", "--store", str(store_dir), "--port", str(port)],
+        [sys.executable, "-m", "edgepack.runtime.cli", "serve", "--store", str(store_dir), "--port", str(port),
+         "--preload"],  # ready = loaded and warmed up, so the question's time to first token is a warm one
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
