@@ -30,6 +30,16 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     )
 
 
+class Clock:
+    """A settable clock for code that takes `clock=`: tests move `now` instead of sleeping."""
+
+    def __init__(self, now: float = 10_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def build_bundle(source: Path, output: Path, **kwargs) -> Path:
     options = {"board": load_board("host"), "quiet": True, "bundle_version": 1, **kwargs}
     build(BuildOptions(source=source, output=output, **options))

@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from conftest import post_json, run_cli
+from conftest import Clock, post_json, run_cli
 
 from edgepack.runtime.alerts import SUSTAINED_SECONDS, WINDOW_SECONDS, AlertWindow
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 10_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_latency_over_sla_error_rate_and_cache_hit_rate():

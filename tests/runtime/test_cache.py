@@ -5,19 +5,11 @@ from __future__ import annotations
 import json
 
 import httpx
-from conftest import start_server, stop_server, wait_ready
+from conftest import Clock, start_server, stop_server, wait_ready
 
 from edgepack.runtime.cache import CachedAnswer, ResponseCache, cache_key
 
 ANSWER = CachedAnswer("Paris.", "stop", 7, 2)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_l1_hits_expires_and_evicts_least_recently_used():

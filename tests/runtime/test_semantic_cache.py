@@ -8,6 +8,7 @@ import threading
 import llama_cpp
 import numpy as np
 import pytest
+from conftest import Clock
 
 from edgepack.runtime import embedder as embedder_mod
 from edgepack.runtime import llama
@@ -32,14 +33,6 @@ def unit(*values: float) -> np.ndarray:
 def at_angle(cosine: float) -> np.ndarray:
     """A unit vector whose cosine similarity with (1, 0, 0) is `cosine`."""
     return np.array([cosine, np.sqrt(1 - cosine**2), 0.0], dtype=np.float32)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # ---- the cache, with hand-made vectors ----
