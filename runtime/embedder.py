@@ -98,19 +98,13 @@ class Embedder:
 
 def declared_pooling(model: ctypes.c_void_p) -> int | None:
     """The pooling type an embedding model's GGUF declares (`<arch>.pooling_type`); None for a generative model."""
-    arch = _meta(model, "general.architecture")
-    value = _meta(model, f"{arch}.pooling_type") if arch else None
+    arch = llama.meta_str(model, "general.architecture")
+    value = llama.meta_str(model, f"{arch}.pooling_type") if arch else None
     if value is None or int(value) == llama_cpp.LLAMA_POOLING_TYPE_NONE:
         return None
     if int(value) not in _POOLINGS:
         raise EdgepackError(f"the model's pooling type {value} does not give sentence embeddings")
     return int(value)
-
-
-def _meta(model: ctypes.c_void_p, key: str) -> str | None:
-    buf = ctypes.create_string_buffer(256)
-    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-    return buf.value.decode("utf-8", "replace") if n >= 0 else None
 
 
 def _context(model: ctypes.c_void_p, declared: int | None, n_ctx: int, threads: int) -> ctypes.c_void_p:

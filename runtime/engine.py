@@ -135,19 +135,13 @@ class Engine:
             value_length=self._meta_int("attention.value_length") or head,
             n_vocab=self.n_vocab,
             n_embd=n_embd,
-            architecture=self._meta_str("general.architecture") or "",
+            architecture=llama.meta_str(self._model, "general.architecture") or "",
             n_swa=llama_cpp.llama_model_n_swa(self._model),
         )
 
-    def _meta_str(self, key: str) -> str | None:
-        buf = ctypes.create_string_buffer(128)
-        if llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf)) < 0:
-            return None
-        return buf.value.decode("utf-8", "replace")
-
     def _meta_int(self, key: str) -> int | None:
         """An integer of the architecture's own metadata, e.g. attention.key_length -> gemma3.attention.key_length."""
-        value = self._meta_str(f"{self._meta_str('general.architecture')}.{key}")
+        value = llama.meta_str(self._model, f"{llama.meta_str(self._model, 'general.architecture')}.{key}")
         return int(value) if value is not None and value.isdigit() else None
 
     def load_adapter(self, name: str, path: Path) -> None:

@@ -113,6 +113,14 @@ def load_model(paths: list[Path], *, use_mmap: bool = True, repack: bool = True)
     return model
 
 
+def meta_str(model: ctypes.c_void_p, key: str) -> str | None:
+    """A GGUF metadata value of a loaded model, as text (None when the model has no such key)."""
+    buf = ctypes.create_string_buffer(256)
+    if llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf)) < 0:
+        return None
+    return buf.value.decode("utf-8", "replace")
+
+
 def builtin_chat_templates() -> list[str]:
     """Names of the chat templates llama.cpp knows without a Jinja template in the GGUF."""
     init()

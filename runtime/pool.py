@@ -91,6 +91,11 @@ class ModelPool:
             unique.update(model.segments)
         return sum(unique.values())
 
+    def _new_weights(self, segments: dict[str, int]) -> int:
+        """Bytes of these segments that no loaded model maps yet."""
+        return sum(size for digest, size in segments.items()
+                   if not any(digest in m.segments for m in self.loaded.values()))
+
     def _segments(self, name: str) -> dict[str, int]:
         info = self.manifest.model(name)
         segments = {str(d): self.manifest.blobs[d].size for d in info.segments}
@@ -169,8 +174,7 @@ class ModelPool:
                 chosen["n_ctx"] = self._fit(name, shape, segments)
             return chosen["n_ctx"]
 
-        new_weights = sum(size for digest, size in segments.items()
-                          if not any(digest in m.segments for m in self.loaded.values()))
+        new_weights = self._new_weights(segments)
         before = process_memory()[0]
         info = self.manifest.model(name)
         engine = Engine(
@@ -183,7 +187,7 @@ class ModelPool:
             for adapter in self.manifest.adapters:
                 if adapter.base == name:
                     engine.load_adapter(adapter.name, self._adapters[adapter.name])
-            agents = [a for a in self.manifest.agent_list() if a.model == name]
+            agents = self.agents_of(name)
             report = WarmupReport(name)
             if "singles" in self.warmup:
                 singles_stage(engine, report)
@@ -218,10 +222,7 @@ class ModelPool:
         n_ubatch = min(config.n_batch, 512)
 
         def room() -> int:
-            weights = self._weights(list(self.loaded.values())) + sum(
-                size for digest, size in segments.items()
-                if not any(digest in m.segments for m in self.loaded.values()))
-            return self.budget.bytes - HEADROOM - self.base - weights - sum(m.context for m in self.loaded.values())
+            return self.budget.bytes - HEADROOM - self.usage() - self._new_weights(segments)
 
         embedder = context_bytes(shape, 512, 1, "f16", 512) if name in self.embedding_models else 0
         wanted = context_bytes(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch) + embedder
