@@ -8,11 +8,9 @@ Run: .venv/bin/python bench/bench_quality.py [--chunks 8] [--threads 2] [--types
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -20,14 +18,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench_serve import BIN, OUT, RESULTS, ROOT, BenchError, _cpu_count, _cpu_model, model_path
+from common import BIN, OUT, ROOT, BenchError, llama_tool, model_path, write_results
 
 from edgepack.packager import gguf_info, quant_types
 from edgepack.packager.errors import PackagerError
 from edgepack.packager.quantize import quantize
-from edgepack.runtime.cli import format_table
+from edgepack.runtime.cli_common import format_table
 
-LLAMA_PERPLEXITY = ROOT / "native" / "out" / "llama.cpp-build" / "bin" / "llama-perplexity"
 LLAMA_SRC = ROOT / "native" / "out" / "llama_cpp_python-0.3.36" / "vendor" / "llama.cpp"
 BASE_LOGITS = OUT / "ref-logits.bin"
 CTX = 512
@@ -116,9 +113,7 @@ def edgepack_metrics(reference: Path, candidate: Path, text: Path, chunks: int, 
 
 def llama_base(reference: Path, text: Path, chunks: int, threads: int) -> tuple[float, float]:
     """Write the reference's log-probs to BASE_LOGITS; its PPL from float logits, and the seconds it took."""
-    if not LLAMA_PERPLEXITY.exists():
-        raise BenchError(f"{LLAMA_PERPLEXITY} is missing: run native/build-llama-tools.sh first")
-    cmd = [str(LLAMA_PERPLEXITY), "-m", str(reference), "-f", str(text), "-c", str(CTX), "--chunks", str(chunks),
+    cmd = [llama_perplexity(), "-m", str(reference), "-f", str(text), "-c", str(CTX), "--chunks", str(chunks),
            "--kl-divergence-base", str(BASE_LOGITS), *_threads(threads)]
     log = OUT / "llama-perplexity-base.log"
     started = time.perf_counter()
@@ -128,7 +123,7 @@ def llama_base(reference: Path, text: Path, chunks: int, threads: int) -> tuple[
 
 def llama_metrics(candidate: Path, chunks: int, threads: int) -> Metrics:
     """llama-perplexity's KL-divergence pass; it reads the tokens and chunk count from BASE_LOGITS."""
-    cmd = [str(LLAMA_PERPLEXITY), "-m", str(candidate), "--kl-divergence-base", str(BASE_LOGITS), "--kl-divergence",
+    cmd = [llama_perplexity(), "-m", str(candidate), "--kl-divergence-base", str(BASE_LOGITS), "--kl-divergence",
            "-c", str(CTX), "--chunks", str(chunks), *_threads(threads)]
     log = OUT / f"llama-perplexity-{candidate.stem}.log"
     started = time.perf_counter()
@@ -143,6 +138,10 @@ def llama_metrics(candidate: Path, chunks: int, threads: int) -> Metrics:
         top1=_number(log, r"Same top p:\s*([0-9.]+)") / 100,
         seconds=seconds,
     )
+
+
+def llama_perplexity() -> str:
+    return str(llama_tool("llama-perplexity", "native/build-llama-tools.sh"))
 
 
 def _threads(threads: int) -> list[str]:
@@ -207,15 +206,9 @@ def _points(fraction: float | None) -> str:
     return "n/a" if fraction is None else f"{round(fraction * 100, 2) + 0:+.2f}"
 
 
-def write_results(args: argparse.Namespace, text: EvalText, reference: Path, base: dict[str, float],
-                  rows: list[Row], load_before: float) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now().astimezone()
+def save_results(args: argparse.Namespace, text: EvalText, reference: Path, base: dict[str, float],
+                 rows: list[Row], load_before: float) -> None:
     doc = {
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model(),
-                    # other work on the machine skews the seconds (never the metrics, which are deterministic)
-                    "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0]},
         "settings": {"chunks": args.chunks, "threads": args.threads, "ctx": CTX, "scoring": "half",
                      "types": args.types},
         "text": {"source": text.source, "bytes": text.path.stat().st_size,
@@ -224,9 +217,8 @@ def write_results(args: argparse.Namespace, text: EvalText, reference: Path, bas
         "llama_perplexity_base": base,
         "rows": [{**asdict(r), "relative": differences(r)} for r in rows],
     }
-    path = RESULTS / f"quality-{now:%Y-%m-%d}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return path
+    # other work on the machine skews the seconds (never the metrics, which are deterministic)
+    write_results("quality", doc, load_1min_before=load_before, load_1min_after=os.getloadavg()[0])
 
 
 # ---- main ----
@@ -270,7 +262,7 @@ def bench(args: argparse.Namespace) -> None:
     print(f"\nreference PPL: edgepack {' / '.join(f'{v:.4f}' for v in ours_ref)}; llama-perplexity "
           f"{ppl:.4f} from float logits, {rows[0].llama.ppl_reference:.4f} from its 16-bit log-probs")
     print("EP = edgepack eval, LP = llama-perplexity; Δ = (EP - LP) / LP, Δ PP = EP - LP in percentage points")
-    print(f"wrote {write_results(args, text, reference, base, rows, load_before).relative_to(ROOT)}")
+    save_results(args, text, reference, base, rows, load_before)
 
 
 def main(argv: list[str] | None = None) -> int:
