@@ -16,15 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION, GGUFReader, GGUFValueType, Keys
+
 from edgepack.runtime.bundle_format import Digest
 
 from .errors import PackagerError
 from .gguf_info import GGUFInfo, TensorInfo
 
-_GGUF_MAGIC = b"GGUF"
-_GGUF_VERSION = 3
-_DEFAULT_ALIGNMENT = 32
-_TYPE_UINT16, _TYPE_INT32, _TYPE_UINT32 = 2, 5, 4
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.")
 _COPY_CHUNK = 8 << 20
 
@@ -76,16 +75,16 @@ def write_segments(
         kv_bytes = _read(source, info.kv_start, info.kv_end - info.kv_start)
         for index, (label, tensors) in enumerate(groups):
             path = out_dir / f"segment-{index:05d}.gguf"
-            split_kvs = [
-                _kv(b"split.no", _TYPE_UINT16, struct.pack("<H", index)),
-                _kv(b"split.count", _TYPE_UINT16, struct.pack("<H", len(groups))),
-                _kv(b"split.tensors.count", _TYPE_INT32, struct.pack("<i", total_tensors)),
+            split_kvs = [  # the keys and types llama.cpp's gguf-split writes
+                _kv(Keys.Split.LLM_KV_SPLIT_NO, GGUFValueType.UINT16, index),
+                _kv(Keys.Split.LLM_KV_SPLIT_COUNT, GGUFValueType.UINT16, len(groups)),
+                _kv(Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, GGUFValueType.INT32, total_tensors),
             ]
             if index == 0:
                 kvs, n_kv = kv_bytes + b"".join(split_kvs), info.kv_count + len(split_kvs)
             else:
-                if info.alignment != _DEFAULT_ALIGNMENT:
-                    split_kvs.append(_kv(b"general.alignment", _TYPE_UINT32, struct.pack("<I", info.alignment)))
+                if info.alignment != GGUF_DEFAULT_ALIGNMENT:
+                    split_kvs.append(_kv(Keys.General.ALIGNMENT, GGUFValueType.UINT32, info.alignment))
                 kvs, n_kv = b"".join(split_kvs), len(split_kvs)
             digest, size = _write_split(source, path, kvs, n_kv, tensors, info.alignment, progress)
             segments.append(Segment(path, digest, size, label, len(tensors)))
@@ -105,7 +104,7 @@ def _write_split(
         hasher.update(data)
         written += len(data)
 
-    header = _GGUF_MAGIC + struct.pack("<IQQ", _GGUF_VERSION, len(tensors), n_kv)
+    header = struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), n_kv)
     infos = []
     offset = 0
     for tensor in tensors:
@@ -129,8 +128,11 @@ def _write_split(
     return Digest(hasher.hexdigest()), written
 
 
-def _kv(key: bytes, value_type: int, value: bytes) -> bytes:
-    return struct.pack("<Q", len(key)) + key + struct.pack("<I", value_type) + value
+def _kv(key: str, value_type: GGUFValueType, value: int) -> bytes:
+    """One little-endian key-value record holding a number, stored as gguf-py's reader reads that type."""
+    number = np.array(value, dtype=np.dtype(GGUFReader.gguf_scalar_to_np[value_type]).newbyteorder("<"))
+    name = key.encode()
+    return struct.pack("<Q", len(name)) + name + struct.pack("<I", value_type) + number.tobytes()
 
 
 def _padded(n: int, alignment: int) -> int:
