@@ -11,9 +11,6 @@ Run: .venv/bin/python bench/bench_budget.py [--requests 4]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import re
 import shutil
 import sys
@@ -22,23 +19,23 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_serve import (
-    BIN,
+from common import (
     OUT,
-    RESULTS,
     BenchError,
-    _cpu_count,
-    _cpu_model,
-    _run,
     build_bundle,
+    edgepack,
     free_port,
+    local_url,
     model_path,
     new_client,
     running,
-    wait_healthy,
+    serve_command,
+    smaps_rollup,
+    wait_ready,
+    write_results,
 )
 
-from edgepack.runtime.cli import format_table
+from edgepack.runtime.cli_common import format_table
 
 WORK = OUT / "budget"
 MIB = 2**20
@@ -46,12 +43,6 @@ BUDGETS = ("900MiB", "480MiB", "300MiB")
 CLIENTS = 4
 PROMPTS = ["Once upon a time", "The weather today is", "Write a list of three fruits:",
            "In a small village by the sea there lived an old fisherman who"]
-
-
-def rss_pss(pid: int) -> tuple[int, int]:
-    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    fields = {k: int(v) * 1024 for k, v in re.findall(r"^(Rss|Pss):\s+(\d+) kB", text, re.M)}
-    return fields["Rss"], fields["Pss"]
 
 
 class Sampler(threading.Thread):
@@ -62,7 +53,8 @@ class Sampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                rss, pss = rss_pss(self.pid)
+                kb = smaps_rollup(self.pid)
+                rss, pss = kb["Rss"] * 1024, kb["Pss"] * 1024
             except (OSError, KeyError):
                 return
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
@@ -87,14 +79,14 @@ def metric(text: str, name: str) -> float | None:
 
 def one_budget(store: Path, budget: str, requests: int) -> dict:
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(port), "--threads", "2",
-           "--slots", str(CLIENTS), "--ctx", "4096", "--no-cache", "--memory-budget", budget]
+    base = local_url(port)
+    cmd = serve_command(store, port, "--threads", 2, "--slots", CLIENTS, "--ctx", 4096, "--no-cache",
+                        "--memory-budget", budget)
     log = WORK / f"serve-{budget}.log"
     with running(cmd, log) as proc:
         sampler = Sampler(proc.pid)
         sampler.start()
-        wait_healthy(base, proc, log)
+        wait_ready(base, proc, log)
         statuses: list[int] = []
         started = time.perf_counter()
         threads = [threading.Thread(target=client_load, args=(base, i, requests, statuses)) for i in range(CLIENTS)]
@@ -123,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     WORK.mkdir(parents=True, exist_ok=True)
     try:
-        bundle = build_bundle(model_path())
+        bundle = build_bundle(model_path(), WORK / "gemma.edgepack")
         store = WORK / "store"
         shutil.rmtree(store, ignore_errors=True)
-        _run([str(BIN / "edgepack"), "install", str(bundle), "--store", str(store)])
+        edgepack("install", bundle, "--store", store)
         runs = [one_budget(store, budget, args.requests) for budget in BUDGETS]
     except BenchError as exc:
         print(f"bench_budget: {exc}", file=sys.stderr)
@@ -139,14 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{run['peak_rss'] / MIB:.0f} MiB", f"{run['peak_pss'] / MIB:.0f} MiB",
                      f"{run['peak_rss'] / budget:.2f}" if budget else "-"))
     print(format_table(rows))
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"budget-{dt.date.today().isoformat()}.json"
-    out.write_text(json.dumps({
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model()},
+    write_results("budget", {
         "model": model_path().name, "clients": CLIENTS, "requests_per_client": args.requests, "runs": runs,
-    }, indent=1))
-    print(f"results: {out}")
+    })
     return 0
 
 

@@ -9,10 +9,7 @@ Run: .venv/bin/python bench/bench_concurrency.py [--clients 1,2,4,8] [--requests
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -25,25 +22,28 @@ from pathlib import Path
 
 import httpx
 import llama_cpp
-from bench_serve import (
-    BIN,
-    LLAMA_SERVER,
+from common import (
     OUT,
-    RESULTS,
-    ROOT,
     BenchError,
     Spread,
-    _cpu_count,
-    _cpu_model,
-    _run,
+    build_bundle,
+    cpu_times,
+    edgepack,
     free_port,
+    llama_tool,
+    local_url,
     model_path,
     new_client,
+    others_cpu_s,
     running,
-    wait_healthy,
+    serve_command,
+    stream_completion,
+    wait_quiet,
+    wait_ready,
+    write_results,
 )
 
-from edgepack.runtime.cli import format_table
+from edgepack.runtime.cli_common import format_table
 
 WORK = OUT / "concurrency"
 SLOTS = 4
@@ -77,10 +77,11 @@ class Server:
     command: list[str]
     body: dict  # fields this server needs to generate exactly max_tokens greedy tokens
     port: int
+    ready_route: str = "/health"  # answers 200 once the model is loaded
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return local_url(self.port)
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,9 @@ class Round:
 def install_bundle(model: Path) -> Path:
     """Build the bundle and install it into a fresh store; returns the store."""
     WORK.mkdir(parents=True, exist_ok=True)
-    bundle = WORK / "gemma.edgepack"
-    bundle.unlink(missing_ok=True)
-    _run([str(BIN / "edgepack"), "build", str(model), "-o", str(bundle), "--name", "gemma3-270m", "-q"])
+    bundle = build_bundle(model, WORK / "gemma.edgepack")
     store = Path(tempfile.mkdtemp(prefix="store-", dir=WORK))
-    _run([str(BIN / "edgepack"), "install", str(bundle), "--store", str(store)])
+    edgepack("install", bundle, "--store", store)
     return store
 
 
@@ -141,19 +140,17 @@ def eog_tokens(model: Path) -> list[int]:
 
 
 def servers(model: Path, store: Path, threads: int) -> list[Server]:
-    if not LLAMA_SERVER.exists():
-        raise BenchError(f"{LLAMA_SERVER} is missing: run native/build-llama-server.sh first")
+    llama_server = llama_tool("llama-server", "native/build-llama-server.sh")
     ports = [free_port() for _ in range(3)]
     # llama_cpp.server has no ignore_eos: a large negative bias on every EOG token does the same.
     no_eog = {str(t): -1e9 for t in eog_tokens(model)}
     return [
-        Server(EDGEPACK, [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(ports[0]),
-                          "--threads", str(threads), "--ctx", str(CTX_PER_SLOT), "--slots", str(SLOTS),
-                          "--no-cache", "--preload"],  # the response cache would answer repeated greedy prompts
+        Server(EDGEPACK, serve_command(store, ports[0], "--threads", threads, "--ctx", CTX_PER_SLOT, "--slots", SLOTS,
+                                       "--no-cache", "--preload"),  # the response cache would answer repeated prompts
                {"ignore_eos": True, "cache_prompt": False}, ports[0]),
         # -c is the whole KV pool, split over -np slots; without -kvu each slot gets its own KV stream,
         # as edgepack's slots do. cache_prompt=false (both): evaluate every prompt, no prefix reuse.
-        Server(LLAMA, [str(LLAMA_SERVER), "-m", str(model), "-t", str(threads), "-tb", str(threads),
+        Server(LLAMA, [str(llama_server), "-m", str(model), "-t", str(threads), "-tb", str(threads),
                        "-c", str(SLOTS * CTX_PER_SLOT), "-np", str(SLOTS), "--host", "127.0.0.1",
                        "--port", str(ports[1])],
                {"ignore_eos": True, "cache_prompt": False}, ports[1]),
@@ -162,24 +159,8 @@ def servers(model: Path, store: Path, threads: int) -> list[Server]:
         Server(LCPP, [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--n_threads", str(threads),
                       "--n_threads_batch", str(threads), "--n_ctx", str(CTX_PER_SLOT), "--host", "127.0.0.1",
                       "--port", str(ports[2]), "--interrupt_requests", "false"],
-               {"logit_bias": no_eog}, ports[2]),
+               {"logit_bias": no_eog}, ports[2], ready_route="/v1/models"),  # it has no /health
     ]
-
-
-def wait_ready(server: Server, proc, log: Path) -> None:  # noqa: ANN001 - a subprocess.Popen
-    if server.name == LCPP:  # it has no /health; /v1/models answers once the model is loaded
-        deadline = time.perf_counter() + 300
-        while time.perf_counter() < deadline:
-            if proc.poll() is not None:
-                raise BenchError(f"{server.name} exited with {proc.returncode}; see {log}")
-            try:
-                if httpx.get(f"{server.base}/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise BenchError(f"{server.name} did not come up within 300s; see {log}")
-    wait_healthy(server.base, proc, log)
 
 
 # ---- one request, one round ----
@@ -199,32 +180,11 @@ def completion_tokens(usage: dict | None, finish_reason: str | None, max_tokens:
 
 
 def stream_one(http: httpx.Client, server: Server, prompt: int, tokens: int) -> Reply:
-    pieces: list[str] = []
-    first: float | None = None
-    usage: dict | None = None
-    finish: str | None = None
-    body = request_body(server, PROMPTS[prompt], tokens)
-    sent = time.perf_counter()
-    with http.stream("POST", f"{server.base}/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise BenchError(f"{server.name}: HTTP {resp.status_code}: {resp.read().decode(errors='replace')}")
-        for line in resp.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            doc = json.loads(line[6:])
-            if "error" in doc:
-                raise BenchError(f"{server.name}: error in stream: {doc['error']}")
-            choice = (doc.get("choices") or [{}])[0]
-            if choice.get("text"):
-                first = first or time.perf_counter()
-                pieces.append(choice["text"])
-            finish = choice.get("finish_reason") or finish
-            usage = doc.get("usage") or usage
-    done = time.perf_counter()
-    if first is None:
+    c = stream_completion(http, server.base, request_body(server, PROMPTS[prompt], tokens), server.name)
+    if not c.stamps:
         raise BenchError(f"{server.name}: no text for prompt {PROMPTS[prompt]!r}")
-    count = completion_tokens(usage, finish, tokens, len(pieces))
-    return Reply(prompt, "".join(pieces), count, usage is not None, first - sent, done - sent)
+    count = completion_tokens(c.usage, c.finish_reason, tokens, len(c.stamps))
+    return Reply(prompt, c.text, count, c.usage is not None, c.stamps[0] - c.sent, c.ended - c.sent)
 
 
 def run_round(server: Server, pid: int, clients: int, requests: int, tokens: int, index: int) -> Round:
@@ -245,51 +205,25 @@ def run_round(server: Server, pid: int, clients: int, requests: int, tokens: int
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
-    cpu_before = cpu_snapshot(pid)
+    watched = (pid, os.getpid())  # the server under load and this process's clients
+    cpu_before = cpu_times(*watched)
     start.wait()
     began = time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - began
-    foreign = foreign_cpu_s(cpu_before, cpu_snapshot(pid))
+    foreign = others_cpu_s(cpu_before, cpu_times(*watched))
     if errors:
         raise BenchError(f"{server.name}, {clients} clients: {errors[0]}")
     return Round(server.name, clients, index, wall, foreign, replies=[r for rs in replies for r in rs])
 
 
-def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has been busy since boot, counting time the hypervisor gave to others
-    (steal) as busy."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def cpu_snapshot(pid: int) -> tuple[float, float]:
-    """(busy CPU seconds of the whole machine, CPU seconds of the server under load and of this process)."""
-    server = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    own = os.times()
-    return busy_cpu_s(), (int(server[11]) + int(server[12])) / os.sysconf("SC_CLK_TCK") + own.user + own.system
-
-
-def foreign_cpu_s(before: tuple[float, float], after: tuple[float, float]) -> float:
-    return max(0.0, (after[0] - before[0]) - (after[1] - before[1]))
-
-
-def wait_quiet() -> None:
-    """Return once the machine used under MAX_FOREIGN CPUs over one second, or after QUIET_WAIT_S."""
-    deadline = time.perf_counter() + QUIET_WAIT_S
-    while time.perf_counter() < deadline:
-        before = busy_cpu_s()
-        time.sleep(1.0)
-        if busy_cpu_s() - before < MAX_FOREIGN:
-            return
-    print(f"  the machine was not quiet for {QUIET_WAIT_S}s; measuring anyway", flush=True)
-
-
 def clean_round(server: Server, pid: int, clients: int, requests: int, tokens: int, index: int) -> Round:
     """A round during which other processes stayed under MAX_FOREIGN CPUs (else the last attempt)."""
     for attempt in range(1, ATTEMPTS + 1):
-        wait_quiet()
+        # every process counts here, servers included, so the last one's spinning threads have gone idle
+        if not wait_quiet(MAX_FOREIGN / (os.cpu_count() or 1), QUIET_WAIT_S):
+            print(f"  the machine was not quiet for {QUIET_WAIT_S}s; measuring anyway", flush=True)
         r = run_round(server, pid, clients, requests, tokens, index)
         r.attempts = attempt
         if r.foreign_cpu_s <= MAX_FOREIGN * r.wall_s:
@@ -402,13 +336,9 @@ def report_table(stats: dict, found: dict, agree: dict[str, int], ratio: dict[in
     return "\n".join(lines)
 
 
-def write_results(args: argparse.Namespace, fleet: list[Server], rounds: list[Round], refs: dict, stats: dict,
-                  found: dict, agree: dict[str, int], ratio: dict[int, float]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now().astimezone()
-    doc = {
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model()},
+def save_results(args: argparse.Namespace, fleet: list[Server], rounds: list[Round], refs: dict, stats: dict,
+                 found: dict, agree: dict[str, int], ratio: dict[int, float]) -> None:
+    write_results("concurrency", {
         "settings": {"clients": args.clients, "requests_per_client": args.requests, "rounds": args.rounds,
                      "tokens": args.tokens, "threads": args.threads, "prompts": PROMPTS,
                      "commands": {s.name: [Path(a).name if "/" in a else a for a in s.command] for s in fleet},
@@ -428,10 +358,7 @@ def write_results(args: argparse.Namespace, fleet: list[Server], rounds: list[Ro
                  "foreign_cpu_s": round(r.foreign_cpu_s, 2), "attempts": r.attempts,
                  "replies": [{k: v for k, v in asdict(x).items() if k != "text"} for x in r.replies]}
                 for r in rounds],
-    }
-    path = RESULTS / f"concurrency-{now:%Y-%m-%d}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return path
+    })
 
 
 # ---- main ----
@@ -464,7 +391,7 @@ def bench(args: argparse.Namespace) -> None:
             for server in fleet:
                 log = WORK / f"{server.name.replace(' ', '-')}.log"
                 proc = stack.enter_context(running(server.command, log))
-                wait_ready(server, proc, log)
+                wait_ready(server.base, proc, log, server.ready_route)
                 procs[server.name] = (server, proc.pid)
             print(f"servers up; {args.rounds} rounds x clients {args.clients} x {args.requests} requests x "
                   f"{args.tokens} tokens, {args.threads} threads", flush=True)
@@ -476,7 +403,7 @@ def bench(args: argparse.Namespace) -> None:
     ratio = ratios(stats)
     print()
     print(report_table(stats, found, agree, ratio, args.tokens))
-    print(f"wrote {write_results(args, fleet, rounds, refs, stats, found, agree, ratio).relative_to(ROOT)}")
+    save_results(args, fleet, rounds, refs, stats, found, agree, ratio)
 
 
 def main(argv: list[str] | None = None) -> int:

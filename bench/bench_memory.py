@@ -10,14 +10,11 @@ Run: .venv/bin/python bench/bench_memory.py [--threads 2] [--ctx 4096] [--slots 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,25 +23,31 @@ from pathlib import Path
 
 import gguf
 import httpx
-import numpy as np
-from bench_serve import (
-    BIN,
+from common import (
     OUT,
-    RESULTS,
     ROOT,
     BenchError,
-    _cpu_count,
-    _cpu_model,
+    cpu_times,
+    edgepack,
     free_port,
+    local_url,
     model_path,
     new_client,
+    others_share,
+    run,
     running,
-    wait_healthy,
+    serve_command,
+    smaps_rollup,
+    stream_completion,
+    wait_quiet,
+    wait_ready,
+    write_results,
 )
+from tiny_model import write_lora  # tests/, on the path through common
 
 from edgepack.packager import quant_types
 from edgepack.packager.quantize import quantize
-from edgepack.runtime.cli import format_table
+from edgepack.runtime.cli_common import format_table
 
 WORK = OUT / "memory"
 Q = gguf.GGMLQuantizationType
@@ -153,21 +156,10 @@ def realigned(src: Path, out: Path, alignment: int) -> Path:
 
 def lora(reader: gguf.GGUFReader, out: Path, seed: int) -> Path:
     """A random rank-16 LoRA on attn_q and attn_v of every block, shapes read from the base."""
-    rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(out, reader.fields["general.architecture"].contents())
-    writer.add_type("adapter")
-    writer.add_string("adapter.type", "lora")
-    writer.add_float32("adapter.lora.alpha", float(LORA_RANK))
-    for t in reader.tensors:
-        if t.name.split(".")[-2] in LORA_TARGETS:
-            n_in, n_out = (int(x) for x in t.shape[:2])  # ggml order: ne0 = inputs
-            writer.add_tensor(f"{t.name}.lora_a", (rng.standard_normal((LORA_RANK, n_in)) * 0.01).astype(np.float32))
-            writer.add_tensor(f"{t.name}.lora_b", (rng.standard_normal((n_out, LORA_RANK)) * 0.01).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return out
+    targets = [(t.name, int(t.shape[0]), int(t.shape[1]))  # ggml order: ne0 = inputs
+               for t in reader.tensors if t.name.split(".")[-2] in LORA_TARGETS]
+    return write_lora(out, reader.fields["general.architecture"].contents(), targets, rank=LORA_RANK,
+                      alpha=float(LORA_RANK), scale=0.01, seed=seed)
 
 
 def prepare_sources(base: Path) -> dict[str, Path]:
@@ -269,8 +261,7 @@ def sharing(manifest: dict) -> list[str]:
 
 def read_memory(pid: int, blobs: Path) -> Memory:
     """smaps_rollup of the process, plus Rss/Pss of the mappings of the store's blob files."""
-    rollup = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(),
-                                              re.M)}
+    rollup = smaps_rollup(pid)
     weights = {"Rss": 0, "Pss": 0}
     mappings, inside = 0, False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
@@ -288,32 +279,20 @@ def quiet_decode(client: httpx.Client, base: str, agent: str, pid: int, runs: in
     No speeds if the machine never went quiet: a contended figure would only measure the others."""
     other = 1.0
     for tries in range(1, DECODE_TRIES + 1):
-        if not wait_quiet(pid):
+        if not wait_quiet(QUIET, QUIET_WAIT_S, (pid,), RETRY_PAUSE_S):
             print(f"    others kept the CPUs busy for {QUIET_WAIT_S:.0f}s: decoding not timed", flush=True)
             return [], other, tries
         tps, other = [], 0.0
         for _ in range(runs):
-            before = cpu_ticks(pid)
+            before = cpu_times(pid)
             tps.append(decode_tps(client, base, agent))
-            other = max(other, other_cpu_share(before, cpu_ticks(pid)))
+            other = max(other, others_share(before, cpu_times(pid)))
             if other >= QUIET:
                 print(f"    others used {other:.0%} of the CPUs while decoding: timing again", flush=True)
                 break
         else:
             return tps, other, tries
     return [], other, DECODE_TRIES
-
-
-def wait_quiet(pid: int) -> bool:
-    """Whether, within QUIET_WAIT_S, a second came in which other processes used less than QUIET of the CPUs."""
-    deadline = time.monotonic() + QUIET_WAIT_S
-    while time.monotonic() < deadline:
-        before = cpu_ticks(pid)
-        time.sleep(1.0)
-        if other_cpu_share(before, cpu_ticks(pid)) < QUIET:
-            return True
-        time.sleep(RETRY_PAUSE_S)
-    return False
 
 
 def llama_buffers(log: Path) -> dict[str, list[float]]:
@@ -324,19 +303,6 @@ def llama_buffers(log: Path) -> dict[str, list[float]]:
                                       log.read_text(errors="replace")):
         sizes.setdefault(f"{buft} {kind}", []).append(float(mib))
     return sizes
-
-
-def cpu_ticks(pid: int) -> tuple[int, int, int]:
-    """Clock ticks: busy on all CPUs, spent by `pid`, elapsed on all CPUs (/proc/stat, /proc/PID/stat)."""
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = ticks[3] + ticks[4]  # idle, iowait
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(ticks[:8]) - idle, int(fields[11]) + int(fields[12]), sum(ticks[:8])
-
-
-def other_cpu_share(before: tuple[int, int, int], after: tuple[int, int, int]) -> float:
-    busy, own, total = (a - b for a, b in zip(after, before, strict=True))
-    return max(busy - own, 0) / total if total else 0.0
 
 
 def chat(client: httpx.Client, base: str, agent: str) -> None:
@@ -352,20 +318,10 @@ def decode_tps(client: httpx.Client, base: str, agent: str) -> float:
     bench_serve.py."""
     body = {"model": agent, "prompt": PROMPT, "max_tokens": DECODE_TOKENS, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
-    stamps: list[float] = []
-    usage = None
-    with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            raise BenchError(f"{agent}: HTTP {resp.status_code}: {resp.read().decode(errors='replace')}")
-        for line in resp.iter_lines():
-            if line.startswith("data: {"):
-                doc = json.loads(line[6:])
-                if (doc.get("choices") or [{}])[0].get("text"):
-                    stamps.append(time.perf_counter())
-                usage = doc.get("usage") or usage
-    if not usage or usage["completion_tokens"] != DECODE_TOKENS or len(stamps) < 2:
-        raise BenchError(f"{agent}: expected {DECODE_TOKENS} tokens, got usage {usage}, {len(stamps)} chunks")
-    return (DECODE_TOKENS - 1) / (stamps[-1] - stamps[0])
+    c = stream_completion(client, base, body, agent)
+    if not c.usage or c.usage["completion_tokens"] != DECODE_TOKENS or len(c.stamps) < 2:
+        raise BenchError(f"{agent}: expected {DECODE_TOKENS} tokens, got usage {c.usage}, {len(c.stamps)} chunks")
+    return (DECODE_TOKENS - 1) / (c.stamps[-1] - c.stamps[0])
 
 
 def measure(bundle: Bundle, repack: str, args: argparse.Namespace) -> Run:
@@ -374,15 +330,14 @@ def measure(bundle: Bundle, repack: str, args: argparse.Namespace) -> Run:
     try:
         edgepack("install", bundle.path, "--store", store)
         port = free_port()
-        base = f"http://127.0.0.1:{port}"
+        base = local_url(port)
         # --no-cache: a repeated request answered from the response cache would not run the model
-        cmd = [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(port), "--threads",
-               str(args.threads), "--ctx", str(args.ctx), "--slots", str(args.slots), "--repack", repack, "--no-cache",
-               "--preload"]
+        cmd = serve_command(store, port, "--threads", args.threads, "--ctx", args.ctx, "--slots", args.slots,
+                            "--repack", repack, "--no-cache", "--preload")
         log = WORK / f"serve-{bundle.setting}-{bundle.k}-{repack}.log"
         started = time.perf_counter()
         with running(cmd, log) as proc, new_client() as client:
-            wait_healthy(base, proc, log)
+            wait_ready(base, proc, log)
             ready = time.perf_counter() - started
             for agent in bundle.agents:
                 chat(client, base, agent)
@@ -424,19 +379,8 @@ def delta_sizes(sources: dict[str, Path]) -> dict:
             "installs_on_v1": True}
 
 
-def edgepack(*args: object) -> str:
-    return _run([str(BIN / "edgepack"), *(str(a) for a in args)])
-
-
 def inspect(bundle: Path) -> dict:
     return json.loads(edgepack("inspect", "--json", bundle))
-
-
-def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
 
 
 # ---- report ----
@@ -507,14 +451,9 @@ def goal_lines(result: dict, delta: dict) -> list[str]:
     return lines
 
 
-def write_results(args: argparse.Namespace, bundles: list[Bundle], runs: list[Run], delta: dict,
-                  result: dict, shared_lines: list[str], code_at_start: str) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now().astimezone()
-    doc = {
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model(),
-                    "kernel": platform.release()},
+def save_results(args: argparse.Namespace, bundles: list[Bundle], runs: list[Run], delta: dict,
+                 result: dict, shared_lines: list[str], code_at_start: str) -> None:
+    write_results("memory", {
         # servers import the working tree when they start: say if it changed during the run
         "edgepack": {"at_start": code_at_start, "at_end": _git_state()},
         "settings": {"threads": args.threads, "ctx": args.ctx, "slots": args.slots, "decode_runs": args.decode_runs,
@@ -526,15 +465,12 @@ def write_results(args: argparse.Namespace, bundles: list[Bundle], runs: list[Ru
         "runs": [asdict(r) for r in runs],
         "delta": delta,
         "goals": result,
-    }
-    path = RESULTS / f"memory-{now:%Y-%m-%d}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return path
+    })
 
 
 def _git_state() -> str:
-    head = _run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).strip()
-    dirty = _run(["git", "-C", str(ROOT), "status", "--porcelain", "runtime", "packager"]).strip()
+    head = run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]).strip()
+    dirty = run(["git", "-C", str(ROOT), "status", "--porcelain", "runtime", "packager"]).strip()
     return f"{head}{' + uncommitted changes in runtime/ or packager/' if dirty else ''}"
 
 
@@ -572,8 +508,7 @@ def bench(args: argparse.Namespace) -> None:
     print()
     for line in goal_lines(result, delta):
         print(line)
-    path = write_results(args, bundles, runs, delta, result, shared_lines, code_at_start)
-    print(f"wrote {path.relative_to(ROOT)}")
+    save_results(args, bundles, runs, delta, result, shared_lines, code_at_start)
 
 
 def main(argv: list[str] | None = None) -> int:

