@@ -15,7 +15,7 @@ import llama_cpp
 import numpy as np
 
 from edgepack.runtime import llama
-from edgepack.runtime.embedder import Embedder, _tokenize
+from edgepack.runtime.embedder import Embedder
 from edgepack.runtime.engine import Engine
 
 PARAPHRASES = [
@@ -71,7 +71,8 @@ class MeanPooled:
         self.dim = llama_cpp.llama_model_n_embd_out(model)
 
     def embed(self, text: str) -> np.ndarray:
-        tokens = [llama_cpp.llama_vocab_bos(self.vocab)] + _tokenize(self.vocab, text)
+        words = llama.tokenize(self.vocab, text, add_special=False, parse_special=False)
+        tokens = [llama_cpp.llama_vocab_bos(self.vocab), *words]
         llama_cpp.llama_memory_clear(self.memory, True)
         array = (llama_cpp.llama_token * len(tokens))(*tokens)
         assert llama_cpp.llama_decode(self.ctx, llama_cpp.llama_batch_get_one(array, len(tokens))) == 0

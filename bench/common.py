@@ -255,7 +255,7 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def write_results(kind: str, doc: dict, **machine_extra: object) -> Path:
+def write_results(kind: str, doc: dict, **machine_extra: object) -> None:
     """`doc`, after the date and the machine (plus `machine_extra`), to bench/results/<kind>-<date>.json
     (a second run on the same day overwrites it); prints where it went."""
     now = dt.datetime.now().astimezone()
@@ -264,4 +264,3 @@ def write_results(kind: str, doc: dict, **machine_extra: object) -> Path:
     full = {"date": now.isoformat(timespec="seconds"), "machine": machine() | machine_extra, **doc}
     path.write_text(json.dumps(full, indent=1) + "\n")
     print(f"wrote {path.relative_to(ROOT)}")
-    return path
