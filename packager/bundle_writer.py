@@ -11,19 +11,25 @@ from pathlib import Path
 
 import zstandard
 
-from edgepack.runtime.bundle_format import MANIFEST_NAME, BlobInfo, Digest, Manifest
+from edgepack.runtime.bundle_format import MANIFEST_NAME, MEDIA_GGUF_SEGMENT, BlobInfo, Digest, Manifest
+from edgepack.runtime.files import fsync_dir
 
 _CHUNK = 4 << 20
+# USTAR caps a member at 8 GiB; PAX records a larger size in an extended header, as the format's 64 GiB blobs
+# need (members that fit USTAR get the same plain header either way).
+_TAR_FORMAT = tarfile.PAX_FORMAT
 
 
 @dataclass(frozen=True)
 class CompressedBlob:
+    digest: Digest
     info: BlobInfo
     path: Path  # the .zst file in the work directory
 
 
 def compress(
-    source: Path, digest: Digest, work_dir: Path, level: int, progress: Callable[[int], None]
+    source: Path, digest: Digest, work_dir: Path, level: int, progress: Callable[[int], None],
+    media_type: str = MEDIA_GGUF_SEGMENT,
 ) -> CompressedBlob:
     """One zstd frame with content size and checksum, so the device can verify as it inflates."""
     target = work_dir / f"{digest}.zst"
@@ -37,19 +43,24 @@ def compress(
         while chunk := src.read(_CHUNK):
             writer.write(chunk)
             progress(len(chunk))
-    return CompressedBlob(BlobInfo(digest, size, target.stat().st_size), target)
+    return CompressedBlob(digest, BlobInfo(size=size, zsize=target.stat().st_size, media_type=media_type), target)
 
 
 def write_archive(out: Path, manifest: Manifest, blobs: list[CompressedBlob], mtime: int) -> int:
-    """Write atomically (temp file + rename); returns the archive size."""
+    """Write atomically (temp file, fsync, rename, fsync the folder: a crash leaves the old bundle or the
+    whole new one); returns the archive size."""
     partial = out.with_name(out.name + ".partial")
-    with tarfile.open(partial, "w", format=tarfile.USTAR_FORMAT) as archive:
-        data = manifest.to_json()
-        archive.addfile(_member(MANIFEST_NAME, len(data), mtime), io.BytesIO(data))
-        for blob in blobs:
-            with open(blob.path, "rb") as handle:
-                archive.addfile(_member(blob.info.digest.member_name, blob.info.zsize, mtime), handle)
+    with open(partial, "wb") as file:
+        with tarfile.open(fileobj=file, mode="w", format=_TAR_FORMAT) as archive:
+            data = manifest.to_json()
+            archive.addfile(_member(MANIFEST_NAME, len(data), mtime), io.BytesIO(data))
+            for blob in blobs:
+                with open(blob.path, "rb") as handle:
+                    archive.addfile(_member(blob.digest.member_name, blob.info.zsize, mtime), handle)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(partial, out)
+    fsync_dir(out.parent)
     return out.stat().st_size
 
 
