@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,16 @@ class Metrics:
     kld_p99: float
     top1: float  # fraction of scored positions where both models' most likely token is the same
     seconds: float
+    peak_bytes: int  # the tool's maximum resident set size
+
+
+@dataclass(frozen=True)
+class Ran:
+    """One tool run: its stdout, wall seconds and peak resident memory (the kernel's, from wait4)."""
+
+    stdout: str
+    seconds: float
+    peak_bytes: int
 
 
 @dataclass(frozen=True)
@@ -101,24 +112,24 @@ def describe(path: Path, qtype: str, quantize_s: float, edgepack: Metrics, llama
 # ---- the two tools ----
 
 
-def edgepack_metrics(reference: Path, candidate: Path, text: Path, chunks: int, threads: int) -> Metrics:
+def edgepack_metrics(reference: Path, candidate: Path, text: Path, chunks: int, threads: int,
+                     env: dict[str, str] | None = None) -> Metrics:
+    """`edgepack eval` of one candidate (`env`: to run another checkout of edgepack, see bench_eval.py)."""
     cmd = [str(BIN / "edgepack"), "eval", str(reference), str(candidate), "--text", str(text), "--ctx", str(CTX),
            "--chunks", str(chunks), "--threads", str(threads), "--json"]
-    started = time.perf_counter()
-    doc = json.loads(_run(cmd, OUT / f"edgepack-eval-{candidate.stem}.log").stdout)
-    seconds = time.perf_counter() - started
+    ran = run_measured(cmd, OUT / f"edgepack-eval-{candidate.stem}.log", env)
+    doc = json.loads(ran.stdout)
     return Metrics(doc["ppl_reference"], doc["ppl_candidate"], doc["kld_mean"], doc["kld_median"], doc["kld_p99"],
-                   doc["top1_agreement"], seconds)
+                   doc["top1_agreement"], ran.seconds, ran.peak_bytes)
 
 
-def llama_base(reference: Path, text: Path, chunks: int, threads: int) -> tuple[float, float]:
-    """Write the reference's log-probs to BASE_LOGITS; its PPL from float logits, and the seconds it took."""
+def llama_base(reference: Path, text: Path, chunks: int, threads: int) -> tuple[float, Ran]:
+    """Write the reference's log-probs to BASE_LOGITS; its PPL from float logits, and the run."""
     cmd = [llama_perplexity(), "-m", str(reference), "-f", str(text), "-c", str(CTX), "--chunks", str(chunks),
            "--kl-divergence-base", str(BASE_LOGITS), *_threads(threads)]
     log = OUT / "llama-perplexity-base.log"
-    started = time.perf_counter()
-    _run(cmd, log)
-    return _number(log, r"Final estimate: PPL = ([0-9.]+)"), time.perf_counter() - started
+    ran = run_measured(cmd, log)
+    return _number(log, r"Final estimate: PPL = ([0-9.]+)"), ran
 
 
 def llama_metrics(candidate: Path, chunks: int, threads: int) -> Metrics:
@@ -126,9 +137,7 @@ def llama_metrics(candidate: Path, chunks: int, threads: int) -> Metrics:
     cmd = [llama_perplexity(), "-m", str(candidate), "--kl-divergence-base", str(BASE_LOGITS), "--kl-divergence",
            "-c", str(CTX), "--chunks", str(chunks), *_threads(threads)]
     log = OUT / f"llama-perplexity-{candidate.stem}.log"
-    started = time.perf_counter()
-    _run(cmd, log)
-    seconds = time.perf_counter() - started
+    ran = run_measured(cmd, log)
     return Metrics(
         ppl_reference=_number(log, r"Mean PPL\(base\)\s*:\s*([0-9.]+)"),
         ppl_candidate=_number(log, r"Mean PPL\(Q\)\s*:\s*([0-9.]+)"),
@@ -136,7 +145,8 @@ def llama_metrics(candidate: Path, chunks: int, threads: int) -> Metrics:
         kld_median=_number(log, r"Median\s+KLD:\s*(-?[0-9.]+)"),
         kld_p99=_number(log, r"99\.0%\s+KLD:\s*(-?[0-9.]+)"),
         top1=_number(log, r"Same top p:\s*([0-9.]+)") / 100,
-        seconds=seconds,
+        seconds=ran.seconds,
+        peak_bytes=ran.peak_bytes,
     )
 
 
@@ -156,14 +166,23 @@ def _number(log: Path, pattern: str) -> float:
     return float(match.group(1))
 
 
-def _run(cmd: list[str], log: Path) -> subprocess.CompletedProcess[str]:
-    """Run a tool with its stdout and stderr (where llama.cpp's tools log) kept in `log`."""
-    proc = subprocess.run(cmd, check=False, capture_output=True, text=True)
-    log.write_text(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
+def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> Ran:
+    """Run a tool with its stdout and stderr (where llama.cpp's tools log) kept in `log`; its wall seconds
+    and peak RSS (wait4's ru_maxrss: this child alone, unlike getrusage(RUSAGE_CHILDREN), which keeps the max)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    log.write_text(f"$ {' '.join(cmd)}\n{stdout}\n{stderr}")
     if proc.returncode != 0:
         raise BenchError(f"{Path(cmd[0]).name} failed ({proc.returncode}), see {log.relative_to(ROOT)}: "
-                         f"{proc.stderr.strip()[-300:]}")
-    return proc
+                         f"{stderr.strip()[-300:]}")
+    return Ran(stdout, seconds, usage.ru_maxrss * 1024)
 
 
 # ---- report ----
@@ -245,17 +264,18 @@ def bench(args: argparse.Namespace) -> None:
     reference = model_path()
     text = eval_text()
     print(f"reference: {reference.name} ({reference.stat().st_size / MIB:.1f} MiB); text: {text.source}", flush=True)
-    ppl, seconds = llama_base(reference, text.path, args.chunks, args.threads)
-    base = {"ppl_reference_float": ppl, "seconds": round(seconds, 2)}
-    print(f"llama-perplexity base: PPL {ppl:.4f} in {seconds:.1f}s -> {BASE_LOGITS.name}", flush=True)
+    ppl, ran = llama_base(reference, text.path, args.chunks, args.threads)
+    base = {"ppl_reference_float": ppl, "seconds": round(ran.seconds, 2), "peak_bytes": ran.peak_bytes}
+    print(f"llama-perplexity base: PPL {ppl:.4f} in {ran.seconds:.1f}s -> {BASE_LOGITS.name}", flush=True)
     rows = []
     for qtype in args.types:
         candidate, quantize_s = quantized_candidate(reference, qtype, args.threads)
         ours = edgepack_metrics(reference, candidate, text.path, args.chunks, args.threads)
         theirs = llama_metrics(candidate, args.chunks, args.threads)
         rows.append(describe(candidate, qtype, quantize_s, ours, theirs))
-        print(f"  {qtype:<7} quantize {quantize_s:5.1f}s  edgepack eval {ours.seconds:5.1f}s  "
-              f"llama-perplexity {theirs.seconds:5.1f}s  KLD {ours.kld_mean:.5f} / {theirs.kld_mean:.5f}", flush=True)
+        print(f"  {qtype:<7} quantize {quantize_s:5.1f}s  edgepack eval {ours.seconds:5.1f}s "
+              f"{ours.peak_bytes / MIB:.0f} MiB  llama-perplexity {theirs.seconds:5.1f}s "
+              f"{theirs.peak_bytes / MIB:.0f} MiB  KLD {ours.kld_mean:.5f} / {theirs.kld_mean:.5f}", flush=True)
     print()
     print(report_table(rows))
     ours_ref = sorted({r.edgepack.ppl_reference for r in rows})

@@ -6,12 +6,15 @@ against the source model, so the build can refuse what breaks the agent's tolera
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import gguf
 
 from . import evaluate, gates, gguf_info, imatrix, plan, prune, quant_types, quantize
 from .errors import PackagerError
@@ -59,10 +62,10 @@ class Compressed:
 def compress(source: GGUFInfo, work: Path, opts: QualityOptions, note: Callable[[str], None]) -> Compressed:
     out = Compressed(model=source.path)
     tolerance = gates.tolerance(opts.tier) if opts.tier else None
-    if opts.prune is not None and opts.target_bytes is not None:
-        raise PackagerError("--prune and --target-size cannot be combined yet: prune first, then plan the result")
     if opts.prune == "auto" and tolerance is None:
         raise PackagerError("--prune auto needs a tolerance tier (--tier critical|general|low-risk)")
+    if opts.target_bytes is not None and opts.imatrix_file is None and opts.calibration_text is None:
+        raise PackagerError("--target-size needs an importance matrix: do not pass --calibration none")
     changes = opts.quant is not None or opts.target_bytes is not None or opts.prune is not None
     if not changes:
         return out
@@ -86,35 +89,50 @@ def compress(source: GGUFInfo, work: Path, opts: QualityOptions, note: Callable[
                               threads=opts.threads, max_chunks=CALIBRATION_CHUNKS, dataset=opts.calibration_name)
         matrix = cache[key]
 
-    pruned: list[int] = []
-    if opts.prune is not None:
-        pruned = step("prune", _prune, source, quant, matrix, work, opts, out, tolerance)
+    with contextlib.ExitStack() as stack:
+        reference = None
+        if opts.eval_text is not None or opts.prune is not None:
+            # Every comparison of this build (pruning steps, ladder types, the result) shares one pass of
+            # the source over the evaluation text.
+            chunks = EVAL_CHUNKS if opts.eval_text is not None else PRUNE_EVAL_CHUNKS
+            reference = stack.enter_context(step(
+                "evaluate source", evaluate.Reference, [source.path], opts.eval_text or evaluate.default_text("eval"),
+                max_chunks=chunks, threads=opts.threads, scratch=work))
 
-    if opts.target_bytes is not None:
-        if matrix is None:
-            raise PackagerError("--target-size needs an importance matrix: do not pass --calibration none")
-        out.model = step("plan + quantize", _planned, source, matrix, work, opts, out, pruned)
-    else:
-        out.model = work / "model.gguf"
-        step(f"quantize {quant.name}", quantize.quantize, source.path, out.model, quant,
-             allow_requantize=opts.allow_requantize, imatrix=matrix, prune_layers=pruned, threads=opts.threads)
+        pruned: list[int] = []
+        if opts.prune is not None:
+            assert reference is not None
+            pruned = step("prune", _prune, source, quant, matrix, work, opts, out, tolerance, reference)
 
-    model = gguf_info.read(out.model)
-    if opts.eval_text is not None:
-        metrics = step("evaluate", evaluate.compare_text, [source.path], [out.model], opts.eval_text,
-                       max_chunks=EVAL_CHUNKS, threads=opts.threads)
-        tasks = None
-        if opts.tasks:
-            tasks = step("evaluate tasks", evaluate.compare_tasks, [source.path], [out.model], opts.tasks,
-                         threads=opts.threads, chat_template=opts.chat_template)
-        out.quality = {"reference": source.path.name, **evaluate.as_dict(metrics, tasks, 0)}
-        out.quality.pop("seconds")
-        out.candidates.append(_row(_label(opts, quant, pruned), "plan" if out.plan else
-                                   ("pruned" if pruned else "uniform"), model, metrics, chosen=True))
-        if opts.tier:
-            out.verdict = gates.judge(opts.tier, metrics, tasks)
-            out.quality["tier"] = {"name": opts.tier, "passed": out.verdict.passed,
-                                   "degradation": round(out.verdict.degradation, 6)}
+        if opts.target_bytes is not None:
+            assert matrix is not None
+            planned, planned_matrix = source, matrix
+            if pruned:
+                planned = gguf_info.read(step("drop pruned blocks", _without_blocks, source, pruned,
+                                              work / "pruned-source.gguf", opts.threads))
+                planned_matrix = matrix.renamed(lambda name: prune.renamed(name, pruned))
+            out.model = step("plan + quantize", _planned, planned, planned_matrix, work, opts, out, reference)
+        else:
+            out.model = work / "model.gguf"
+            step(f"quantize {quant.name}", quantize.quantize, source.path, out.model, quant,
+                 allow_requantize=opts.allow_requantize, imatrix=matrix, prune_layers=pruned, threads=opts.threads)
+
+        model = gguf_info.read(out.model)
+        if opts.eval_text is not None:
+            assert reference is not None
+            metrics = step("evaluate", reference.compare, [out.model])
+            tasks = None
+            if opts.tasks:
+                tasks = step("evaluate tasks", evaluate.compare_tasks, [source.path], [out.model], opts.tasks,
+                             threads=opts.threads, chat_template=opts.chat_template)
+            out.quality = {"reference": source.path.name, **evaluate.as_dict(metrics, tasks, 0)}
+            out.quality.pop("seconds")
+            out.candidates.append(_row(_label(opts, quant, pruned), "plan" if out.plan else
+                                       ("pruned" if pruned else "uniform"), model, metrics, chosen=True))
+            if opts.tier:
+                out.verdict = gates.judge(opts.tier, metrics, tasks)
+                out.quality["tier"] = {"name": opts.tier, "passed": out.verdict.passed,
+                                       "degradation": round(out.verdict.degradation, 6)}
     if pruned:
         out.quality["pruned_layers"] = pruned
     out.tensors = [TensorRow(t.name, t.type_name, t.n_bytes) for t in model.tensors]
@@ -141,26 +159,26 @@ def _row(label: str, kind: str, model: GGUFInfo, metrics: evaluate.TextMetrics, 
 
 
 def _prune(source: GGUFInfo, quant: quant_types.QuantType, matrix: imatrix.Imatrix | None, work: Path,
-           opts: QualityOptions, out: Compressed, tolerance: float | None) -> list[int]:
+           opts: QualityOptions, out: Compressed, tolerance: float | None, reference: evaluate.Reference) -> list[int]:
     text = opts.calibration_text or evaluate.default_text("calibration")
-    eval_text = opts.eval_text or evaluate.default_text("eval")
     n_layer = source.block_count
     trial = work / "prune-trial.gguf"
 
     def make(pruned: list[int]) -> Path:
         if not pruned:
             return source.path
-        quantize.quantize(source.path, trial, quant, allow_requantize=opts.allow_requantize, imatrix=matrix,
-                          prune_layers=pruned, threads=opts.threads)
-        return trial
+        if opts.target_bytes is None:
+            quantize.quantize(source.path, trial, quant, allow_requantize=opts.allow_requantize, imatrix=matrix,
+                              prune_layers=pruned, threads=opts.threads)
+            return trial
+        # The plan chooses the types afterwards: what a block's removal costs is measured on the source's own.
+        return _without_blocks(source, pruned, trial, opts.threads)
 
     def influence_of(pruned: list[int]) -> list[float]:
         return prune.block_influence([make(pruned)], text, n_layer=n_layer - len(pruned), threads=opts.threads)
 
     def degradation_of(pruned: list[int]) -> float:
-        metrics = evaluate.compare_text([source.path], [make(pruned)], eval_text, max_chunks=PRUNE_EVAL_CHUNKS,
-                                        threads=opts.threads)
-        return 1 - metrics.top1_agreement
+        return 1 - reference.compare([make(pruned)], max_chunks=PRUNE_EVAL_CHUNKS).top1_agreement
 
     count = None if opts.prune == "auto" else int(opts.prune)
     if count is not None and not 0 < count < n_layer - 1:
@@ -172,17 +190,30 @@ def _prune(source: GGUFInfo, quant: quant_types.QuantType, matrix: imatrix.Imatr
     return result.pruned
 
 
+def _without_blocks(source: GGUFInfo, pruned: list[int], path: Path, threads: int) -> Path:
+    """The source with those blocks dropped (llama.cpp renumbers the rest) and every other tensor as it was:
+    each keeps its type by name, since llama.cpp would decide a mix's types again for the new numbering."""
+    types = {}
+    for tensor in source.tensors:
+        name = prune.renamed(tensor.name, pruned)
+        if name is not None:
+            types[name] = int(gguf.GGMLQuantizationType[tensor.type_name])
+    quantize.quantize(source.path, path, _keep_type(source), tensor_types=types, prune_layers=pruned, pure=True,
+                      threads=threads)
+    return path
+
+
 def _planned(source: GGUFInfo, matrix: imatrix.Imatrix, work: Path, opts: QualityOptions, out: Compressed,
-             pruned: list[int]) -> Path:
-    del pruned  # not combinable yet (checked in compress)
+             reference: evaluate.Reference | None) -> Path:
+    """Per-tensor types of `source` (the build's source, or it with pruned blocks dropped) to the target size."""
     if source.quantized and not opts.allow_requantize:
         raise PackagerError(f"source is already quantized ({source.file_type}); planning requantizes it: "
                             "pass --allow-requantize")
     ladder = plan.build_ladder(source, matrix, work, allow_requantize=opts.allow_requantize, threads=opts.threads)
     if opts.measure_candidates and opts.eval_text is not None:
+        assert reference is not None
         for name, path in ladder.files.items():
-            metrics = evaluate.compare_text([source.path], [path], opts.eval_text, max_chunks=EVAL_CHUNKS,
-                                            threads=opts.threads)
+            metrics = reference.compare([path])
             out.candidates.append(_row(f"{name} (pure)", "uniform", gguf_info.read(path), metrics))
     target = opts.target_bytes
     assert target is not None

@@ -9,6 +9,7 @@ context before it; scoring="all" scores positions 0 .. n_ctx-2.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,47 +67,134 @@ def default_tasks_path() -> Path:
     return DATA_DIR / "tasks.jsonl"
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+class Reference:
+    """The reference model's view of an evaluation text, computed once and compared with any number of
+    candidates (as llama-perplexity's --kl-divergence-base file is). The logits of every scored position
+    are kept as llama.cpp returns them (float32) in a scratch file, chunk after chunk, so memory holds
+    one chunk at most; llama-perplexity rounds log-probabilities to 16 bits instead, which moves small
+    KL divergences by up to 0.3% (bench/README.md), so the file is twice its size and the figures exact.
+    """
+
+    def __init__(
+        self, paths: list[Path], text: str, *, ctx: int = 512, scoring: str = "half", max_chunks: int | None = None,
+        threads: int = 2, scratch: Path | None = None,
+    ) -> None:
+        if scoring not in SCORINGS:
+            raise PackagerError(f"unknown scoring {scoring!r}: choose half or all")
+        self.ctx, self.scoring, self.threads = ctx, scoring, threads
+        self.first = ctx // 2 if scoring == "half" else 0
+        self._file = tempfile.TemporaryFile(prefix="edgepack-reference-", dir=scratch)
+        try:
+            with Forward(paths, n_ctx=ctx, threads=threads) as model:
+                self.n_vocab = model.n_vocab
+                self.chunks = model.chunks(model.tokenize(text), max_chunks)
+                if not self.chunks:
+                    raise PackagerError(f"evaluation text is shorter than one chunk of {ctx} tokens")
+                for chunk in self.chunks:
+                    self._file.write(model.run(chunk, self.first)[:-1])
+            self._file.flush()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Reference:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def compare(self, candidate: list[Path], *, max_chunks: int | None = None) -> TextMetrics:
+        """PPL of both, KL(reference || candidate) per position, top-1 agreement, over the first chunks."""
+        chunks = self.chunks[:max_chunks]
+        rows = self.ctx - 1 - self.first
+        per_chunk = []
+        with Forward(candidate, n_ctx=self.ctx, threads=self.threads) as model:
+            if model.n_vocab != self.n_vocab:
+                raise PackagerError(f"vocabularies differ ({self.n_vocab} vs {model.n_vocab} tokens): not comparable")
+            block = max(1, _BLOCK_VALUES // self.n_vocab)
+            buffers = _Buffers(block, self.n_vocab)
+            for index, chunk in enumerate(chunks):
+                logits = model.run(chunk, self.first)
+                targets = np.asarray(chunk[self.first + 1 :])
+                for start in range(0, rows, block):
+                    stop = min(start + block, rows)
+                    reference = self._read(index * rows + start, stop - start, buffers.reference)
+                    per_chunk.append(_compare_rows(reference, logits[start:stop], targets[start:stop], buffers))
+        kld, nll_ref, nll_cand, agree = (np.concatenate(column) for column in zip(*per_chunk, strict=True))
+        return TextMetrics(
+            ppl_reference=float(np.exp(nll_ref.mean())),
+            ppl_candidate=float(np.exp(nll_cand.mean())),
+            kld_mean=float(kld.mean()),
+            kld_median=float(np.median(kld)),
+            kld_p99=float(np.percentile(kld, 99)),
+            top1_agreement=float(agree.mean()),
+            tokens=int(kld.size),
+            chunks=len(chunks),
+            ctx=self.ctx,
+            scoring=self.scoring,
+        )
+
+    def _read(self, row: int, count: int, buffer: np.ndarray) -> np.ndarray:
+        out = buffer[:count]
+        self._file.seek(row * self.n_vocab * 4)
+        if self._file.readinto(out) != out.nbytes:
+            raise PackagerError("the reference's scratch file is shorter than written (disk full?)")
+        return out
+
+
+_BLOCK_VALUES = 1 << 21  # rows are compared a block of about this many logits (8 MiB) at a time
+
+
+class _Buffers:
+    """Scratch arrays for one block of rows, allocated once per comparison."""
+
+    def __init__(self, rows: int, n_vocab: int) -> None:
+        self.reference, self.a, self.b = (np.empty((rows, n_vocab), dtype=np.float32) for _ in range(3))
+
+
+def _normalise(logits: np.ndarray, out: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the top-1 token, log-sum-exp (float64) and, in `out`, exp(logit - max) with its sum."""
+    top1 = logits.argmax(axis=1)
+    peak = logits[np.arange(len(logits)), top1]
+    np.subtract(logits, peak[:, None], out=out)
+    np.exp(out, out=out)
+    total = out.sum(axis=1, dtype=np.float64)
+    return top1, peak + np.log(total), total
+
+
+def _compare_rows(
+    reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray, buffers: _Buffers,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """KL(ref || cand), both NLLs of the next token and top-1 agreement for a block of rows of float32 logits.
+
+    KL = sum_i p_i * ((r_i - c_i) - (lse_r - lse_c)), with p = softmax(r): logits are subtracted first, an
+    exact float32 operation for close values, so an identical candidate gives exactly 0 and a close one
+    keeps its small divergence to float32 rounding of the difference (not of the logits).
+    """
+    rows = np.arange(len(reference))
+    n = len(reference)
+    weights, diff = buffers.a[:n], buffers.b[:n]
+    top_c, lse_c, _ = _normalise(candidate, diff)
+    top_r, lse_r, total_r = _normalise(reference, weights)
+    np.subtract(reference, candidate, out=diff)
+    diff -= (lse_r - lse_c).astype(np.float32)[:, None]
+    diff *= weights
+    kld = diff.sum(axis=1, dtype=np.float64) / total_r
+    nll_ref = lse_r - reference[rows, targets]
+    nll_cand = lse_c - candidate[rows, targets]
+    return kld, nll_ref, nll_cand, top_r == top_c
 
 
 def compare_text(
     reference: list[Path], candidate: list[Path], text: str, *, ctx: int = 512, scoring: str = "half",
     max_chunks: int | None = None, threads: int = 2,
 ) -> TextMetrics:
-    if scoring not in SCORINGS:
-        raise PackagerError(f"unknown scoring {scoring!r}: choose half or all")
-    with Forward(reference, n_ctx=ctx, threads=threads) as ref, Forward(candidate, n_ctx=ctx, threads=threads) as cand:
-        if ref.n_vocab != cand.n_vocab:
-            raise PackagerError(f"vocabularies differ ({ref.n_vocab} vs {cand.n_vocab} tokens): not comparable")
-        chunks = ref.chunks(ref.tokenize(text), max_chunks)
-        if not chunks:
-            raise PackagerError(f"evaluation text is shorter than one chunk of {ctx} tokens")
-        first = ctx // 2 if scoring == "half" else 0
-        nll_ref, nll_cand, kld, agree = [], [], [], []
-        for chunk in chunks:
-            targets = np.asarray(chunk[first + 1 :])
-            lp_ref = log_softmax(ref.run(chunk, first)[:-1].astype(np.float64))
-            lp_cand = log_softmax(cand.run(chunk, first)[:-1].astype(np.float64))
-            rows = np.arange(len(targets))
-            nll_ref.append(-lp_ref[rows, targets])
-            nll_cand.append(-lp_cand[rows, targets])
-            kld.append((np.exp(lp_ref) * (lp_ref - lp_cand)).sum(axis=1))
-            agree.append(lp_ref.argmax(axis=1) == lp_cand.argmax(axis=1))
-    kld_all = np.concatenate(kld)
-    return TextMetrics(
-        ppl_reference=float(np.exp(np.concatenate(nll_ref).mean())),
-        ppl_candidate=float(np.exp(np.concatenate(nll_cand).mean())),
-        kld_mean=float(kld_all.mean()),
-        kld_median=float(np.median(kld_all)),
-        kld_p99=float(np.percentile(kld_all, 99)),
-        top1_agreement=float(np.concatenate(agree).mean()),
-        tokens=int(kld_all.size),
-        chunks=len(chunks),
-        ctx=ctx,
-        scoring=scoring,
-    )
+    """One candidate against its reference (computed for this comparison only)."""
+    with Reference(reference, text, ctx=ctx, scoring=scoring, max_chunks=max_chunks, threads=threads) as ref:
+        return ref.compare(candidate)
 
 
 def load_tasks(path: Path) -> list[dict[str, Any]]:

@@ -141,7 +141,8 @@ class Forward:
         return out
 
     def run(self, tokens: list[int], logits_from: int = 0, keep_logits: bool = True) -> np.ndarray | None:
-        """Evaluate one chunk from an empty cache; logits (float32) of positions logits_from.. ."""
+        """Evaluate one chunk from an empty cache; logits (float32) of positions logits_from.. : a view of
+        llama.cpp's own buffer (no copy of rows x vocabulary floats), valid until the next run."""
         if len(tokens) > self.n_ctx:
             raise PackagerError(f"chunk of {len(tokens)} tokens exceeds n_ctx {self.n_ctx}")
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
@@ -159,7 +160,7 @@ class Forward:
             return None
         rows = len(tokens) - logits_from
         pointer = llama_cpp.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab)).copy()
+        return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab))
 
 
 def _make_callback(observer: Observer) -> Callable:

@@ -8,6 +8,7 @@ llama-imatrix does for dense models), saved in llama.cpp's GGUF imatrix format (
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,13 @@ class Imatrix:
         if name not in self.sums or not self.counts.get(name):
             return None
         return (self.sums[name] / self.counts[name]).astype(np.float32)
+
+    def renamed(self, rename: Callable[[str], str | None]) -> Imatrix:
+        """The same statistics under new tensor names (e.g. after pruning); a tensor renamed to None is left out."""
+        names = {name: new for name in self.sums if (new := rename(name)) is not None}
+        sums = {new: self.sums[old] for old, new in names.items()}
+        counts = {new: self.counts[old] for old, new in names.items()}
+        return Imatrix(sums, counts, self.chunks, self.chunk_size, self.dataset)
 
 
 class _Collector(Observer):

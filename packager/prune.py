@@ -8,7 +8,8 @@ pruned model is measured again, since the remaining blocks' roles shift.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,19 @@ from .errors import PackagerError
 from .forward import Forward, GGMLTensor, Observer, as_matrix
 
 _INPUT_NAMES = (b"inp_embd", b"inp_scaled")
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.")
+
+
+def renamed(name: str, pruned: Sequence[int]) -> str | None:
+    """A tensor's name once llama.cpp's prune_layers dropped those blocks and renumbered the rest in order;
+    None for a tensor of a dropped block."""
+    match = _BLOCK_RE.match(name)
+    if match is None:
+        return name
+    block = int(match.group(1))
+    if block in pruned:
+        return None
+    return f"blk.{block - sum(p < block for p in pruned)}.{name[match.end():]}"
 
 
 class _Influence(Observer):

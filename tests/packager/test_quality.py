@@ -172,8 +172,17 @@ def test_pruning_drops_blocks_and_the_model_still_loads_and_runs(tiny_gguf, tmp_
     finally:
         engine.close()
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "Layer importance" in report or "layer" in report.lower()
     assert (tmp_path / "report" / "layers.png").exists()
+    assert layer_table(report) == {i: i in pruned for i in range(4)}  # every source block, the dropped one marked
+
+
+def layer_table(report: str) -> dict[int, bool]:
+    """The report's layer importance table: block -> marked as pruned."""
+    assert "## Layer importance" in report, report
+    section = report.split("## Layer importance", 1)[1].split("\n## ", 1)[0]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    column = cells[0].index("pruned")
+    return {int(row[0]): row[column] == "✔" for row in cells[2:]}
 
 
 @pytest.mark.parametrize(
