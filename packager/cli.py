@@ -12,7 +12,8 @@ import click
 from edgepack.runtime import hardware
 from edgepack.runtime.boards import HOST, load_board
 from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest
-from edgepack.runtime.cli import format_table
+from edgepack.runtime.cli_common import format_table
+from edgepack.runtime.memory import format_mib
 from edgepack.runtime.store import bundle_manifest
 
 from . import build as build_mod
@@ -82,8 +83,9 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
     ))
     rows = [("MODEL", "SOURCE", "MODEL SIZE", "BITS/WEIGHT", "SEGMENTS", "TYPE")]
     for m in result.models:
-        rows.append((m.info.name, f"{_mib(m.source_size)} {m.info.source.get('file_type', '')}",
-                     _mib(m.model_size), f"{m.bits_per_weight:.2f}", str(len(m.info.segments)), m.info.file_type))
+        rows.append((m.info.name, f"{format_mib(m.source_size, 1)} {m.info.source.get('file_type', '')}",
+                     format_mib(m.model_size, 1), f"{m.bits_per_weight:.2f}", str(len(m.info.segments)),
+                     m.info.file_type))
     click.echo(format_table(rows))
     for m in result.models:
         _echo_model_details(m, len(result.models) > 1)
@@ -92,11 +94,11 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
     if result.manifest.agents:
         click.echo("agents: " + ", ".join(a.name for a in result.manifest.agents))
     if result.shared_bytes:
-        click.echo(f"shared segments: {_mib(result.shared_bytes)} stored once instead of per model")
+        click.echo(f"shared segments: {format_mib(result.shared_bytes, 1)} stored once instead of per model")
     delta = f" (delta since {result.manifest.delta_since}: {result.blobs_shipped} of " \
             f"{len(result.manifest.blobs)} blobs)" if result.manifest.delta_since else ""
-    click.echo(f"bundle: {_mib(result.bundle_size)}, {result.bundle_size / result.source_size:.0%} of the sources"
-               f"{delta}")
+    click.echo(f"bundle: {format_mib(result.bundle_size, 1)}, {result.bundle_size / result.source_size:.0%} of the "
+               f"sources{delta}")
     click.echo(f"wrote {result.output} ({result.manifest.name}, board {result.manifest.board}) "
                f"in {result.seconds:.1f}s")
 
@@ -227,19 +229,17 @@ def _bundle_table(path: Path, m: Manifest) -> str:
     head = [("FIELD", "VALUE")] + [(k, str(v)) for k, v in (
         ("bundle", path.name), ("name", m.name), ("version", m.bundle_version), ("created", m.created),
         ("builder", m.builder), ("llama.cpp", m.llama_cpp_version), ("board", m.board),
-        ("blobs", f"{len(m.blobs)}: {_mib(sum(b.size for b in m.blobs.values()))} stored, "
-                  f"{_mib(sum(b.zsize for b in m.blobs.values()))} shipped"),
+        ("blobs", f"{len(m.blobs)}: {format_mib(sum(b.size for b in m.blobs.values()), 1)} stored, "
+                  f"{format_mib(sum(b.zsize for b in m.blobs.values()), 1)} shipped"),
     )]
     rows = [("MODEL", "ARCH", "PARAMS", "TYPE", "SEGMENTS", "SIZE", "CHAT TEMPLATE")]
     for model in m.models:
         size = sum(m.blobs[d].size for d in model.segments)
         rows.append((model.name, model.architecture, f"{model.parameters / 1e6:.1f}M", model.file_type,
-                     str(len(model.segments)), _mib(size), model.chat_template or "(model's own)"))
+                     str(len(model.segments)), format_mib(size, 1), model.chat_template or "(model's own)"))
     return format_table(head) + "\n\n" + format_table(rows)
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
 
 
 def _show(value: object) -> str:

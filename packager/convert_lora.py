@@ -21,6 +21,8 @@ from pathlib import Path, PurePosixPath
 import click
 import gguf
 
+from edgepack.runtime.memory import format_mib
+
 from .errors import PackagerError
 
 OUTTYPES = ("f16", "f32", "q8_0")
@@ -177,4 +179,4 @@ def convert_lora(peft_dir: Path, base_dir: Path, output: Path, outtype: str) -> 
     low, high = result.ranks[0], result.ranks[-1]
     rank = str(low) if low == high else f"{low}-{high}"
     click.echo(f"wrote {output}: {result.tensors} tensors, rank {rank}, for {result.architecture} "
-               f"({outtype}, {result.size / 2**20:.1f} MiB)")
+               f"({outtype}, {format_mib(result.size, 1)})")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import click
 
+from edgepack.runtime.memory import format_mib
 from edgepack.runtime.store import Store
 
 from . import build as build_mod
@@ -56,7 +57,7 @@ def demo(work_dir: Path, board: str, question: str, port: int | None) -> None:
     result = build_mod.build(build_mod.BuildOptions(
         source=source, output=bundle, board=load_board(board), name="gemma3-270m", quiet=True,
     ))
-    click.echo(f"      {result.segments} segments, {result.bundle_size / 2**20:.1f} MiB "
+    click.echo(f"      {result.segments} segments, {format_mib(result.bundle_size, 1)} "
                f"({result.bits_per_weight:.2f} bits/weight), {result.seconds:.1f}s")
     store_dir = work_dir / "store"
     installed = Store(store_dir).install(bundle)

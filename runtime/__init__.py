@@ -3,4 +3,6 @@
 Never imports edgepack.packager: this package installs on a board without host-only tools.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
+
+__version__ = version("edgepack")  # one place: pyproject.toml

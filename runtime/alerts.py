@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import psutil
+
+from .stats import percentile
 
 WINDOW_SECONDS = 300.0
 SUSTAINED_SECONDS = 60.0
@@ -48,7 +49,7 @@ class AlertWindow:
             _trim(series, now - WINDOW_SECONDS)
         _trim(self.load, now - SUSTAINED_SECONDS)
         over_sla = any(
-            len(values) >= 5 and np.percentile([v for _, v in values], 99) > 1.5 * self.slas_ms[agent] / 1000
+            len(values) >= 5 and percentile((v for _, v in values), 99) > 1.5 * self.slas_ms[agent] / 1000
             for agent, values in self.latencies.items() if agent in self.slas_ms
         )
         failed = [f for _, f in self.outcomes]

@@ -7,21 +7,39 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import click
+import msgspec
 
 from . import __version__
 from .boards import board_memory_gib, host_profile, list_boards
+from .cli_common import format_table, store_option
 from .errors import EdgepackError
+from .local_config import read_local_config
+from .memory import format_mib
+from .sd_notify import notify
+from .serve_config import resolve_config, tpot_targets
 from .store import Store
-from .systemd import notify, unit_command
-from .tune import read_local_config, tune_command
+
+# Commands whose modules load only when they run: `serve` imports neither the tuning sweep nor the unit writer.
+_LAZY_COMMANDS = {
+    "tune": "edgepack.runtime.tune_command:tune_command",
+    "unit": "edgepack.runtime.systemd_unit:unit_command",
+}
 
 
 class _Group(click.Group):
-    """Turns every EdgepackError into one line on stderr and exit status 1."""
+    """Turns every EdgepackError into one line on stderr and exit status 1; loads _LAZY_COMMANDS on use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in _LAZY_COMMANDS:
+            module, attr = _LAZY_COMMANDS[name].split(":")
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):  # noqa: ANN201
         try:
@@ -36,15 +54,9 @@ def cli() -> None:
     """Build, ship and serve compressed agent models on edge devices."""
 
 
-_store_option = click.option(
-    "--store", "store_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-    help="The device's store directory.",
-)
-
-
 @cli.command()
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
-@_store_option
+@store_option
 def install(bundle: Path, store_dir: Path) -> None:
     """Verify BUNDLE and install it as the store's current release."""
     result = Store(store_dir).install(bundle)
@@ -54,13 +66,13 @@ def install(bundle: Path, store_dir: Path) -> None:
         return
     click.echo(
         f"installed {m.name} v{m.bundle_version} as release {result.release}: "
-        f"{result.blobs_written} blob(s) written ({result.bytes_written / 2**20:.1f} MiB), "
+        f"{result.blobs_written} blob(s) written ({format_mib(result.bytes_written, 1)}), "
         f"{result.blobs_skipped} already present, {result.seconds:.2f}s"
     )
 
 
 @cli.command()
-@_store_option
+@store_option
 def rollback(store_dir: Path) -> None:
     """Switch back to the previous release."""
     current, previous = Store(store_dir).rollback()
@@ -68,15 +80,15 @@ def rollback(store_dir: Path) -> None:
 
 
 @cli.command()
-@_store_option
+@store_option
 def gc(store_dir: Path) -> None:
     """Remove blobs and releases that neither the current nor the previous release needs."""
     releases, blobs, freed = Store(store_dir).gc()
-    click.echo(f"removed {len(releases)} release(s) and {blobs} blob(s), freed {freed / 2**20:.1f} MiB")
+    click.echo(f"removed {len(releases)} release(s) and {blobs} blob(s), freed {format_mib(freed, 1)}")
 
 
 @cli.command()
-@_store_option
+@store_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--threads", type=int, help="Threads per model (default: the board's, else physical cores).")
@@ -124,10 +136,9 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
-    from .cache import ResponseCache
-    from .loader import resolve_config
-    from .memory import format_mib, resolve_budget
+    from .memory import resolve_budget
     from .pool import ModelPool
+    from .response_cache import ResponseCache
     from .semantic_cache import DEFAULT_THRESHOLD, SemanticCache
     from .server import Service
 
@@ -168,8 +179,10 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         if cache else None
     if responses is not None and responses.warning:
         click.echo(f"edgepack: warning: {responses.warning}", err=True)
+    per_token = {a.model: tpot_target / 1000 for a in agents} if tpot_target is not None \
+        else tpot_targets(agents, config.max_tokens)
     service = Service(
-        make_pool, agents, preload=preload, tpot_targets=tpot_targets(agents, config.max_tokens, tpot_target),
+        make_pool, agents, preload=preload, tpot_targets=per_token,
         default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in manifest.adapters},
         max_queue=max_queue, request_timeout=request_timeout,
         cache=responses,
@@ -228,18 +241,6 @@ def parse_duration(text: str) -> float | None:
     return seconds
 
 
-def tpot_targets(agents: list, default_max_tokens: int, flag_ms: float | None) -> dict[str, float]:
-    """Seconds per output token per model: the flag, else the tightest agent's latency_sla_ms / max_tokens."""
-    targets: dict[str, float] = {}
-    for agent in agents:
-        if flag_ms is not None:
-            targets[agent.model] = flag_ms / 1000
-        elif agent.latency_sla_ms:
-            per_token = agent.latency_sla_ms / 1000 / int(agent.sampling.get("max_tokens", default_max_tokens))
-            targets[agent.model] = min(per_token, targets.get(agent.model, per_token))
-    return targets
-
-
 @cli.command()
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The server to ask.")
 def status(url: str) -> None:
@@ -250,7 +251,7 @@ def status(url: str) -> None:
 
 
 @cli.command()
-@_store_option
+@store_option
 @click.argument("prompt")
 @click.option("--model", help="Model name (default: the bundle's first).")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(1))
@@ -262,7 +263,6 @@ def run(store_dir: Path, prompt: str, model: str | None, max_tokens: int, temper
         system: str | None, raw: bool, threads: int | None) -> None:
     """Generate once from PROMPT and print the answer."""
     from .engine import Engine, Generation, Sampling
-    from .loader import resolve_config
 
     store = Store(store_dir)
     manifest = store.manifest()
@@ -289,22 +289,13 @@ def boards(as_json: bool) -> None:
     """List the board profiles (and this host's generic profile)."""
     profiles = list_boards() + [host_profile()]
     if as_json:
-        click.echo(json.dumps([asdict(p) for p in profiles], indent=2))
+        click.echo(json.dumps(msgspec.to_builtins(profiles), indent=2))
         return
     rows = [("BOARD", "ARCH", "CORES", "SIMD", "MEMORY", "QUANT", "THREADS")]
     for p in profiles:
         rows.append((p.name, p.arch, p.core_summary, ",".join(p.simd), f"{p.memory_gib:g} GiB", p.default_quant,
                      str(p.threads or "auto")))
     click.echo(format_table(rows))
-
-
-def format_table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
-
-
-cli.add_command(unit_command)
-cli.add_command(tune_command)
 
 
 def _add_host_commands() -> None:

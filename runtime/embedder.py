@@ -36,7 +36,7 @@ class Embedder:
         bos = [llama_cpp.llama_vocab_bos(vocab)] if llama_cpp.llama_vocab_get_add_bos(vocab) else []
         eos = [llama_cpp.llama_vocab_eos(vocab)] if llama_cpp.llama_vocab_get_add_eos(vocab) else []
         head, tail = ("", "") if declared is not None else (PROMPT_HEAD, PROMPT_TAIL)
-        self._head, self._tail = bos + _tokenize(vocab, head), _tokenize(vocab, tail) + eos
+        self._head, self._tail = bos + _tokens(vocab, head), _tokens(vocab, tail) + eos
         need = len(self._head) + len(self._tail) + 8
         if n_ctx < need:
             raise EdgepackError(f"embedder context of {n_ctx} tokens is too small (at least {need})")
@@ -56,7 +56,7 @@ class Embedder:
     def tokens(self, text: str) -> list[int]:
         """What embed() feeds the model: the text's tokens (special tokens not parsed) inside the fixed head and
         tail; a text too long for the context loses its beginning (the end holds the latest message)."""
-        body = _tokenize(self._vocab, text)
+        body = _tokens(self._vocab, text)
         if not body:
             raise EdgepackError("cannot embed an empty text")
         room = self.n_ctx - len(self._head) - len(self._tail)
@@ -127,13 +127,6 @@ def _context(model: ctypes.c_void_p, declared: int | None, n_ctx: int, threads: 
     return ctx
 
 
-def _tokenize(vocab: ctypes.c_void_p, text: str) -> list[int]:
-    data = text.encode("utf-8")
-    capacity = len(data) + 16
-    tokens = (llama_cpp.llama_token * capacity)()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, capacity, False, False)
-    if n < 0:
-        capacity = -n
-        tokens = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, capacity, False, False)
-    return list(tokens[:n])
+def _tokens(vocab: ctypes.c_void_p, text: str) -> list[int]:
+    """Plain text: no BOS/EOS added, special-token text not parsed (a user cannot inject control tokens)."""
+    return llama.tokenize(vocab, text, add_special=False, parse_special=False)

@@ -7,3 +7,7 @@ message that names what was wrong; the CLI prints it as one line and exits non-z
 
 class EdgepackError(Exception):
     """A user-facing failure with a one-line message."""
+
+
+class ContextOverflow(EdgepackError):
+    """A prompt and its max_tokens do not fit a model's context."""

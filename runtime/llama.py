@@ -128,3 +128,16 @@ def builtin_chat_templates() -> list[str]:
     names = (ctypes.c_char_p * count)()
     llama_cpp.llama_chat_builtin_templates(names, count)
     return [n.decode() for n in names]
+
+
+def tokenize(vocab: ctypes.c_void_p, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+    """llama_tokenize with a buffer that grows to what llama.cpp asks for."""
+    data = text.encode("utf-8")
+    capacity = len(data) + 16
+    tokens = (llama_cpp.llama_token * capacity)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, capacity, add_special, parse_special)
+    if n < 0:
+        capacity = -n
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(vocab, data, len(data), tokens, capacity, add_special, parse_special)
+    return list(tokens[:n])

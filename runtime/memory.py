@@ -35,8 +35,9 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[unit])
 
 
-def format_mib(n: int | float) -> str:
-    return f"{n / MiB:.0f} MiB"
+def format_mib(n: int | float, decimals: int = 0) -> str:
+    """Bytes as MiB for people: 1572864 -> '2 MiB' (decimals=1: '1.5 MiB')."""
+    return f"{n / MiB:.{decimals}f} MiB"
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from .bundle_format import AgentInfo, Manifest
 from .engine import Engine
 from .errors import EdgepackError
-from .loader import ServeConfig, repacked_models
 from .memory import HEADROOM, Budget, ModelShape, context_bytes, fit_context, format_mib, process_memory
 from .scheduler import BatchScheduler, Prefix, SlotCache
+from .serve_config import ServeConfig, repacked_models
 from .store import Store
 from .warmup import WARMUP_STAGES, WarmupReport, concurrent_stage, prefix_stage, singles_stage
 

@@ -28,6 +28,7 @@ import llama_cpp
 
 from .engine import Engine, Generation, Sampling, TokenStream
 from .errors import EdgepackError
+from .stats import percentile
 
 
 class QueueFull(EdgepackError):
@@ -89,8 +90,7 @@ class SlotController:
         self._steps.append(seconds)
         if len(self._steps) < self.window:
             return
-        ordered = sorted(self._steps)
-        self.p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+        self.p95 = percentile(self._steps, 95)
         self._steps.clear()
         if self.p95 > self.target and self.limit > 1:
             self.limit -= 1
@@ -298,3 +298,28 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def run_together(scheduler: BatchScheduler, requests: list[Request], timeout: float) -> None:
+    """Submit `requests` at once (their `emit` is replaced) and wait for all; raise the first failure, or
+    EdgepackError when they do not finish within `timeout` seconds. Their results are in `request.result`."""
+    finished = [threading.Event() for _ in requests]
+    errors: list[Exception] = []
+
+    def emitter(event: threading.Event) -> Callable[[object], None]:
+        def emit(item: object) -> None:
+            if isinstance(item, Exception):
+                errors.append(item)
+            if item is DONE or isinstance(item, Exception):
+                event.set()
+        return emit
+
+    for request, event in zip(requests, finished, strict=True):
+        request.emit = emitter(event)
+        scheduler.submit(request)
+    deadline = time.monotonic() + timeout
+    if not all(event.wait(max(0.0, deadline - time.monotonic())) for event in finished):
+        raise EdgepackError(f"{scheduler.engine.name!r}: {len(requests)} concurrent requests did not finish in "
+                            f"{timeout:g}s")
+    if errors:
+        raise errors[0] if isinstance(errors[0], EdgepackError) else EdgepackError(f"generation failed: {errors[0]}")

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .cache import CachedAnswer, cache_key
 from .errors import EdgepackError
+from .response_cache import CachedAnswer, cache_key
 
 DEFAULT_THRESHOLD = 0.90  # chosen from measurements: docs/semantic-cache.md
 

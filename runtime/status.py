@@ -12,6 +12,7 @@ from collections import defaultdict
 from prometheus_client.parser import text_string_to_metric_families
 
 from .errors import EdgepackError
+from .memory import format_mib
 
 
 def fetch(url: str) -> tuple[dict, dict]:
@@ -90,9 +91,9 @@ def summary(url: str) -> list[tuple[str, str]]:
     hits = lookups - cache.get("miss", 0)
     rows.append(("cache hits", f"{hits / lookups:.0%} of {lookups:.0f} (L1 {cache.get('l1', 0):.0f}, L2 "
                  f"{cache.get('l2', 0):.0f}, semantic {cache.get('semantic', 0):.0f})" if lookups else "–"))
-    rows.append(("resident memory", f"{total('edgepack_process_resident_memory_bytes') / 2**20:.0f} MiB (PSS "
-                 f"{total('edgepack_process_proportional_memory_bytes') / 2**20:.0f} MiB, budget "
-                 f"{total('edgepack_memory_budget_bytes') / 2**20:.0f} MiB)"))
+    rows.append(("resident memory", f"{format_mib(total('edgepack_process_resident_memory_bytes'))} (PSS "
+                 f"{format_mib(total('edgepack_process_proportional_memory_bytes'))}, budget "
+                 f"{format_mib(total('edgepack_memory_budget_bytes'))})"))
     rows.append(("system CPU / memory", f"{total('edgepack_system_cpu_percent'):.0f}% / "
                  f"{total('edgepack_system_memory_percent'):.0f}%"))
     firing = [dict(k)["alert"] for k, v in samples.get("edgepack_alert", {}).items() if v]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import statistics
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from .bundle_format import AgentInfo, Manifest
 from .engine import Engine, Generation, Sampling
 from .errors import EdgepackError
-from .scheduler import DONE, BatchScheduler, Prefix, Request, SlotCache
+from .scheduler import BatchScheduler, Prefix, Request, SlotCache, run_together
 
 SINGLE_RUNS = 3
 WARMUP_STAGES = frozenset({"singles", "batch"})  # the agents' prefixes are the warm state (--no-warm-state)
@@ -131,21 +130,17 @@ def concurrent_stage(scheduler: BatchScheduler, agents: list[AgentInfo], scales:
                      report: WarmupReport, timeout: float = 120.0) -> None:
     """One request per slot at once (the agents' prompts, else a plain one), through the scheduler."""
     engine = scheduler.engine
-    chosen = (agents or [AgentInfo(engine.name, engine.name)])[: engine.slots]
-    done = threading.Semaphore(0)
+    chosen = (agents or [AgentInfo(name=engine.name, model=engine.name)])[: engine.slots]
     requests = []
     for agent in chosen:
         messages = ([("system", agent.system_prompt)] if agent.system_prompt else []) + [("user", "Hello")]
         text = engine.format_chat(messages) if engine.chat_template else "Hello"
         lora = (agent.adapter, scales.get(agent.adapter, 1.0)) if agent.adapter else None
-        request = Request(engine.tokenize(text), Sampling(max_tokens=2, temperature=0, ignore_eos=True),
-                          lambda event: done.release() if event is DONE or isinstance(event, Exception) else None,
-                          lora, warmup=True)
-        requests.append(request)
+        requests.append(Request(engine.tokenize(text), Sampling(max_tokens=2, temperature=0, ignore_eos=True),
+                                lambda item: None, lora, warmup=True))
     started = time.monotonic()
-    for request in requests:
-        scheduler.submit(request)
-    for _ in requests:
-        if not done.acquire(timeout=timeout):
-            raise EdgepackError(f"warm-up of {engine.name!r}: the concurrent batch did not finish in {timeout:g}s")
+    try:
+        run_together(scheduler, requests, timeout)
+    except EdgepackError as exc:
+        raise EdgepackError(f"warm-up of {engine.name!r}: the concurrent batch failed: {exc}") from None
     report.concurrent = [r.result.first_token_at - started for r in requests if r.result.first_token_at]

@@ -29,6 +29,28 @@ def test_runtime_imports_and_runs_without_the_packager():
     assert "build" not in result.stdout
 
 
+_SERVE_IMPORTS = """
+import sys
+import edgepack.runtime.cli, edgepack.runtime.server, edgepack.runtime.pool
+from edgepack.runtime.cli import cli
+cli.get_command(None, 'serve')
+print(' '.join(m for m in ('edgepack.runtime.tune', 'edgepack.runtime.systemd_unit') if m in sys.modules))
+"""
+
+
+def test_serve_imports_neither_the_tuning_sweep_nor_the_unit_writer():
+    result = subprocess.run([sys.executable, "-c", _SERVE_IMPORTS], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+
+
+def test_the_version_is_the_distributions():
+    from importlib.metadata import version
+
+    from edgepack.runtime import __version__
+
+    assert __version__ == version("edgepack") and f'version = "{__version__}"' in (ROOT / "pyproject.toml").read_text()
+
+
 def test_host_commands_are_added_when_installed():
     result = subprocess.run([sys.executable, "-m", "edgepack.runtime.cli", "--help"], capture_output=True,
                             text=True, timeout=60)

@@ -7,7 +7,7 @@ import json
 import httpx
 from conftest import Clock, start_server, stop_server, wait_ready
 
-from edgepack.runtime.cache import CachedAnswer, ResponseCache, cache_key
+from edgepack.runtime.response_cache import CachedAnswer, ResponseCache, cache_key
 
 ANSWER = CachedAnswer("Paris.", "stop", 7, 2)
 

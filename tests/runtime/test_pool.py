@@ -14,10 +14,10 @@ from edgepack.packager import recipe as recipe_mod
 from edgepack.packager.build import BuildOptions, build
 from edgepack.runtime.boards import load_board
 from edgepack.runtime.engine import Generation, Sampling
-from edgepack.runtime.loader import resolve_config
 from edgepack.runtime.memory import HEADROOM, Budget, context_bytes
 from edgepack.runtime.pool import DoesNotFit, ModelPool
 from edgepack.runtime.scheduler import DONE, BatchScheduler, Request
+from edgepack.runtime.serve_config import resolve_config
 from edgepack.runtime.store import Store
 
 RECIPE = """

@@ -12,9 +12,9 @@ from conftest import Clock
 
 from edgepack.runtime import embedder as embedder_mod
 from edgepack.runtime import llama
-from edgepack.runtime.cache import CachedAnswer
 from edgepack.runtime.embedder import Embedder
 from edgepack.runtime.errors import EdgepackError
+from edgepack.runtime.response_cache import CachedAnswer
 from edgepack.runtime.semantic_cache import DEFAULT_THRESHOLD, SemanticCache, partition_key
 
 SAMPLING = {"max_tokens": 64, "temperature": 0.0, "top_p": 0.95}
@@ -186,7 +186,7 @@ def test_an_embedding_model_is_pooled_as_it_declares(tiny_model, monkeypatch):
     pooled = Embedder(tiny_model, threads=1, n_ctx=128)
     try:
         assert pooled.method == "mean pooling"
-        assert pooled.tokens("what is the time")[1:] == embedder_mod._tokenize(pooled._vocab, "what is the time")
+        assert pooled.tokens("what is the time")[1:] == embedder_mod._tokens(pooled._vocab, "what is the time")
         vector = pooled.embed("what is the time")
         assert vector.shape == (256,) and np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
     finally:

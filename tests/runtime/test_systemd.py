@@ -27,15 +27,8 @@ from conftest import post_json, stop_server, wait_ready
 
 from edgepack.packager.demo import free_port
 from edgepack.runtime.errors import EdgepackError
-from edgepack.runtime.systemd import (
-    default_executable,
-    notify,
-    parse_memory_max,
-    render_unit,
-    unit_command,
-    watchdog_interval,
-    watchdog_loop,
-)
+from edgepack.runtime.sd_notify import notify, watchdog_interval, watchdog_loop
+from edgepack.runtime.systemd_unit import default_executable, parse_memory_max, render_unit, unit_command
 
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
 needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed")

@@ -11,16 +11,9 @@ from click.testing import CliRunner, Result
 
 from edgepack.runtime.cli import cli
 from edgepack.runtime.errors import EdgepackError
+from edgepack.runtime.local_config import LOCAL_CONFIG, MAX_LOCAL_CONFIG_BYTES, read_local_config, write_local_config
 from edgepack.runtime.store import Store
-from edgepack.runtime.tune import (
-    LOCAL_CONFIG,
-    MAX_LOCAL_CONFIG_BYTES,
-    Candidate,
-    Measurement,
-    choose,
-    read_local_config,
-    write_local_config,
-)
+from edgepack.runtime.tune import Candidate, Measurement, choose
 
 GRID = {(1, 1, 64), (1, 1, 128), (1, 2, 64), (1, 2, 128)}
 SWEEP = ["--threads", "1", "--slots", "1,2", "--batch", "64,128", "--tokens", "4", "--runs", "1"]
@@ -139,7 +132,7 @@ def test_local_config_round_trips(store):
     assert read_local_config(store) == {"threads": 2, "slots": 4, "n_batch": 256}
     write_local_config(store, {"threads": 3}, [])
     assert read_local_config(store) == {"threads": 3}
-    with pytest.raises(EdgepackError, match="'slots' must be an integer from 1 to 64"):
+    with pytest.raises(EdgepackError, match="local.json: slots: expected int >= 1; delete it or re-run"):
         write_local_config(store, {"threads": 2, "slots": 0}, [])
     assert read_local_config(store) == {"threads": 3}
 

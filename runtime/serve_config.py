@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from . import hardware
-from .bundle_format import Manifest
+from .bundle_format import AgentInfo, Manifest
 from .errors import EdgepackError
 
 REPACK_MODES = ("auto", "always", "never")
@@ -72,3 +73,22 @@ def repacked_models(manifest: Manifest, mode: str) -> set[str]:
         if others & set(model.segments[1:]):
             sharing.add(model.name)
     return {m.name for m in manifest.models} - sharing
+
+
+def latency_targets(agents: Iterable[AgentInfo]) -> dict[str, int]:
+    """Model name -> the strictest latency_sla_ms (one whole answer) among the agents that use it."""
+    return _strictest(agents, lambda agent: agent.latency_sla_ms)
+
+
+def tpot_targets(agents: Iterable[AgentInfo], default_max_tokens: int) -> dict[str, float]:
+    """Model name -> seconds per output token: the strictest agent's latency_sla_ms over its max_tokens."""
+    return _strictest(agents, lambda agent: agent.latency_sla_ms and agent.latency_sla_ms / 1000
+                      / (agent.sampling.max_tokens or default_max_tokens))
+
+
+def _strictest(agents: Iterable[AgentInfo], target: Callable[[AgentInfo], float | None]) -> dict:
+    targets: dict[str, float] = {}
+    for agent in agents:
+        if value := target(agent):
+            targets[agent.model] = min(value, targets.get(agent.model, value))
+    return targets

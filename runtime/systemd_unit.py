@@ -1,24 +1,22 @@
-"""Running `edgepack serve` under systemd: the sd_notify protocol (readiness, watchdog) and the
-service unit `edgepack unit` writes, hardened as far as llama.cpp on the CPU allows.
+"""The systemd service unit `edgepack unit` writes for `edgepack serve`, hardened as far as llama.cpp on
+the CPU allows (the protocol the running server speaks is in runtime/sd_notify.py).
 
 Device side: stdlib, click and runtime/memory.py, no llama.cpp. docs/systemd.md explains each line of the unit.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import os
 import re
 import shutil
-import socket
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .cli_common import store_option
 from .errors import EdgepackError
 from .files import replace_atomically
 from .memory import parse_size
@@ -36,52 +34,6 @@ _PLAIN_WORD = re.compile(r"[A-Za-z0-9_@+=:,./-]+")
 # systemd refuses an executable path holding these ("Executable name contains special characters").
 _UNSAFE_EXECUTABLE = re.compile(r"[\"'\\\x00-\x1f\x7f]")
 _USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|[0-9]+")
-
-# ---- sd_notify -------------------------------------------------------------------------------
-
-
-def notify(message: str) -> bool:
-    """Send `message` (e.g. "READY=1\\nSTATUS=...", "STOPPING=1", "WATCHDOG=1") to the service manager.
-
-    False when not run by systemd (no $NOTIFY_SOCKET) or when the socket cannot take it; never raises,
-    and never blocks: a full socket drops the message rather than stall the server.
-    """
-    address = os.environ.get("NOTIFY_SOCKET", "")
-    if address.startswith("@"):  # abstract namespace
-        address = "\0" + address[1:]
-    elif not address.startswith("/"):
-        return False
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.setblocking(False)
-            sock.sendto(message.encode(), address)
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings: half of $WATCHDOG_USEC, or None when no watchdog is asked of us."""
-    try:
-        usec = int(os.environ.get("WATCHDOG_USEC", ""))
-        pid = int(os.environ.get("WATCHDOG_PID", os.getpid()))
-    except ValueError:
-        return None
-    if usec <= 0 or pid != os.getpid():
-        return None
-    return usec / 2 / 1_000_000
-
-
-async def watchdog_loop(interval: float, healthy: Callable[[], bool] = lambda: True) -> None:
-    """Ping the watchdog every `interval` seconds while `healthy()` holds; run it as a task on the server's
-    event loop, so a stalled loop (or an unhealthy service) stops the pings and systemd restarts us."""
-    while True:
-        if healthy():
-            notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
-
-
-# ---- the unit --------------------------------------------------------------------------------
 
 
 def parse_memory_max(text: str) -> str:
@@ -327,10 +279,10 @@ def write_atomically(path: Path, text: str) -> None:
         raise EdgepackError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _absolute_store(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+def _absolute_store(value: Path) -> Path:
     if not value.is_dir():
         raise click.BadParameter(f"{value} is not a directory; install a bundle first (edgepack install "
-                                 f"BUNDLE --store {value})")
+                                 f"BUNDLE --store {value})", param_hint="'--store'")
     return value.resolve()
 
 
@@ -342,8 +294,7 @@ def _memory_max(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 @click.command("unit")
-@click.option("--store", "store_dir", required=True, callback=_absolute_store,
-              type=click.Path(file_okay=False, path_type=Path), help="The device's store directory.")
+@store_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address serve binds.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--user", help="Run as this existing system user (recommended; default root).")
@@ -368,6 +319,7 @@ def unit_command(store_dir: Path, host: str, port: int, user: str | None, user_u
     `edgepack unit --store DIR --user edgepack -o /etc/systemd/system/edgepack.service`,
     `systemctl daemon-reload`, `systemctl enable --now edgepack`. See docs/systemd.md.
     """
+    store_dir = _absolute_store(store_dir)
     try:
         text = render_unit(store_dir, host=host, port=port, serve_args=serve_args, user=user, memory_max=memory_max,
                            watchdog=watchdog, restart_sec=restart_sec, start_timeout=start_timeout,
