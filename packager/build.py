@@ -32,9 +32,9 @@ from edgepack.runtime.bundle_format import (
     Manifest,
     ModelInfo,
     RuntimeDefaults,
-    check_name,
 )
 from edgepack.runtime.errors import EdgepackError
+from edgepack.runtime.schema import check_name
 from edgepack.runtime.store import bundle_manifest
 
 from . import bundle_writer, chat_templates, compress, evaluate, gates, gguf_info, quant_types, report, segment
@@ -89,7 +89,6 @@ class ModelResult:
     bits_per_weight: float
     quality: dict
     steps: tuple[tuple[str, float], ...]
-    notes: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -111,24 +110,12 @@ class BuildResult:
         return sum(m.source_size for m in self.models)
 
     @property
-    def model_size(self) -> int:
-        return self.first.model_size
-
-    @property
     def bits_per_weight(self) -> float:
         return self.first.bits_per_weight
 
     @property
     def segments(self) -> int:
         return len(self.first.info.segments)
-
-    @property
-    def quality(self) -> dict:
-        return self.first.quality
-
-    @property
-    def steps(self) -> tuple[tuple[str, float], ...]:
-        return self.first.steps
 
 
 def build(opts: BuildOptions) -> BuildResult:
@@ -206,9 +193,9 @@ def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui,
     source = gguf_info.read(job.source)
     template, template_note = chat_templates.choose(source.architecture, source.chat_template, job.chat_template)
     qtype, quant_note = _choose_quant(source, job.quant, opts)
-    notes = tuple(n for n in (quant_note, template_note) if n)
-    for note in notes:
-        ui.note(note)
+    for note in (quant_note, template_note):
+        if note:
+            ui.note(note)
     options = dataclasses.replace(_quality_options(opts, job, source, qtype, template), imatrix_cache=imatrix_cache)
     result = compress.compress(source, work, options, ui.step)
     model = gguf_info.read(result.model) if result.model != source.path else source
@@ -237,7 +224,7 @@ def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui,
         plan=result.plan,
     )
     return ModelResult(info, source.size, model.size, model.bits_per_weight, result.quality,
-                       tuple(result.steps), notes), segments
+                       tuple(result.steps)), segments
 
 
 def _adapters(recipe: Recipe, results: list[ModelResult], blobs: dict, work: Path, level: int,
@@ -255,9 +242,7 @@ def _adapters(recipe: Recipe, results: list[ModelResult], blobs: dict, work: Pat
                                 f"is {arch[spec.base]!r}")
         digest = Digest(_sha256(spec.source))
         if digest not in blobs:
-            blob = bundle_writer.compress(spec.source, digest, work, level, lambda n: None)
-            blobs[digest] = bundle_writer.CompressedBlob(
-                type(blob.info)(digest, blob.info.size, blob.info.zsize, MEDIA_GGUF_LORA), blob.path)
+            blobs[digest] = bundle_writer.compress(spec.source, digest, work, level, lambda n: None, MEDIA_GGUF_LORA)
         out.append(AdapterInfo(spec.name, spec.base, digest, spec.scale))
     return tuple(out)
 

@@ -7,37 +7,37 @@ from __future__ import annotations
 
 import platform
 import tomllib
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Literal
+
+import msgspec
 
 from . import hardware
 from .errors import EdgepackError
+from .schema import Strict, convert
 
 HOST = "host"
 
 
-@dataclass(frozen=True)
-class CoreCluster:
-    kind: str  # "performance" or "efficiency"
+class CoreCluster(Strict):
+    kind: Literal["performance", "efficiency"]
     model: str
-    count: int
-    max_mhz: int | None
+    count: Annotated[int, msgspec.Meta(ge=1)]
+    max_mhz: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
-@dataclass(frozen=True)
-class BoardProfile:
+class BoardProfile(Strict):
     name: str
     description: str
     arch: str
     cpu: str
     simd: tuple[str, ...]
-    memory_gib: float
+    memory_gib: Annotated[float, msgspec.Meta(gt=0)]
     default_quant: str
-    threads: int | None
-    n_ctx: int
-    cores: tuple[CoreCluster, ...]
+    n_ctx: Annotated[int, msgspec.Meta(ge=16)]
+    cores: Annotated[tuple[CoreCluster, ...], msgspec.Meta(min_length=1)]
+    threads: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: physical cores of the device
     gpu: str | None = None
 
     @property
@@ -50,7 +50,7 @@ def _boards_dir() -> Path:
 
 
 def list_boards() -> list[BoardProfile]:
-    return [_parse(path) for path in sorted(_boards_dir().glob("*.toml"))]
+    return [parse_profile(path) for path in sorted(_boards_dir().glob("*.toml"))]
 
 
 def load_board(name: str) -> BoardProfile:
@@ -60,7 +60,7 @@ def load_board(name: str) -> BoardProfile:
     if not path.is_file():
         known = ", ".join([HOST] + [p.stem for p in sorted(_boards_dir().glob("*.toml"))])
         raise EdgepackError(f"unknown board {name!r}: known boards are {known}")
-    return _parse(path)
+    return parse_profile(path)
 
 
 def host_profile() -> BoardProfile:
@@ -76,50 +76,16 @@ def host_profile() -> BoardProfile:
         default_quant="Q4_K_M",
         threads=None,
         n_ctx=4096,
-        cores=(CoreCluster("performance", "physical core", cores, None),),
+        cores=(CoreCluster(kind="performance", model="physical core", count=cores),),
     )
 
 
-def _parse(path: Path) -> BoardProfile:
+def parse_profile(path: Path) -> BoardProfile:
     try:
         doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise EdgepackError(f"{path}: not a valid board profile ({exc})") from None
-
-    def need(table: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str = "") -> Any:
-        value = table.get(key)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise EdgepackError(f"{path}: {where}{key}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-        return value
-
-    clusters = doc.get("cores")
-    if not isinstance(clusters, list) or not clusters:
-        raise EdgepackError(f"{path}: cores: expected at least one [[cores]] table")
-    cores = tuple(
-        CoreCluster(
-            kind=need(c, "kind", str, f"cores[{i}]."),
-            model=need(c, "model", str, f"cores[{i}]."),
-            count=need(c, "count", int, f"cores[{i}]."),
-            max_mhz=c.get("max_mhz"),
-        )
-        for i, c in enumerate(clusters)
-    )
-    threads = doc.get("threads")
-    if threads is not None:
-        threads = need(doc, "threads", int)
-    return BoardProfile(
-        name=need(doc, "name", str),
-        description=need(doc, "description", str),
-        arch=need(doc, "arch", str),
-        cpu=need(doc, "cpu", str),
-        simd=tuple(need(doc, "simd", list)),
-        memory_gib=need(doc, "memory_gib", (int, float)),
-        default_quant=need(doc, "default_quant", str),
-        threads=threads,
-        n_ctx=need(doc, "n_ctx", int),
-        cores=cores,
-        gpu=doc.get("gpu"),
-    )
+    return convert(doc, BoardProfile, str(path))
 
 
 def board_memory_gib(name: str) -> float | None:

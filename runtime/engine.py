@@ -18,27 +18,12 @@ import llama_cpp
 
 from . import llama
 from .embedder import Embedder
-from .errors import EdgepackError
+from .errors import ContextOverflow, EdgepackError
 from .memory import ModelShape
+from .sampling import Sampling
 
 _DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per request
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    penalty_last_n: int = 64
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop: tuple[str, ...] = ()
 
 
 @dataclass
@@ -213,15 +198,7 @@ class Engine:
         raise EdgepackError(f"model {self.name!r}: chat template output did not fit")
 
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
-        capacity = len(data) + 16
-        tokens = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
-        if n < 0:
-            capacity = -n
-            tokens = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, True)
-        return list(tokens[:n])
+        return llama.tokenize(self._vocab, text, add_special=add_special, parse_special=True)
 
     def _piece(self, token: int, buf: ctypes.Array) -> bytes:
         n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
@@ -261,8 +238,8 @@ class Engine:
         return chain
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
-        if prompt_tokens + max_tokens > self.n_ctx:
-            raise EdgepackError(
+        if max_tokens < 1 or prompt_tokens + max_tokens > self.n_ctx:
+            raise ContextOverflow(
                 f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) exceeds the context size"
                 f" ({self.n_ctx}) of model {self.name!r}"
             )

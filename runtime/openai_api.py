@@ -1,7 +1,8 @@
-"""The OpenAI-compatible API's shapes: request validation into typed objects, response documents.
+"""The OpenAI-compatible API's shapes: request bodies' schema, decoded into typed objects, and response documents.
 
-Validation happens here, once, at the border; every problem becomes an ApiError (a 4xx with the
-OpenAI error body). Knows neither llama.cpp nor the HTTP framework.
+Validation happens here, once, at the border, by the runtime's schema layer (msgspec); every problem becomes
+an ApiError (a 4xx with the OpenAI error body, `param` the bad field's path). Unknown fields are ignored, as
+OpenAI does; known ones this server does not support are refused. Knows neither llama.cpp nor the HTTP framework.
 """
 
 from __future__ import annotations
@@ -9,7 +10,12 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from .sampling import SAMPLING_KEYS, SamplingParams
+from .schema import SchemaError, decode_json
 
 MAX_STOP_SEQUENCES = 4
 
@@ -28,6 +34,8 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class CompletionRequest:
+    """A validated request, whichever route it came by."""
+
     kind: str  # "chat" or "text"
     model: str | None
     messages: tuple[tuple[str, str], ...]  # chat only
@@ -35,141 +43,122 @@ class CompletionRequest:
     max_tokens: int | None
     stream: bool
     include_usage: bool
-    sampling: dict[str, Any]  # keyword arguments for engine.Sampling (without max_tokens)
+    sampling: SamplingParams  # the request's own; the agent's fill what it leaves unset
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
     cache_prompt: bool = True  # llama-server's extension: false = process the whole prompt again
 
 
-_SAMPLING_FIELDS = {
-    # name: (type, minimum, maximum)
-    "temperature": (float, 0.0, 2.0),
-    "top_p": (float, 0.0, 1.0),
-    "top_k": (int, 0, 100_000),
-    "min_p": (float, 0.0, 1.0),
-    "repeat_penalty": (float, 0.0, 10.0),
-    "frequency_penalty": (float, -2.0, 2.0),
-    "presence_penalty": (float, -2.0, 2.0),
-    "seed": (int, -(2**63), 2**63 - 1),
-}
+# ---- the request bodies' schema (unknown fields are ignored, as OpenAI does) ----
+
+class _StreamOptions(msgspec.Struct, frozen=True):
+    include_usage: bool = False
 
 
-def parse_chat(doc: Any) -> CompletionRequest:
-    doc = _object(doc)
-    raw_messages = doc.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-    messages = tuple(_message(m, i) for i, m in enumerate(raw_messages))
-    if doc.get("tools"):
+class _ContentPart(msgspec.Struct, frozen=True):
+    type: str
+    text: str | None = None
+
+
+class _Message(msgspec.Struct, frozen=True):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[_ContentPart] | None = None
+
+
+class _Body(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """What chat and text completions share: the sampling parameters (runtime/sampling.py) and the rest."""
+
+    model: str | None = None
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    n: int = 1
+    logit_bias: dict[str, Any] | None = None
+    ignore_eos: bool = False  # llama-server's extensions
+    cache_prompt: bool = True
+    stop: str | Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]],
+                          msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
+
+
+class _ChatBody(_Body, frozen=True, kw_only=True):
+    messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class _TextBody(_Body, frozen=True, kw_only=True):
+    prompt: str | Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]
+    echo: bool = False  # known, unsupported when set (400)
+    suffix: str | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+
+
+def parse_chat(body: bytes) -> CompletionRequest:
+    doc = _decode(body, _ChatBody)
+    if doc.tools:
         raise ApiError(400, "'tools' are not supported by this server yet", param="tools")
-    fmt = doc.get("response_format")
-    if fmt not in (None, {"type": "text"}):
+    if doc.response_format not in (None, {"type": "text"}):
         raise ApiError(400, "only response_format {'type': 'text'} is supported yet", param="response_format")
-    max_tokens = doc.get("max_completion_tokens", doc.get("max_tokens"))
-    return _request("chat", doc, messages=messages, prompt="", max_tokens=max_tokens)
+    messages = tuple(_message(m, i) for i, m in enumerate(doc.messages))
+    return _request("chat", doc, messages=messages, prompt="", max_tokens=doc.max_completion_tokens or doc.max_tokens)
 
 
-def parse_completion(doc: Any) -> CompletionRequest:
-    doc = _object(doc)
-    prompt = doc.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt:
+def parse_completion(body: bytes) -> CompletionRequest:
+    doc = _decode(body, _TextBody)
+    prompt = doc.prompt[0] if isinstance(doc.prompt, list) else doc.prompt
+    if not prompt:
         raise ApiError(400, "'prompt' must be a non-empty string (or a list of one string)", param="prompt")
-    for unsupported in ("echo", "suffix", "logprobs", "best_of"):
-        if doc.get(unsupported) not in (None, False, 1 if unsupported == "best_of" else None):
+    for unsupported, allowed in (("echo", False), ("suffix", None), ("logprobs", None), ("best_of", 1)):
+        if getattr(doc, unsupported) not in (None, allowed):
             raise ApiError(400, f"'{unsupported}' is not supported", param=unsupported)
-    return _request("text", doc, messages=(), prompt=prompt, max_tokens=doc.get("max_tokens"))
+    return _request("text", doc, messages=(), prompt=prompt, max_tokens=doc.max_tokens)
 
 
-def _request(kind: str, doc: dict, *, messages, prompt: str, max_tokens: Any) -> CompletionRequest:
-    model = doc.get("model")
-    if model is not None and not isinstance(model, str):
-        raise ApiError(400, "'model' must be a string", param="model")
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-        raise ApiError(400, "'max_tokens' must be a positive integer", param="max_tokens")
-    if doc.get("n", 1) != 1:
+def _decode(body: bytes, kind: type[_Body]) -> Any:
+    if not body.lstrip().startswith(b"{"):
+        try:
+            msgspec.json.decode(body)
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, f"request body is not valid JSON ({exc})") from None
+        raise ApiError(400, "request body must be a JSON object")
+    try:
+        return decode_json(body, kind, "request body")
+    except SchemaError as exc:
+        raise ApiError(400, str(exc), param=exc.path or None) from None
+
+
+def _request(kind: str, doc: _Body, *, messages: tuple[tuple[str, str], ...], prompt: str,
+             max_tokens: int | None) -> CompletionRequest:
+    if doc.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
-    if doc.get("logit_bias"):
+    if doc.logit_bias:
         raise ApiError(400, "'logit_bias' is not supported yet", param="logit_bias")
-    stream = doc.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be a boolean", param="stream")
-    options = doc.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    sampling: dict[str, Any] = {}
-    for name, (kind_, low, high) in _SAMPLING_FIELDS.items():
-        value = doc.get(name)
-        if value is None:
-            continue
-        ok = _is_int(value) if kind_ is int else (_is_int(value) or isinstance(value, float))
-        if not ok or not low <= value <= high:
-            raise ApiError(400, f"'{name}' must be a number between {low} and {high}", param=name)
-        sampling[name] = kind_(value)
-    ignore_eos = doc.get("ignore_eos", False)
-    if not isinstance(ignore_eos, bool):
-        raise ApiError(400, "'ignore_eos' must be a boolean", param="ignore_eos")
-    sampling["ignore_eos"] = ignore_eos
-    sampling["stop"] = _stop(doc.get("stop"))
-    cache_prompt = doc.get("cache_prompt", True)
-    if not isinstance(cache_prompt, bool):
-        raise ApiError(400, "'cache_prompt' must be a boolean", param="cache_prompt")
     return CompletionRequest(
         kind=kind,
-        model=model,
+        model=doc.model,
         messages=messages,
         prompt=prompt,
         max_tokens=max_tokens,
-        stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
-        sampling=sampling,
-        cache_prompt=cache_prompt,
+        stream=doc.stream,
+        include_usage=bool(doc.stream_options and doc.stream_options.include_usage),
+        sampling=SamplingParams(**{key: getattr(doc, key) for key in SAMPLING_KEYS if key != "max_tokens"}),
+        ignore_eos=doc.ignore_eos,
+        stop=(doc.stop,) if isinstance(doc.stop, str) else tuple(doc.stop or ()),
+        cache_prompt=doc.cache_prompt,
     )
 
 
-def _object(doc: Any) -> dict:
-    if not isinstance(doc, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return doc
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _message(message: Any, index: int) -> tuple[str, str]:
-    where = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise ApiError(400, f"'{where}' must be an object", param=where)
-    role = message.get("role")
-    if role not in ("system", "developer", "user", "assistant", "tool"):
-        raise ApiError(400, f"'{where}.role' must be system, user, assistant or tool", param=where)
-    content = message.get("content")
+def _message(message: _Message, index: int) -> tuple[str, str]:
+    content = message.content
     if content is None:
         content = ""
     elif isinstance(content, list):  # content parts: only text parts are understood
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(400, f"'{where}.content' parts must be text parts", param=where)
-            texts.append(part["text"])
-        content = "".join(texts)
-    elif not isinstance(content, str):
-        raise ApiError(400, f"'{where}.content' must be a string or a list of text parts", param=where)
-    return ("system" if role == "developer" else role, content)
-
-
-def _stop(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = [value]
-    if (
-        not isinstance(value, list)
-        or len(value) > MAX_STOP_SEQUENCES
-        or not all(isinstance(s, str) and s for s in value)
-    ):
-        raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOP_SEQUENCES} strings", param="stop")
-    return tuple(value)
+        if not all(part.type == "text" and part.text is not None for part in content):
+            where = f"messages[{index}].content"
+            raise ApiError(400, f"'{where}' parts must be text parts", param=where)
+        content = "".join(part.text or "" for part in content)
+    return ("system" if message.role == "developer" else message.role, content)
 
 
 # ---- responses ----

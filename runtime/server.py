@@ -29,16 +29,16 @@ from starlette.routing import Route
 from . import openai_api
 from .alerts import AlertWindow
 from .bundle_format import AgentInfo
-from .cache import CachedAnswer, ResponseCache, cache_key
 from .engine import Engine, Generation, Sampling
-from .errors import EdgepackError
+from .errors import ContextOverflow, EdgepackError
 from .memory import process_memory
 from .metrics import Metrics
 from .openai_api import ApiError, CompletionRequest
 from .pool import DoesNotFit, ModelPool
+from .response_cache import CachedAnswer, ResponseCache, cache_key
 from .scheduler import DONE, BatchScheduler, Prefix, QueueFull, Request, SlotCache, SlotController
+from .sd_notify import notify, watchdog_interval, watchdog_loop
 from .semantic_cache import SemanticCache, partition_key
-from .systemd import notify, watchdog_interval, watchdog_loop
 
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_SECONDS = 1
@@ -273,10 +273,10 @@ class Service:
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: HttpRequest) -> Response:
-        return await self._complete(openai_api.parse_chat(await _read_json(request)))
+        return await self._complete(openai_api.parse_chat(await _read_body(request)))
 
     async def completions(self, request: HttpRequest) -> Response:
-        return await self._complete(openai_api.parse_completion(await _read_json(request)))
+        return await self._complete(openai_api.parse_completion(await _read_body(request)))
 
     # ---- generation ----
 
@@ -337,16 +337,12 @@ class Service:
             raise ApiError(400, str(exc)) from None
         prompt = engine.tokenize(text)
         room = engine.n_ctx - len(prompt)
-        defaults = dict(agent.sampling)
-        max_tokens = req.max_tokens or min(int(defaults.pop("max_tokens", self.default_max_tokens)), room)
-        if max_tokens < 1 or len(prompt) + max_tokens > engine.n_ctx:
-            raise ApiError(
-                400,
-                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the context size"
-                f" ({engine.n_ctx}) of model {agent.name!r}",
-                param="max_tokens", code="context_length_exceeded",
-            )
-        sampling = Sampling(max_tokens=max_tokens, **{**defaults, **req.sampling})
+        max_tokens = req.max_tokens or min(agent.sampling.max_tokens or self.default_max_tokens, room)
+        try:
+            engine.check_fits(len(prompt), max_tokens)
+        except ContextOverflow as exc:
+            raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+        sampling = Sampling.layered(max_tokens, agent.sampling, req.sampling, ignore_eos=req.ignore_eos, stop=req.stop)
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
         rid = openai_api.new_id(req.kind)
         answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt))
@@ -512,7 +508,7 @@ def _sse(doc: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _read_json(request: HttpRequest) -> Any:
+async def _read_body(request: HttpRequest) -> bytes:
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
@@ -521,10 +517,7 @@ async def _read_json(request: HttpRequest) -> Any:
         body += chunk
         if len(body) > MAX_BODY_BYTES:
             raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise ApiError(400, "request body is not valid JSON") from None
+    return bytes(body)
 
 
 async def _api_error(request: HttpRequest, exc: Exception) -> Response:

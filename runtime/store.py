@@ -26,6 +26,7 @@ import zstandard
 from .bundle_format import MANIFEST_NAME, MAX_MANIFEST_BYTES, BlobInfo, Digest, Manifest
 from .errors import EdgepackError
 from .files import fsync_dir
+from .memory import format_mib
 
 _CHUNK = 1 << 20
 _MAX_ZSTD_WINDOW = 1 << 27  # 128 MiB: refuse frames that would make us allocate more
@@ -51,8 +52,8 @@ class Store:
     def blob_path(self, digest: Digest) -> Path:
         return self.blobs / str(digest)
 
-    def has_blob(self, blob: BlobInfo) -> bool:
-        path = self.blob_path(blob.digest)
+    def has_blob(self, digest: Digest, blob: BlobInfo) -> bool:
+        path = self.blob_path(digest)
         return path.is_file() and path.stat().st_size == blob.size
 
     def release_id(self, which: str = "current") -> str | None:
@@ -77,8 +78,7 @@ class Store:
         info = manifest.model(model)
         paths = []
         for digest in info.segments:
-            blob = manifest.blobs[digest]
-            if not self.has_blob(blob):
+            if not self.has_blob(digest, manifest.blobs[digest]):
                 raise EdgepackError(f"store {self.root}: blob {digest} of model {info.name!r} is missing")
             paths.append(self.blob_path(digest))
         return paths
@@ -87,7 +87,7 @@ class Store:
         """Adapter name -> its GGUF in the store, checked to be present."""
         paths = {}
         for adapter in manifest.adapters:
-            if not self.has_blob(manifest.blobs[adapter.digest]):
+            if not self.has_blob(adapter.digest, manifest.blobs[adapter.digest]):
                 raise EdgepackError(f"store {self.root}: blob {adapter.digest} of adapter {adapter.name!r} is missing")
             paths[adapter.name] = self.blob_path(adapter.digest)
         return paths
@@ -230,36 +230,33 @@ def _read_bundle(
     try:
         manifest = _read_manifest(archive, where)
         _check_disk_space(manifest, store)
-        expected = {b.digest.member_name: b for b in manifest.blobs.values()}
+        expected = {d.member_name: (d, b) for d, b in manifest.blobs.items()}
         staged: list[Digest] = []
         skipped = 0
         seen: set[str] = set()
         while (member := archive.next()) is not None:
-            blob = expected.get(member.name)
-            if blob is None or member.name in seen:
+            entry = expected.get(member.name)
+            if entry is None or member.name in seen:
                 kind = "duplicate" if member.name in seen else "unexpected"
                 raise EdgepackError(f"{where}: {kind} archive member {member.name!r} refused")
             seen.add(member.name)
+            digest, blob = entry
             if not member.isreg():
                 raise EdgepackError(f"{where}: member {member.name!r} is a link or special file, refused")
             if member.size != blob.zsize:
                 raise EdgepackError(
                     f"{where}: member {member.name!r} is {member.size} bytes, manifest declares {blob.zsize}"
                 )
-            if store.has_blob(blob):
+            if store.has_blob(digest, blob):
                 skipped += 1
                 continue
             source = archive.extractfile(member)
             assert source is not None
-            _stage_blob(source, blob, staging / str(blob.digest), where)
-            staged.append(blob.digest)
+            _stage_blob(source, digest, blob, staging / str(digest), where)
+            staged.append(digest)
     except (tarfile.TarError, EOFError, zstandard.ZstdError) as exc:
         raise EdgepackError(f"{where}: archive is truncated or corrupt ({exc})") from None
-    missing = [
-        b.digest
-        for b in manifest.blobs.values()
-        if b.digest.member_name not in seen and not store.has_blob(b)
-    ]
+    missing = [d for d, b in manifest.blobs.items() if d.member_name not in seen and not store.has_blob(d, b)]
     if missing:
         raise EdgepackError(
             f"{where}: {len(missing)} blob(s) neither in the bundle nor in the store, e.g. {missing[0]}"
@@ -286,15 +283,15 @@ def _read_manifest(archive: tarfile.TarFile, where: str) -> Manifest:
 
 
 def _check_disk_space(manifest: Manifest, store: Store) -> None:
-    needed = sum(b.size for b in manifest.blobs.values() if not store.has_blob(b))
+    needed = sum(b.size for d, b in manifest.blobs.items() if not store.has_blob(d, b))
     free = shutil.disk_usage(store.root).free
     if needed > free:
         raise EdgepackError(
-            f"store {store.root}: bundle needs {needed / 2**20:.1f} MiB, only {free / 2**20:.1f} MiB free"
+            f"store {store.root}: bundle needs {format_mib(needed, 1)}, only {format_mib(free, 1)} free"
         )
 
 
-def _stage_blob(source: BinaryIO, blob: BlobInfo, target: Path, where: str) -> None:
+def _stage_blob(source: BinaryIO, digest: Digest, blob: BlobInfo, target: Path, where: str) -> None:
     """Decompress one zstd frame into target, hashing as it goes and never beyond blob.size."""
     hasher = hashlib.sha256()
     written = 0
@@ -305,18 +302,18 @@ def _stage_blob(source: BinaryIO, blob: BlobInfo, target: Path, where: str) -> N
                 written += len(chunk)
                 if written > blob.size:
                     raise EdgepackError(
-                        f"{where}: blob {blob.digest} decompresses beyond its declared {blob.size} bytes"
+                        f"{where}: blob {digest} decompresses beyond its declared {blob.size} bytes"
                     )
                 hasher.update(chunk)
                 out.write(chunk)
         except zstandard.ZstdError as exc:
-            raise EdgepackError(f"{where}: blob {blob.digest} is corrupt ({exc})") from None
+            raise EdgepackError(f"{where}: blob {digest} is corrupt ({exc})") from None
         out.flush()
         os.fsync(out.fileno())
     if written != blob.size:
-        raise EdgepackError(f"{where}: blob {blob.digest} is {written} bytes, manifest declares {blob.size}")
-    if hasher.hexdigest() != blob.digest.hex:
-        raise EdgepackError(f"{where}: blob {blob.digest} is corrupt (sha256 {hasher.hexdigest()[:12]}...)")
+        raise EdgepackError(f"{where}: blob {digest} is {written} bytes, manifest declares {blob.size}")
+    if hasher.hexdigest() != digest.hex:
+        raise EdgepackError(f"{where}: blob {digest} is corrupt (sha256 {hasher.hexdigest()[:12]}...)")
     os.chmod(target, 0o444)
 
 

@@ -181,19 +181,23 @@ def test_gc_keeps_what_current_and_previous_need(project, agents_bundle, tiny_bu
 
 
 RECIPE_ERRORS = [
-    ("models = 3", "models: expected [models.NAME] tables"),
-    ("[models.base]\nquant = 'Q4_0'", "models.base.source: expected a path to a file, got 'nothing'"),
+    ("models = 3", "models: expected object, got int"),
+    ("[models.base]\nquant = 'Q4_0'", "models.base: missing required field source"),
     ("[models.base]\nsource = 'missing.gguf'", "models.base.source: expected an existing file"),
-    ("[models.base]\nsource = 'base.gguf'\ncolour = 'red'", "models.base.colour: expected one of"),
+    ("[models.base]\nsource = 'base.gguf'\ncolour = 'red'", "models.base: unknown field colour"),
     ("[models.base]\nsource = 'base.gguf'\n[agents.a]\nmodel = 'nope'", "agents.a.model: expected one of the models"),
     ("[models.base]\nsource = 'base.gguf'\n[agents.a]\nmodel = 'base'\ntemperature = 'hot'",
-     "agents.a.temperature: expected a number"),
+     "agents.a.temperature: expected float"),
     ("[models.base]\nsource = 'base.gguf'\n[adapters.x]\nsource = 'sql-lora.gguf'\nbase = 'other'",
      "adapters.x.base: expected one of the models"),
     ("[models.base]\nsource = 'base.gguf'\n[agents.a]\nmodel = 'base'\ntier = 'yolo'", "agents.a.tier"),
     ("[models.'bad name!']\nsource = 'base.gguf'", "expected a name of letters"),
     ("[models.base]\nsource = 'base.gguf'\n[agents.a]\nmodel = 'base'\nsemantic_cache = 2",
-     "agents.a.semantic_cache: expected a cosine similarity between 0.5 and 1"),
+     "agents.a.semantic_cache: expected float <= 1.0"),
+    # A typo or a wrong type in an agent's sampling used to reach the manifest; every request then failed (500).
+    ("[models.base]\nsource = 'base.gguf'\n[agents.a]\nmodel = 'base'\ntemprature = 0.2",
+     "agents.a: unknown field temprature"),
+    ("[models.base]\nsource = 'base.gguf'\n[agents.a]\nmodel = 'base'\ntop_k = 2.5", "agents.a.top_k: expected int"),
     ("[models.base\nsource=", "not valid TOML"),
 ]
 
@@ -215,7 +219,7 @@ def test_init_writes_a_recipe_that_parses(tmp_path):
     write_tiny_llama(tmp_path / "base.gguf")
     recipe = recipe_mod.load(path)
     assert recipe.board == "rpi5" and recipe.agents[0].name == "planner"
-    assert recipe.agents[0].sampling == {"temperature": 0.2, "max_tokens": 256}
+    assert recipe.agents[0].sampling.given() == {"temperature": 0.2, "max_tokens": 256}
     again = run_cli("init", str(path))
     assert again.returncode == 1 and "--force" in again.stderr
 
@@ -223,10 +227,10 @@ def test_init_writes_a_recipe_that_parses(tmp_path):
 def test_every_agent_prefix_is_kept_even_with_fewer_slots(agents_bundle, tmp_path):
     """Two agents with system prompts (one with an adapter) on one base, one slot: both prefixes are saved and
     kept for restoring, and each agent's request reuses its own."""
-    from edgepack.runtime.loader import resolve_config
     from edgepack.runtime.memory import Budget
     from edgepack.runtime.pool import ModelPool
     from edgepack.runtime.scheduler import BatchScheduler
+    from edgepack.runtime.serve_config import resolve_config
 
     store = Store(tmp_path / "store")
     store.install(agents_bundle.output)

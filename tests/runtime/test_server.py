@@ -222,9 +222,9 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
     from conftest import free_port
 
     from edgepack.runtime.bundle_format import AgentInfo
-    from edgepack.runtime.loader import resolve_config
     from edgepack.runtime.memory import Budget
     from edgepack.runtime.pool import ModelPool
+    from edgepack.runtime.serve_config import resolve_config
     from edgepack.runtime.server import Service
     from edgepack.runtime.store import Store
 
@@ -238,7 +238,7 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
         return ModelPool(store, manifest, config, Budget(2**34, "test"), make_scheduler=make_scheduler)
 
     port = free_port()
-    service = Service(gated_pool, [AgentInfo("tiny", "tiny")], preload=True)
+    service = Service(gated_pool, [AgentInfo(name="tiny", model="tiny")], preload=True)
     server, thread = _serve_in_thread(service, port)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -264,7 +264,7 @@ def test_health_reports_loading_then_ready_then_failure(served_store):
         raise RuntimeError("segment sha256-x is unreadable")
 
     port = free_port()
-    service = Service(broken_load, [AgentInfo("tiny", "tiny")], on_failure=failures.append)
+    service = Service(broken_load, [AgentInfo(name="tiny", model="tiny")], on_failure=failures.append)
     server, thread = _serve_in_thread(service, port)
     try:
         deadline = time.monotonic() + 10

@@ -158,6 +158,22 @@ def _manifest_wrong_types(entries):
     return [(tarfile.TarInfo("manifest.json"), json.dumps(manifest).encode())] + entries[1:]
 
 
+def _manifest_edited(edit):
+    """A manifest changed by `edit(doc)` (as a hand edit or a buggy builder would), blobs as they were."""
+    def mutate(entries):
+        manifest = json.loads(entries[0][1])
+        edit(manifest)
+        return [(tarfile.TarInfo("manifest.json"), json.dumps(manifest).encode())] + entries[1:]
+    return mutate
+
+
+def _agent_sampling(sampling):
+    def edit(manifest):
+        model = manifest["models"][0]["name"]
+        manifest["agents"] = [{"name": "helper", "model": model, "sampling": sampling}]
+    return edit
+
+
 def _manifest_not_first(entries):
     return entries[1:] + entries[:1]
 
@@ -180,6 +196,11 @@ HOSTILE = {
     "decompression bomb": (_decompression_bomb, "beyond its declared"),
     "garbage manifest": (_garbage_manifest, "not valid JSON"),
     "manifest with wrong types": (_manifest_wrong_types, "models[0].segments"),
+    # Each of these used to install, then every request to the agent failed with a 500.
+    "unknown sampling key": (_manifest_edited(_agent_sampling({"temprature": 0.2})),
+                             "agents[0].sampling: unknown field temprature"),
+    "float top_k": (_manifest_edited(_agent_sampling({"top_k": 2.5})), "agents[0].sampling.top_k: expected int"),
+    "unknown manifest field": (_manifest_edited(lambda m: m.update(signature="x")), "unknown field signature"),
     "manifest not first": (_manifest_not_first, "first archive member must be manifest.json"),
     "missing blob": (_missing_blob, "neither in the bundle nor in the store"),
     "duplicate member": (_duplicate_member, "duplicate archive member"),
