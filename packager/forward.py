@@ -74,7 +74,9 @@ class Observer:
     def wants(self, name: bytes, op: bytes, tensor: GGMLTensor) -> bool:
         raise NotImplementedError
 
-    def observe(self, name: bytes, op: bytes, tensor: GGMLTensor) -> None:
+    def observe(self, name: bytes, op: bytes, tensor: GGMLTensor) -> bool:
+        """Look at a wanted tensor, just computed; False stops the chunk's evaluation there (nothing after it
+        is computed, the logits included)."""
         raise NotImplementedError
 
 
@@ -171,7 +173,6 @@ def _make_callback(observer: Observer) -> Callable:
         op = lib.ggml_op_desc(pointer)
         if ask:
             return observer.wants(tensor.name, op, tensor)
-        observer.observe(tensor.name, op, tensor)
-        return True
+        return observer.observe(tensor.name, op, tensor)
 
     return llama_cpp.ggml_backend_sched_eval_callback(callback)

@@ -44,10 +44,22 @@ class Imatrix:
 
 
 class _Collector(Observer):
+    """Sums the squared inputs of every matrix product with a model weight.
+
+    The output projection (output.weight, or the tied token_embd.weight) multiplies the final norm,
+    "result_norm", with a vocabulary-wide matrix: the largest product of the graph, and its logits are
+    never used here. Once the first chunk has shown that result_norm is that product's input, later
+    chunks take the statistics from result_norm and stop the evaluation there.
+    """
+
     def __init__(self, imatrix: Imatrix) -> None:
         self.imatrix = imatrix
+        self.output: str | None = None  # the weight result_norm feeds, once seen
+        self._norm: int | None = None  # result_norm's address in the chunk being evaluated
 
     def wants(self, name: bytes, op: bytes, tensor: GGMLTensor) -> bool:
+        if name == b"result_norm":
+            return tensor.type == GGML_TYPE_F32 and tensor.ne[1] >= _MIN_ROWS
         if op != b"MUL_MAT":
             return False
         weight, inputs = tensor.src[0].contents, tensor.src[1].contents
@@ -57,11 +69,24 @@ class _Collector(Observer):
             and inputs.ne[1] >= _MIN_ROWS
         )
 
-    def observe(self, name: bytes, op: bytes, tensor: GGMLTensor) -> None:
-        x = as_matrix(tensor.src[1].contents)
+    def observe(self, name: bytes, op: bytes, tensor: GGMLTensor) -> bool:
+        if name == b"result_norm":
+            if self.output is None:
+                self._norm = ctypes.addressof(tensor)
+                return True
+            self._add(self.output, tensor)
+            return False
+        inputs = tensor.src[1].contents
+        weight = tensor.src[0].contents.name.decode()
+        if self.output is None and ctypes.addressof(inputs) == self._norm:
+            self.output = weight
+        self._add(weight, inputs)
+        return True
+
+    def _add(self, key: str, inputs: GGMLTensor) -> None:
+        x = as_matrix(inputs)
         if x is None:
             return
-        key = tensor.src[0].contents.name.decode()
         squares = np.einsum("ij,ij->j", x, x, dtype=np.float64)
         if key in self.imatrix.sums:
             self.imatrix.sums[key] += squares
@@ -78,8 +103,8 @@ def collect(paths: list[Path], text: str, *, ctx: int = 512, threads: int = 2, m
         if not chunks:
             raise PackagerError(f"calibration text is shorter than one chunk of {ctx} tokens")
         for chunk in chunks:
-            # Outputs for every position, so the output projection (often the largest tensor, or the
-            # tied token embedding) is measured too (llama-imatrix's --process-output).
+            # Outputs for every position, so the output projection's input is measured at every position
+            # too (llama-imatrix's --process-output); the projection itself is skipped (see _Collector).
             model.run(chunk, 0, keep_logits=False)
             imatrix.chunks += 1
     if not imatrix.sums:

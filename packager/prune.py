@@ -43,10 +43,10 @@ class _Influence(Observer):
     def wants(self, name: bytes, op: bytes, tensor: GGMLTensor) -> bool:
         return name.startswith(b"l_out-") or name in _INPUT_NAMES
 
-    def observe(self, name: bytes, op: bytes, tensor: GGMLTensor) -> None:
+    def observe(self, name: bytes, op: bytes, tensor: GGMLTensor) -> bool:
         x = as_matrix(tensor)
         if x is None:
-            return
+            return True
         x = x.astype(np.float64)
         if name.startswith(b"l_out-") and self.previous is not None and self.previous.shape == x.shape:
             layer = int(name.removeprefix(b"l_out-"))
@@ -56,6 +56,7 @@ class _Influence(Observer):
             self.totals[layer] += (1 - cosine).sum()
             self.rows[layer] += len(cosine)
         self.previous = x
+        return True
 
 
 def block_influence(paths: list[Path], text: str, *, n_layer: int, ctx: int = 512, threads: int = 2,
