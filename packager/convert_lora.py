@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import subprocess
@@ -17,11 +16,14 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Literal
 
 import click
 import gguf
+import msgspec
 
 from edgepack.runtime.memory import format_mib
+from edgepack.runtime.schema import SchemaError, decode_json
 
 from .errors import PackagerError
 
@@ -122,6 +124,13 @@ def convert(peft_dir: Path, base_dir: Path, output: Path, outtype: str = "f16") 
     return converted
 
 
+class _AdapterConfig(msgspec.Struct, frozen=True):
+    """What edgepack needs of PEFT's adapter_config.json (its other fields are PEFT's and llama.cpp's business)."""
+
+    lora_alpha: float
+    peft_type: Literal["LORA"] = "LORA"
+
+
 def _check_inputs(peft_dir: Path, base_dir: Path, output: Path, outtype: str) -> None:
     config_path = peft_dir / "adapter_config.json"
     if not config_path.is_file():
@@ -130,16 +139,11 @@ def _check_inputs(peft_dir: Path, base_dir: Path, output: Path, outtype: str) ->
     if not any((peft_dir / name).is_file() for name in WEIGHTS):
         raise PackagerError(f"{peft_dir}: has no {' or '.join(WEIGHTS)}")
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PackagerError(f"{config_path}: not readable JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise PackagerError(f"{config_path}: expected a JSON object")
-    if config.get("peft_type", "LORA") != "LORA":
-        raise PackagerError(f"{config_path}: peft_type: expected 'LORA', got {config['peft_type']!r}")
-    alpha = config.get("lora_alpha")
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise PackagerError(f"{config_path}: lora_alpha: expected a number, got {alpha!r}")
+        decode_json(config_path.read_bytes(), _AdapterConfig, str(config_path))
+    except OSError as exc:
+        raise PackagerError(f"{config_path}: cannot read: {exc.strerror}") from None
+    except SchemaError as exc:
+        raise PackagerError(str(exc)) from None
     if not (base_dir / "config.json").is_file():
         raise PackagerError(f"{base_dir / 'config.json'}: no such file (--base is the base model's Hugging Face "
                             "directory; its config.json is enough)")
