@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .schema import SchemaError, decode_json
+
 
 @dataclass(frozen=True)
 class CachedAnswer:
@@ -68,8 +70,8 @@ class ResponseCache:
                 row = self._db.execute("SELECT expires, answer FROM answers WHERE key = ?", (key,)).fetchone()
                 if row is None or row[0] <= now:
                     return None, None
-                answer = CachedAnswer(**json.loads(row[1]))
-            except (sqlite3.Error, ValueError, TypeError):  # a damaged row or file: a miss, and it goes
+                answer = decode_json(row[1], CachedAnswer, "response cache")
+            except (sqlite3.Error, SchemaError):  # a damaged row or file: a miss, and it goes
                 self._forget(key)
                 return None, None
             self._remember(key, answer, now)

@@ -144,6 +144,13 @@ def test_a_damaged_l2_file_or_row_is_set_aside_not_fatal(tmp_path, served_store)
         db.execute("UPDATE answers SET answer = 'nonsense{' WHERE key = 'k'")
     cache = ResponseCache(path, l1_ttl=0, l2_ttl=3600)
     assert cache.warning is None and cache.get("k") == (None, None)
+    cache.put("k", ANSWER)
+    cache.close()
+    with sqlite3.connect(path) as db:  # valid JSON of the wrong shape: a miss too, never a wrong answer
+        db.execute("""UPDATE answers SET answer = '{"text": 5, "finish_reason": "stop", "prompt_tokens": 1,
+                      "completion_tokens": 1}' WHERE key = 'k'""")
+    cache = ResponseCache(path, l1_ttl=0, l2_ttl=3600)
+    assert cache.get("k") == (None, None)
     cache.close()
 
     store_cache = served_store / "cache" / "responses.sqlite"  # the server starts anyway, and says why
