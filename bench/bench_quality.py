@@ -50,11 +50,12 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Ran:
-    """One tool run: its stdout, wall seconds and peak resident memory (the kernel's, from wait4)."""
+    """One tool run: its stdout, wall seconds, CPU seconds and peak resident memory (the kernel's, from wait4)."""
 
     stdout: str
     seconds: float
     peak_bytes: int
+    cpu_seconds: float  # user + system: less sensitive than wall time to other work on the machine
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
     if proc.returncode != 0:
         raise BenchError(f"{Path(cmd[0]).name} failed ({proc.returncode}), see {log.relative_to(ROOT)}: "
                          f"{stderr.strip()[-300:]}")
-    return Ran(stdout, seconds, usage.ru_maxrss * 1024)
+    return Ran(stdout, seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
 
 
 # ---- report ----

@@ -48,7 +48,8 @@ from .gates import TIERS
               help="A precomputed importance matrix (edgepack calibrate / llama-imatrix GGUF format).")
 @click.option("--target-size", help="Plan per-tensor types to fit this size: bytes or with a unit (160MiB, 1.2GB).")
 @click.option("--target-bpw", type=click.FloatRange(1, 32), help="Plan per-tensor types for these bits per weight.")
-@click.option("--prune", help="Drop blocks: 'auto' (as many as the --tier allows) or a count.")
+@click.option("--prune", help="Drop blocks: 'auto' (as many as the --tier allows) or a count; with --target-size "
+                              "or --target-bpw, the plan then spends the target on the remaining blocks.")
 @click.option("--tier", type=click.Choice(list(TIERS)), help="Tolerance tier: refuse a model that degrades more.")
 @click.option("--eval-text", type=click.Path(dir_okay=False, path_type=Path),
               help="Text to measure quality on (default: the project's own evaluation text).")

@@ -48,14 +48,15 @@ class _Collector(Observer):
 
     The output projection (output.weight, or the tied token_embd.weight) multiplies the final norm,
     "result_norm", with a vocabulary-wide matrix: the largest product of the graph, and its logits are
-    never used here. Once the first chunk has shown that result_norm is that product's input, later
-    chunks take the statistics from result_norm and stop the evaluation there.
+    never used here. Once a pass has shown that result_norm is that product's input (collect() runs a
+    short uncounted one first), chunks take the statistics from result_norm and stop the evaluation there.
     """
 
     def __init__(self, imatrix: Imatrix) -> None:
         self.imatrix = imatrix
+        self.counting = True  # False: only learn which weight result_norm feeds
         self.output: str | None = None  # the weight result_norm feeds, once seen
-        self._norm: int | None = None  # result_norm's address in the chunk being evaluated
+        self._norm: int | None = None  # result_norm's address in the pass being evaluated
 
     def wants(self, name: bytes, op: bytes, tensor: GGMLTensor) -> bool:
         if name == b"result_norm":
@@ -74,13 +75,15 @@ class _Collector(Observer):
             if self.output is None:
                 self._norm = ctypes.addressof(tensor)
                 return True
-            self._add(self.output, tensor)
+            if self.counting:
+                self._add(self.output, tensor)
             return False
         inputs = tensor.src[1].contents
         weight = tensor.src[0].contents.name.decode()
         if self.output is None and ctypes.addressof(inputs) == self._norm:
             self.output = weight
-        self._add(weight, inputs)
+        if self.counting:
+            self._add(weight, inputs)
         return True
 
     def _add(self, key: str, inputs: GGMLTensor) -> None:
@@ -98,10 +101,14 @@ class _Collector(Observer):
 def collect(paths: list[Path], text: str, *, ctx: int = 512, threads: int = 2, max_chunks: int | None = None,
             dataset: str = "") -> Imatrix:
     imatrix = Imatrix(chunk_size=ctx, dataset=dataset)
-    with Forward(paths, n_ctx=ctx, threads=threads, observer=_Collector(imatrix)) as model:
+    collector = _Collector(imatrix)
+    with Forward(paths, n_ctx=ctx, threads=threads, observer=collector) as model:
         chunks = model.chunks(model.tokenize(text), max_chunks)
         if not chunks:
             raise PackagerError(f"calibration text is shorter than one chunk of {ctx} tokens")
+        collector.counting = False
+        model.run(chunks[0][:_MIN_ROWS], 0, keep_logits=False)
+        collector.counting = True
         for chunk in chunks:
             # Outputs for every position, so the output projection's input is measured at every position
             # too (llama-imatrix's --process-output); the projection itself is skipped (see _Collector).
