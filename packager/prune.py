@@ -56,7 +56,8 @@ class _Influence(Observer):
             self.totals[layer] += (1 - cosine).sum()
             self.rows[layer] += len(cosine)
         self.previous = x
-        return True
+        # After the last block only the output projection is left, whose logits nobody reads: stop there.
+        return name != b"l_out-%d" % (len(self.totals) - 1)
 
 
 def block_influence(paths: list[Path], text: str, *, n_layer: int, ctx: int = 512, threads: int = 2,

@@ -7,7 +7,7 @@ import tarfile
 import gguf
 from conftest import build_bundle
 
-from edgepack.packager import compress, gguf_info, prune, quant_types, quantize
+from edgepack.packager import compress, evaluate, gguf_info, prune, quant_types, quantize
 from edgepack.runtime.bundle_format import Manifest
 
 TARGET = int(1.4 * 2**20)
@@ -55,3 +55,23 @@ def test_dropping_blocks_keeps_every_other_tensor_as_it_was(tiny_gguf, tmp_path)
     after = {t.name: (t.type_name, t.n_bytes) for t in gguf_info.read(out).tensors}
     assert after == {name: kept for name, kept in before.items() if name is not None}
     assert len(set(t.type_name for t in source.tensors)) >= 3
+
+
+def test_block_influence_stops_after_the_last_block_with_the_same_scores(tiny_gguf, monkeypatch):
+    text = evaluate.default_text("calibration")
+    stops = []
+    observe = prune._Influence.observe
+
+    def watched(self, name, op, tensor):
+        result = observe(self, name, op, tensor)
+        if not result:
+            stops.append(name)
+        return result
+
+    with monkeypatch.context() as m:
+        m.setattr(prune._Influence, "observe", watched)
+        cut = prune.block_influence([tiny_gguf], text, n_layer=4)
+    assert stops == [b"l_out-3", b"l_out-3"]  # each chunk stops after the last block: no output projection
+    monkeypatch.setattr(prune._Influence, "observe", lambda self, *args: observe(self, *args) or True)
+    full = prune.block_influence([tiny_gguf], text, n_layer=4)
+    assert cut[1:] == full[1:] and str(cut[0]) == str(full[0])  # block 0: no input seen on the tiny model (nan)
