@@ -139,25 +139,49 @@ KV_ELEMENT_BYTES = {"f16": 2.0, "q8_0": 34 / 32}
 SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
 
 
-def kv_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: int) -> int:
-    """KV cache bytes for `slots` streams of n_ctx cells: full layers keep n_ctx cells, sliding-window layers
-    (llama.cpp's swa_full=false) their window plus one micro-batch, rounded up to 256 cells."""
-    per_cell = shape.n_head_kv * (shape.key_length + shape.value_length) * KV_ELEMENT_BYTES[kv_type]
+def kv_layout(shape: ModelShape, n_ctx: int, slots: int, n_ubatch: int) -> list[tuple[int, int]]:
+    """llama.cpp's KV caches of one stream as (layers, cells): full layers keep n_ctx cells (rounded up to 256,
+    as llama.cpp pads them), sliding-window layers (llama.cpp's swa_full=false) their window plus one
+    micro-batch, rounded up to 256 cells."""
+    cells = -(-n_ctx // 256) * 256
     pattern = SWA_PATTERNS.get(shape.architecture) if shape.n_swa > 0 else None
     if pattern is None:
-        return int(per_cell * shape.n_layer * n_ctx * slots)
+        return [(shape.n_layer, cells)]
     full = shape.n_layer // pattern
-    window = min(n_ctx, -(-(shape.n_swa + n_ubatch) // 256) * 256)
-    return int(per_cell * slots * (full * n_ctx + (shape.n_layer - full) * window))
+    window = min(cells, -(-(shape.n_swa + micro_batch(n_ctx, slots, n_ubatch)) // 256) * 256)
+    return [(full, cells), (shape.n_layer - full, window)]
 
 
-def compute_bytes(shape: ModelShape, slots: int, n_ubatch: int) -> int:
-    """llama.cpp's compute and output buffers, roughly: one logit row per slot, activations of a micro-batch."""
-    return 4 * shape.n_vocab * slots * 2 + 4 * n_ubatch * shape.n_embd * 24 + 16 * MiB
+def micro_batch(n_ctx: int, slots: int, n_ubatch: int) -> int:
+    """The micro-batch llama.cpp uses: never more tokens than the whole context holds."""
+    return min(n_ubatch, n_ctx * slots)
+
+
+def kv_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: int) -> int:
+    """KV cache bytes for `slots` streams of n_ctx cells (see kv_layout)."""
+    per_cell = shape.n_head_kv * (shape.key_length + shape.value_length) * KV_ELEMENT_BYTES[kv_type]
+    return int(per_cell * slots * sum(layers * cells for layers, cells in kv_layout(shape, n_ctx, slots, n_ubatch)))
+
+
+# Activations of one micro-batch token, in floats per n_embd: measured 9 (tiny llama, FFN 2x n_embd) and 14
+# (Gemma 3 270M, FFN 3.2x); 24 leaves room for FFNs up to ~8x n_embd (Qwen2.5 0.5B: 5.4x, about 20).
+ACTIVATION_FLOATS_PER_EMBD = 24
+
+
+def compute_bytes(shape: ModelShape, n_ctx: int, slots: int, n_ubatch: int) -> int:
+    """llama.cpp's output and compute buffers, from above: the logit rows (one per slot, in the output buffer
+    and again as the graph's result), the micro-batch's activations, and the attention mask (f16 with flash
+    attention, llama.cpp's default on CPU: a micro-batch x the cells of each KV cache), which grows with
+    the context."""
+    n_ubatch = micro_batch(n_ctx, slots, n_ubatch)
+    logits = 4 * shape.n_vocab * min(slots, n_ubatch)
+    activations = 4 * n_ubatch * shape.n_embd * ACTIVATION_FLOATS_PER_EMBD
+    mask = 2 * n_ubatch * sum(cells for layers, cells in kv_layout(shape, n_ctx, slots, n_ubatch) if layers)
+    return 2 * logits + activations + mask
 
 
 def context_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: int) -> int:
-    return kv_bytes(shape, n_ctx, slots, kv_type, n_ubatch) + compute_bytes(shape, slots, n_ubatch)
+    return kv_bytes(shape, n_ctx, slots, kv_type, n_ubatch) + compute_bytes(shape, n_ctx, slots, n_ubatch)
 
 
 def fit_context(shape: ModelShape, wanted: int, slots: int, kv_type: str, n_ubatch: int, room: int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .bundle_format import AgentInfo, Manifest
 from .engine import Engine
@@ -43,7 +43,7 @@ class Loaded:
     n_ctx: int
     warmup: WarmupReport
     load_seconds: float
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float  # by the pool's clock
     users: int = 0
 
 
@@ -61,11 +61,12 @@ class ModelPool:
         embedding_models: frozenset[str] = frozenset(),
         make_scheduler: Callable[[Engine, SlotCache, list[Prefix]], BatchScheduler],
         log: Callable[[str], None] = lambda line: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store, self.manifest, self.config, self.budget = store, manifest, config, budget
         self.keep_alive, self.warm_state, self.warmup = keep_alive, warm_state, warmup
         self.embedding_models = embedding_models  # models whose agents use the semantic cache: an embedder each
-        self._make_scheduler, self._log = make_scheduler, log
+        self._make_scheduler, self._log, self._clock = make_scheduler, log, clock
         self._repack = repacked_models(manifest, config.repack)
         self._adapters = store.adapter_paths(manifest)
         self._scales = {a.name: a.scale for a in manifest.adapters}
@@ -135,14 +136,14 @@ class ModelPool:
             model = self.loaded.get(name)
             if model is not None:
                 model.users -= 1
-                model.last_used = time.monotonic()
+                model.last_used = self._clock()
 
-    def evict_expired(self, now: float | None = None) -> list[str]:
+    def evict_expired(self) -> list[str]:
         """Evict models idle for longer than keep_alive."""
         if self.keep_alive is None:
             return []
         with self._loading:
-            now = time.monotonic() if now is None else now
+            now = self._clock()
             with self._state:
                 expired = [n for n, m in self.loaded.items() if m.users == 0 and now - m.last_used >= self.keep_alive]
             for name in expired:
@@ -210,7 +211,7 @@ class ModelPool:
         allocated = engine.context_bytes + engine.embedder_bytes
         other = max(0, process_memory()[0] - before - new_weights - allocated)
         model = Loaded(engine, scheduler, segments, allocated + other, chosen.get("n_ctx", engine.n_ctx),
-                       report, time.monotonic() - started)
+                       report, time.monotonic() - started, last_used=self._clock())
         self._log(f"loaded {name} in {model.load_seconds:.1f}s ({chosen.get('n_ctx')} tokens x "
                   f"{self.config.slots} slots; in use {format_mib(self.usage())} of {format_mib(self.budget.bytes)}); "
                   f"warm-up: {report.summary()}")

