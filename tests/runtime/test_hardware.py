@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from edgepack.runtime.hardware import plan_threads, read_cpus
@@ -55,8 +58,31 @@ def test_affinity_and_cgroup_quota_limit_the_threads(tmp_path):
     assert capped.threads == 1 and "cgroup quota" in capped.reason
 
 
-def test_this_machine_gets_at_least_one_thread():
-    from edgepack.runtime.hardware import thread_plan
+def planned_here(cpus: set[int]) -> tuple[int, tuple[int, ...]]:
+    """thread_plan() of a child process pinned to `cpus` (as under `taskset`), read from this machine's sysfs."""
+    code = "from edgepack.runtime.hardware import thread_plan; p = thread_plan(); print(p.threads, *p.cpus)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+    assert result.returncode == 0, result.stderr
+    threads, *chosen = (int(x) for x in result.stdout.split())
+    return threads, tuple(chosen)
 
-    plan = thread_plan()
-    assert plan.threads >= 1 and len(plan.cpus) == plan.threads
+
+def siblings(cpu: int) -> set[int]:
+    """The logical CPUs sharing `cpu`'s core, as the kernel lists them (thread_siblings_list, e.g. "0,4" or "0-1")."""
+    path = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+    if not path.exists():
+        return {cpu}
+    out: set[int] = set()
+    for part in path.read_text().strip().split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
+
+
+def test_this_machine_plans_within_the_affinity_mask_one_thread_per_core():
+    allowed = sorted(os.sched_getaffinity(0))
+    assert planned_here({allowed[-1]}) == (1, (allowed[-1],))  # pinned to one CPU: one thread, on it
+    threads, chosen = planned_here(set(allowed))
+    assert len(chosen) == threads and set(chosen) <= set(allowed)
+    assert all(not siblings(a) & siblings(b) for a in chosen for b in chosen if a != b)  # never two on one core
