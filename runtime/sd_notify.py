@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 
 def notify(message: str) -> bool:
@@ -43,10 +43,11 @@ def watchdog_interval() -> float | None:
     return usec / 2 / 1_000_000
 
 
-async def watchdog_loop(interval: float, healthy: Callable[[], bool] = lambda: True) -> None:
+async def watchdog_loop(interval: float, healthy: Callable[[], bool] = lambda: True,
+                        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
     """Ping the watchdog every `interval` seconds while `healthy()` holds; run it as a task on the server's
     event loop, so a stalled loop (or an unhealthy service) stops the pings and systemd restarts us."""
     while True:
         if healthy():
             notify("WATCHDOG=1")
-        await asyncio.sleep(interval)
+        await sleep(interval)
