@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -190,16 +191,39 @@ def test_slot_controller_shrinks_over_target_and_grows_back():
 
 
 def test_adaptive_limit_caps_the_batch_and_shows_in_metrics(served_store):
-    """A target no step can meet: the controller lets one slot decode at a time, visibly in /metrics."""
-    process, base = start_server(served_store, "--threads", "1", "--slots", "4", "--tpot-target", "0.1")
+    """A target no step can meet: the controller lets one slot decode at a time, visibly in /metrics, and
+    concurrent requests wait for it although slots are free."""
+    process, base = start_server(served_store, "--threads", "1", "--slots", "4", "--tpot-target", "0.1",
+                                 "--ctx", "8192")
+    askers: list[threading.Thread] = []
     try:
         wait_ready(base, process)
         body = {"model": "tiny", "prompt": "the", "max_tokens": 200, "ignore_eos": True}
-        with httpx.Client(timeout=60) as client:
-            for _ in range(3):
-                assert client.post(base + "/v1/completions", json=body).status_code == 200
-            metrics = client.get(base + "/metrics").text
+        # 200 decode steps over the target: the limit drops by one slot every 32, from 4 to 1
+        assert httpx.post(base + "/v1/completions", json=body, timeout=60).status_code == 200
+        metrics = httpx.get(base + "/metrics").text
         assert 'edgepack_slot_limit{model="tiny"} 1.0' in metrics
         assert 'edgepack_tpot_target_seconds{model="tiny"} 0.0001' in metrics
+
+        def ask() -> None:  # long enough to be still running while we look; the server is stopped under it
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(base + "/v1/completions", json={**body, "max_tokens": 8000}, timeout=300)
+
+        askers = [threading.Thread(target=ask) for _ in range(4)]
+        for asker in askers:
+            asker.start()
+        deadline = time.monotonic() + 120  # for a loaded machine; the state below holds for seconds
+        while True:
+            gauges = {line.split("{")[0]: float(line.split()[-1]) for line in httpx.get(base + "/metrics").text
+                      .splitlines() if line.startswith(("edgepack_active_slots{", "edgepack_queue_depth{"))}
+            active, queued = gauges["edgepack_active_slots"], gauges["edgepack_queue_depth"]
+            assert active <= 1, f"{active:g} requests decoded together under a limit of one slot"
+            if (active, queued) == (1, 3):  # all four submitted: one decodes, three wait with three slots free
+                break
+            assert time.monotonic() < deadline, f"never saw 1 active and 3 queued (last: {active:g}, {queued:g})"
+            time.sleep(0.05)
     finally:
-        stop_server(process)
+        process.kill()  # not a graceful stop, which would wait for the four long generations
+        process.wait()
+        for asker in askers:
+            asker.join(60)
