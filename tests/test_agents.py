@@ -226,10 +226,13 @@ def test_init_writes_a_recipe_that_parses(tmp_path):
 
 def test_every_agent_prefix_is_kept_even_with_fewer_slots(agents_bundle, tmp_path):
     """Two agents with system prompts (one with an adapter) on one base, one slot: both prefixes are saved and
-    kept for restoring, and each agent's request reuses its own."""
+    kept for restoring, and each agent's request reuses its own, although the slot last held the other's."""
+    import threading
+
+    from edgepack.runtime.engine import Generation, Sampling
     from edgepack.runtime.memory import Budget
     from edgepack.runtime.pool import ModelPool
-    from edgepack.runtime.scheduler import BatchScheduler
+    from edgepack.runtime.scheduler import DONE, BatchScheduler, Request
     from edgepack.runtime.serve_config import resolve_config
 
     store = Store(tmp_path / "store")
@@ -237,11 +240,31 @@ def test_every_agent_prefix_is_kept_even_with_fewer_slots(agents_bundle, tmp_pat
     manifest = store.manifest()
     pool = ModelPool(store, manifest, resolve_config(manifest, threads=1, n_ctx=256, slots=1), Budget(2**34, "t"),
                      make_scheduler=lambda e, c, p: BatchScheduler(e, cache=c, prefixes=p))
+
+    def ask(scheduler: BatchScheduler, agent_name: str) -> Generation:
+        """One chat request of the agent, as the server builds it: its system prompt, a user turn, its adapter."""
+        agent = next(a for a in manifest.agent_list() if a.name == agent_name)
+        engine = scheduler.engine
+        prompt = engine.tokenize(engine.format_chat([("system", agent.system_prompt), ("user", "the time")]))
+        lora = (agent.adapter, manifest.adapter(agent.adapter).scale) if agent.adapter else None
+        done = threading.Event()
+        request = Request(prompt, Sampling(4, temperature=0, ignore_eos=True),
+                          lambda event: done.set() if event is DONE or isinstance(event, Exception) else None,
+                          lora=lora)
+        scheduler.submit(request)
+        assert done.wait(60) and request.result.finish_reason == "length", request.result
+        return request.result
+
     try:
         scheduler = pool.acquire("base")
         report = pool.loaded["base"].warmup
         assert set(report.prefixes) == {"planner", "sql"}
         assert {p.lora for p in scheduler.prefixes} == {None, ("sql", 1.0)}
         assert len(list(pool.warm_dir.glob("*.state"))) == 2
+        for agent in ("planner", "sql", "planner", "sql"):  # the one slot alternates between the two agents
+            result = ask(scheduler, agent)
+            prefix = report.prefixes[agent][0]
+            assert result.cached_tokens >= prefix > 5, (agent, result.cached_tokens, prefix)
+            assert result.prompt_tokens > prefix
     finally:
         pool.close()
