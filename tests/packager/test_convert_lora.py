@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-torch = pytest.importorskip("torch")
+# The converter's own dependencies come with the convert extra (the README's test command installs it); its
+# script comes from the llama-cpp-python sdist, which convert-lora fetches with pip on first use.
+_CONVERT_EXTRA = "install the convert extra: pip install -e '.[convert]' (torch, transformers, safetensors)"
+torch = pytest.importorskip("torch", reason=f"convert-lora needs torch: {_CONVERT_EXTRA}")
+pytest.importorskip("transformers", reason=f"convert-lora needs transformers: {_CONVERT_EXTRA}")
+pytest.importorskip("safetensors", reason=f"convert-lora needs safetensors: {_CONVERT_EXTRA}")
 from safetensors.torch import save_file  # noqa: E402
 
 from edgepack.packager.convert_lora import convert, convert_lora  # noqa: E402
