@@ -20,9 +20,9 @@ from . import llama
 from .embedder import Embedder
 from .errors import ContextOverflow, EdgepackError
 from .memory import ModelShape
-from .sampling import Sampling
+from .sampler import TokenSampler, check_grammar
+from .sampling import Sampling, TokenLogprob
 
-_DEFAULT_SEED = 0xFFFFFFFF  # LLAMA_DEFAULT_SEED: a random seed per request
 KV_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
 
 
@@ -37,6 +37,7 @@ class Generation:
     first_token_at: float | None = None
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -212,30 +213,17 @@ class Engine:
             self._eog_tokens = [t for t in range(self.n_vocab) if llama_cpp.llama_vocab_is_eog(self._vocab, t)]
         return self._eog_tokens
 
-    def _sampler(self, s: Sampling) -> ctypes.c_void_p:
-        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
-        add = llama_cpp.llama_sampler_chain_add
-        if s.ignore_eos:
-            eog = self._eog()
-            biases = (llama_cpp.llama_logit_bias * len(eog))(
-                *[llama_cpp.llama_logit_bias(token=t, bias=float("-inf")) for t in eog]
-            )
-            add(chain, llama_cpp.llama_sampler_init_logit_bias(self.n_vocab, len(eog), biases))
-        if s.repeat_penalty != 1.0 or s.frequency_penalty or s.presence_penalty:
-            add(chain, llama_cpp.llama_sampler_init_penalties(
-                self.n_vocab, s.penalty_last_n, s.repeat_penalty, s.frequency_penalty, s.presence_penalty
-            ))
-        if s.temperature <= 0:
-            add(chain, llama_cpp.llama_sampler_init_greedy())
-            return chain
-        if s.top_k > 0:
-            add(chain, llama_cpp.llama_sampler_init_top_k(s.top_k))
-        add(chain, llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
-        if s.min_p > 0:
-            add(chain, llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
-        add(chain, llama_cpp.llama_sampler_init_temp(s.temperature))
-        add(chain, llama_cpp.llama_sampler_init_dist(_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF))
-        return chain
+    def sampler(self, sampling: Sampling) -> TokenSampler:
+        return TokenSampler(self._vocab, self.n_vocab, sampling, self._eog())
+
+    def check_grammar(self, sampling: Sampling) -> None:
+        """Raise GrammarError now when the sampling's grammar does not compile."""
+        if sampling.grammar:
+            check_grammar(self._vocab, sampling)
+
+    def token_text(self, token: int) -> bytes:
+        """A token's bytes as the model writes them (special tokens included)."""
+        return self._piece(token, ctypes.create_string_buffer(64))
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if max_tokens < 1 or prompt_tokens + max_tokens > self.n_ctx:
@@ -275,8 +263,8 @@ class Engine:
                 if cancel is not None and cancel.is_set():
                     result.finish_reason = "cancelled"
                     return
-                token = llama_cpp.llama_sampler_sample(stream.sampler, self._ctx, -1)
-                text, done = stream.accept(token)
+                token, logprob = stream.sampler.sample(self._ctx, -1)
+                text, done = stream.accept(token, logprob)
                 if text:
                     yield text
                 if done:
@@ -292,8 +280,8 @@ class Engine:
         if llama.decode(self._ctx, batch) != 0:
             raise EdgepackError(f"llama.cpp failed to decode a batch ({llama.last_error()})")
 
-    def sample(self, sampler: ctypes.c_void_p, index: int) -> int:
-        return llama_cpp.llama_sampler_sample(sampler, self._ctx, index)
+    def sample(self, sampler: TokenSampler, index: int) -> tuple[int, TokenLogprob | None]:
+        return sampler.sample(self._ctx, index)
 
     def clear_slot(self, seq_id: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
@@ -374,12 +362,12 @@ class TokenStream:
 
     def __init__(self, engine: Engine, sampling: Sampling, result: Generation) -> None:
         self.engine, self.sampling, self.result = engine, sampling, result
-        self.sampler = engine._sampler(sampling)
+        self.sampler: TokenSampler | None = engine.sampler(sampling)
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self._stops = _StopMatcher(sampling.stop)
         self._buf = ctypes.create_string_buffer(64)
 
-    def accept(self, token: int) -> tuple[str, bool]:
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> tuple[str, bool]:
         """Text to emit for this token and whether the generation has finished."""
         result = self.result
         if result.first_token_at is None:
@@ -388,6 +376,8 @@ class TokenStream:
             result.finish_reason = "stop"
             return self._flush(), True
         result.completion_tokens += 1
+        if logprob is not None:
+            result.logprobs.append(logprob)
         text, stopped = self._stops.feed(self._decoder.decode(self.engine._piece(token, self._buf)))
         if stopped:
             result.finish_reason = "stop"
@@ -403,7 +393,7 @@ class TokenStream:
 
     def close(self) -> None:
         if self.sampler is not None:
-            llama_cpp.llama_sampler_free(self.sampler)
+            self.sampler.close()
             self.sampler = None
         self.result.finished_at = time.monotonic()
 

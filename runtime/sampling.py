@@ -38,6 +38,15 @@ SAMPLING_KEYS = SamplingParams.__struct_fields__
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A chosen token's log-probability under the model (before sampling settings), with the top alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
 class Sampling:
     """What one generation runs with (the engine's input)."""
 
@@ -53,14 +62,17 @@ class Sampling:
     seed: int | None = None
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    grammar: str | None = None  # llama.cpp GBNF with a `root` rule: only text it accepts is generated
+    grammar_triggers: tuple[str, ...] = ()  # the grammar applies from the first of these on (free text before)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # token id -> bias added to its logit (-inf: never)
+    logprobs: int | None = None  # None: not computed; N: the chosen token's log-probability and the top N
 
     @classmethod
-    def layered(cls, max_tokens: int, *levels: SamplingParams, ignore_eos: bool = False,
-                stop: tuple[str, ...] = ()) -> Sampling:
-        """Defaults, then each level's parameters that are set (later levels win); max_tokens is decided by
-        the caller (it depends on the prompt's length)."""
+    def layered(cls, max_tokens: int, *levels: SamplingParams, **request: object) -> Sampling:
+        """Defaults, then each level's parameters that are set (later levels win), then the request's own
+        settings (`request`: stop, grammar, ...); max_tokens is decided by the caller (from the prompt's length)."""
         settable = {f.name for f in fields(cls)} - {"max_tokens"}
-        chosen: dict[str, float | int] = {}
+        chosen: dict[str, object] = {}
         for level in levels:
             chosen.update({k: v for k, v in level.given().items() if k in settable})
-        return cls(max_tokens=max_tokens, ignore_eos=ignore_eos, stop=stop, **chosen)
+        return cls(max_tokens=max_tokens, **{**chosen, **request})

@@ -266,9 +266,9 @@ class BatchScheduler:
         for slot in list(self._active):
             if slot.logits_index < 0:
                 continue
-            token = self.engine.sample(slot.stream.sampler, slot.logits_index)
+            token, logprob = self.engine.sample(slot.stream.sampler, slot.logits_index)
             slot.logits_index = -1
-            text, done = slot.stream.accept(token)
+            text, done = slot.stream.accept(token, logprob)
             if text:
                 slot.request.emit(text)
             if done:

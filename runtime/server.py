@@ -26,16 +26,18 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import openai_api
+from . import grammar, openai_api
 from .alerts import AlertWindow
 from .bundle_format import AgentInfo
 from .engine import Engine, Generation, Sampling
 from .errors import ContextOverflow, EdgepackError
+from .grammar import SchemaNotSupported
 from .memory import process_memory
 from .metrics import Metrics
 from .openai_api import ApiError, CompletionRequest
 from .pool import DoesNotFit, ModelPool
 from .response_cache import CachedAnswer, ResponseCache, cache_key
+from .sampler import GrammarError
 from .scheduler import DONE, BatchScheduler, Prefix, QueueFull, Request, SlotCache, SlotController
 from .sd_notify import notify, watchdog_interval, watchdog_loop
 from .semantic_cache import SemanticCache, partition_key
@@ -328,7 +330,7 @@ class Service:
     async def _complete_with(self, req: CompletionRequest, agent: AgentInfo, scheduler: BatchScheduler,
                              started: float, release: Callable[[], None]) -> Response:
         engine = scheduler.engine
-        messages = list(req.messages)
+        messages = req.pairs()
         if agent.system_prompt and not any(role == "system" for role, _ in messages):
             messages.insert(0, ("system", agent.system_prompt))
         try:
@@ -342,7 +344,9 @@ class Service:
             engine.check_fits(len(prompt), max_tokens)
         except ContextOverflow as exc:
             raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
-        sampling = Sampling.layered(max_tokens, agent.sampling, req.sampling, ignore_eos=req.ignore_eos, stop=req.stop)
+        sampling = Sampling.layered(max_tokens, agent.sampling, req.sampling, ignore_eos=req.ignore_eos, stop=req.stop,
+                                    grammar=_grammar(req), logit_bias=req.logit_bias, logprobs=req.logprobs)
+        _check_sampling(engine, sampling)
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
         rid = openai_api.new_id(req.kind)
         answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt))
@@ -359,7 +363,7 @@ class Service:
         if req.stream:
             done = _once(lambda: (answer.cancel(), release()))  # also when the stream never started
             return StreamingResponse(
-                self._stream(answer, req, rid, agent.name, keys, started, done),
+                self._stream(answer, req, rid, agent.name, keys, started, done, engine.token_text),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(done),
@@ -374,20 +378,33 @@ class Service:
         self._remember(keys, answer, text_out)
         self.alerts.latency(agent.name, time.monotonic() - started)
         result = answer.result
+        logprobs = openai_api.logprobs_body(req, result.logprobs, engine.token_text) \
+            if req.logprobs is not None else None
         body = openai_api.completion_body(req, rid, agent.name, text_out, result.finish_reason,
-                                          result.prompt_tokens, result.completion_tokens)
+                                          result.prompt_tokens, result.completion_tokens, logprobs=logprobs)
         return JSONResponse(body)
 
-    async def _stream(self, answer: _Answer, req: CompletionRequest, rid: str, model: str,
-                      keys: _CacheKeys, started: float, done: Callable[[], None]) -> AsyncIterator[bytes]:
-        pieces = []
+    async def _stream(self, answer: _Answer, req: CompletionRequest, rid: str, model: str, keys: _CacheKeys,
+                      started: float, done: Callable[[], None], token_text: Callable[[int], bytes]
+                      ) -> AsyncIterator[bytes]:
+        pieces: list[str] = []
+        reported = 0  # log-probabilities already sent
+
+        def new_logprobs() -> dict[str, Any] | None:
+            nonlocal reported
+            if req.logprobs is None:
+                return None
+            entries = answer.result.logprobs[reported:]
+            reported += len(entries)
+            return openai_api.logprobs_body(req, entries, token_text, sum(map(len, pieces[:-1])))
+
         try:
             if req.kind == "chat":
                 yield _sse(openai_api.chunk_body(req, rid, model, "", None, first=True))
             try:
                 async for piece in answer.pieces:
                     pieces.append(piece)
-                    yield _sse(openai_api.chunk_body(req, rid, model, piece, None))
+                    yield _sse(openai_api.chunk_body(req, rid, model, piece, None, logprobs=new_logprobs()))
             except ApiError as exc:
                 yield _sse(exc.body())
                 return
@@ -409,7 +426,8 @@ class Service:
         (L1, L2), then by meaning (for all agents with --semantic-cache, else for agents that opted in)."""
         keys = _CacheKeys()
         semantic = self.semantic if self.semantic_all or agent.semantic_cache is not None else None
-        if (sampling.temperature > 0 and not agent.cache_sampled) or (self.cache is None and semantic is None):
+        if (sampling.temperature > 0 and not agent.cache_sampled) or (self.cache is None and semantic is None) \
+                or sampling.logprobs is not None:  # a cached answer has no log-probabilities to give
             return None, keys
         digest = self.agent_digests.get(agent.name, agent.name)
         params = dataclasses.asdict(sampling)
@@ -467,6 +485,32 @@ class _Answer:
     result: Generation
     cancel: Callable[[], None]
     cached: bool = False
+
+
+def _grammar(req: CompletionRequest) -> str | None:
+    """The grammar a request's constraint asks for (400 when its JSON schema cannot be converted)."""
+    constraint = req.constraint
+    if constraint is None:
+        return None
+    if constraint.kind == "grammar":
+        return constraint.grammar
+    try:
+        return grammar.from_json_schema(constraint.schema or {})
+    except SchemaNotSupported as exc:
+        param = "json_schema" if req.kind == "text" else "response_format"
+        raise ApiError(400, str(exc), param=param) from None
+
+
+def _check_sampling(engine: Engine, sampling: Sampling) -> None:
+    """What only the model can judge: token ids in range, a grammar that compiles against its vocabulary."""
+    for token, _ in sampling.logit_bias:
+        if token >= engine.n_vocab:
+            raise ApiError(400, f"logit_bias: token {token} is not in the vocabulary of {engine.n_vocab} tokens",
+                           param="logit_bias")
+    try:
+        engine.check_grammar(sampling)
+    except GrammarError as exc:
+        raise ApiError(400, str(exc), param="grammar") from None
 
 
 async def _replay(text: str) -> AsyncIterator[str]:

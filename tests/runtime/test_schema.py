@@ -93,11 +93,10 @@ def test_a_bad_request_field_is_a_400_naming_it(body, param):
 
 def test_unknown_openai_fields_are_ignored_and_known_unsupported_ones_refused():
     request = chat({**CHAT, "user": "u-1", "metadata": {"k": "v"}, "store": False, "temperature": 0})
-    assert request.sampling.temperature == 0 and request.messages == (("user", "hi"),)
-    for field, value in (("tools", [{"type": "function"}]), ("logit_bias", {"1": 5}), ("n", 2)):
-        with pytest.raises(ApiError) as err:
-            chat({**CHAT, field: value})
-        assert err.value.status == 400 and err.value.param == field
+    assert request.sampling.temperature == 0 and request.pairs() == [("user", "hi")]
+    with pytest.raises(ApiError) as err:
+        chat({**CHAT, "n": 2})
+    assert err.value.status == 400 and err.value.param == "n"
     with pytest.raises(ApiError) as err:
         parse_completion(json.dumps({"prompt": "x", "echo": True}).encode())
     assert err.value.param == "echo"
