@@ -7,6 +7,7 @@ was expected; unknown keys are refused. Paths are relative to the recipe file (o
 
 from __future__ import annotations
 
+import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,8 @@ max_tokens = 256                  # frequency_penalty, presence_penalty, max_tok
 # latency_sla_ms = 800            # target time per answer (alerts; adaptive batching aims at sla / max_tokens)
 # semantic_cache = 0.9            # also answer requests that mean the same (docs/semantic-cache.md); off if absent
 # cache_sampled = false           # true: cache answers to temperature > 0 requests too
+# tools = "planner-tools.json"    # OpenAI tool definitions (a JSON list) offered when a request sends none
+# tool_choice = "auto"            # auto | none | required | a tool's name (a request's own wins)
 
 # [agents.sql]
 # model = "base"
@@ -164,6 +167,8 @@ def _agent(path: Path, name: str, table: dict[str, Any], models: set[str], adapt
         _fail(path, where, f"unknown field {key!r} (the table's key is the agent's name; sampling keys go in the"
                            " table itself)")
     sampling = convert({k: v for k, v in table.items() if k in SAMPLING_KEYS}, SamplingParams, str(path), where)
+    if isinstance(fields.get("tools"), str):  # a JSON file of OpenAI tool definitions, beside the recipe
+        fields["tools"] = _json_file(path, f"{where}.tools", fields["tools"])
     agent = convert({**fields, "name": name}, AgentInfo, str(path), where)
     if agent.model not in models:
         _fail(path, f"{where}.model", f"expected one of the models ({', '.join(sorted(models))}), got {agent.model!r}")
@@ -172,10 +177,18 @@ def _agent(path: Path, name: str, table: dict[str, Any], models: set[str], adapt
     return msgspec.structs.replace(agent, sampling=sampling)
 
 
-def _source(path: Path, where: str, text: str) -> Path:
+def _json_file(path: Path, where: str, text: str) -> Any:
+    source = _source(path, where, text, key="")
+    try:
+        return json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _fail(path, where, f"{source}: not readable JSON ({exc})")
+
+
+def _source(path: Path, where: str, text: str, key: str = ".source") -> Path:
     source = Path(text) if Path(text).is_absolute() else path.parent / text
     if not source.is_file():
-        _fail(path, f"{where}.source", f"expected an existing file, got {text!r}")
+        _fail(path, f"{where}{key}", f"expected an existing file, got {text!r}")
     return source
 
 

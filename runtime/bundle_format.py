@@ -19,6 +19,7 @@ import msgspec
 from .errors import EdgepackError
 from .sampling import SamplingParams
 from .schema import Name, Strict, decode_json
+from .tool_spec import Tool
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -124,6 +125,16 @@ class AgentInfo(Strict):
     latency_sla_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     semantic_cache: Annotated[float, msgspec.Meta(ge=0.5, le=1.0)] | None = None  # answer by meaning (opt-in)
     cache_sampled: bool = False  # cache answers to requests with temperature > 0 too
+    tools: tuple[Tool, ...] = ()  # offered when a request sends none
+    tool_choice: str | None = None  # auto, none, required or one of the tools' names; a request's own wins
+
+    def __post_init__(self) -> None:
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"agent {self.name!r}: tools: expected unique function names, got {names}")
+        if self.tool_choice not in (None, "none", "auto", "required", *names):
+            raise ValueError(f"agent {self.name!r}: tool_choice: expected auto, none, required or one of its tools' "
+                             f"names, got {self.tool_choice!r}")
 
 
 class RuntimeDefaults(Strict):

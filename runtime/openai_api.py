@@ -17,6 +17,7 @@ import msgspec
 
 from .sampling import SAMPLING_KEYS, SamplingParams, TokenLogprob
 from .schema import SchemaError, decode_json
+from .tool_spec import Tool, ToolChoice
 
 MAX_STOP_SEQUENCES = 4
 
@@ -68,7 +69,7 @@ class CompletionRequest:
     stop: tuple[str, ...] = ()
     cache_prompt: bool = True  # llama-server's extension: false = process the whole prompt again
     tools: tuple[Tool, ...] = ()
-    tool_choice: str = "auto"  # auto, none, required, or the name of the function to call
+    tool_choice: str | None = None  # auto, none, required, or the function to call; None: the agent's, else auto
     parallel_tool_calls: bool = True
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: none; N: each token's log-probability and the top N alternatives
@@ -79,9 +80,6 @@ class CompletionRequest:
 
 
 # ---- the request bodies' schema (unknown fields are ignored, as OpenAI does) ----
-
-FUNCTION_NAME = r"^[A-Za-z0-9_-]{1,64}$"
-
 
 class _StreamOptions(msgspec.Struct, frozen=True):
     include_usage: bool = False
@@ -109,18 +107,6 @@ class _Message(msgspec.Struct, frozen=True):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     name: str | None = None
-
-
-class Function(msgspec.Struct, frozen=True, omit_defaults=True):
-    name: Annotated[str, msgspec.Meta(pattern=FUNCTION_NAME)]
-    description: str | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
-    strict: bool | None = None
-
-
-class Tool(msgspec.Struct, frozen=True, omit_defaults=True):
-    function: Function
-    type: Literal["function"] = "function"
 
 
 class _FunctionName(msgspec.Struct, frozen=True):
@@ -174,7 +160,7 @@ class _ChatBody(_Body, frozen=True, kw_only=True):
     messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     tools: list[Tool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | _NamedChoice | None = None
+    tool_choice: ToolChoice | _NamedChoice | None = None
     parallel_tool_calls: bool = True
     response_format: _TextFormat | _JsonObjectFormat | _JsonSchemaFormat | None = None
     logprobs: bool = False
@@ -279,15 +265,13 @@ def _constraint(doc: _Body) -> Constraint | None:
     return None
 
 
-def _tool_choice(choice: str | _NamedChoice | None, tools: tuple[Tool, ...]) -> str:
+def _tool_choice(choice: str | _NamedChoice | None, tools: tuple[Tool, ...]) -> str | None:
     if isinstance(choice, _NamedChoice):
-        if choice.function.name not in {t.function.name for t in tools}:
+        if tools and choice.function.name not in {t.function.name for t in tools}:
             raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
                            param="tool_choice")
         return choice.function.name
-    if choice == "required" and not tools:
-        raise ApiError(400, "tool_choice 'required' needs tools", param="tool_choice")
-    return choice or "auto"
+    return choice
 
 
 def _check_conversation(messages: tuple[Message, ...]) -> None:
