@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import BIN, OUT, ROOT, BenchError, llama_tool, model_path, write_results
+from common import BIN, OUT, ROOT, BenchError, cpu_times, llama_tool, model_path, write_results
 
 from edgepack.packager import gguf_info, quant_types
 from edgepack.packager.errors import PackagerError
@@ -46,6 +46,8 @@ class Metrics:
     top1: float  # fraction of scored positions where both models' most likely token is the same
     seconds: float
     peak_bytes: int  # the tool's maximum resident set size
+    cpu_seconds: float
+    others_cpu_seconds: float  # taken by the machine's other processes meanwhile
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Ran:
     seconds: float
     peak_bytes: int
     cpu_seconds: float  # user + system: less sensitive than wall time to other work on the machine
+    others_cpu_seconds: float  # CPU seconds the machine's other processes took meanwhile
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def edgepack_metrics(reference: Path, candidate: Path, text: Path, chunks: int, 
     ran = run_measured(cmd, OUT / f"edgepack-eval-{candidate.stem}.log", env)
     doc = json.loads(ran.stdout)
     return Metrics(doc["ppl_reference"], doc["ppl_candidate"], doc["kld_mean"], doc["kld_median"], doc["kld_p99"],
-                   doc["top1_agreement"], ran.seconds, ran.peak_bytes)
+                   doc["top1_agreement"], ran.seconds, ran.peak_bytes, ran.cpu_seconds, ran.others_cpu_seconds)
 
 
 def llama_base(reference: Path, text: Path, chunks: int, threads: int) -> tuple[float, Ran]:
@@ -148,6 +151,8 @@ def llama_metrics(candidate: Path, chunks: int, threads: int) -> Metrics:
         top1=_number(log, r"Same top p:\s*([0-9.]+)") / 100,
         seconds=ran.seconds,
         peak_bytes=ran.peak_bytes,
+        cpu_seconds=ran.cpu_seconds,
+        others_cpu_seconds=ran.others_cpu_seconds,
     )
 
 
@@ -171,10 +176,10 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
     """Run a tool with its stdout and stderr (where llama.cpp's tools log) kept in `log`; its wall seconds
     and peak RSS (wait4's ru_maxrss: this child alone, unlike getrusage(RUSAGE_CHILDREN), which keeps the max)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        started = time.perf_counter()
+        started, machine = time.perf_counter(), cpu_times()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - started
+        seconds, busy = time.perf_counter() - started, cpu_times().busy_s - machine.busy_s
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
         out.seek(0)
         err.seek(0)
@@ -183,7 +188,8 @@ def run_measured(cmd: list[str], log: Path, env: dict[str, str] | None = None) -
     if proc.returncode != 0:
         raise BenchError(f"{Path(cmd[0]).name} failed ({proc.returncode}), see {log.relative_to(ROOT)}: "
                          f"{stderr.strip()[-300:]}")
-    return Ran(stdout, seconds, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime)
+    cpu = usage.ru_utime + usage.ru_stime
+    return Ran(stdout, seconds, usage.ru_maxrss * 1024, cpu, max(0.0, busy - cpu))
 
 
 # ---- report ----

@@ -9,6 +9,7 @@ context before it; scoring="all" scores positions 0 .. n_ctx-2.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,10 +70,12 @@ def default_tasks_path() -> Path:
 
 class Reference:
     """The reference model's view of an evaluation text, computed once and compared with any number of
-    candidates (as llama-perplexity's --kl-divergence-base file is). The logits of every scored position
-    are kept as llama.cpp returns them (float32) in a scratch file, chunk after chunk, so memory holds
-    one chunk at most; llama-perplexity rounds log-probabilities to 16 bits instead, which moves small
-    KL divergences by up to 0.3% (bench/README.md), so the file is twice its size and the figures exact.
+    candidates, as llama-perplexity's --kl-divergence-base file is.
+
+    The logits of every scored position go to a scratch file as llama.cpp returns them (float32), chunk
+    after chunk; a comparison reads them back a few rows at a time, so memory never holds more than one
+    model and a few MiB of rows. llama-perplexity stores log-probabilities rounded to 16 bits, half the
+    bytes, which moves small divergences by up to 0.3% (bench/README.md); these figures are not rounded.
     """
 
     def __init__(
@@ -90,6 +93,7 @@ class Reference:
                 self.chunks = model.chunks(model.tokenize(text), max_chunks)
                 if not self.chunks:
                     raise PackagerError(f"evaluation text is shorter than one chunk of {ctx} tokens")
+                _check_room(scratch, len(self.chunks) * (ctx - 1 - self.first) * self.n_vocab * 4)
                 for chunk in self.chunks:
                     self._file.write(model.run(chunk, self.first)[:-1])
             self._file.flush()
@@ -145,7 +149,15 @@ class Reference:
         return out
 
 
-_BLOCK_VALUES = 1 << 21  # rows are compared a block of about this many logits (8 MiB) at a time
+_BLOCK_VALUES = 1 << 21  # rows are compared in blocks of about this many logits (8 MiB)
+
+
+def _check_room(scratch: Path | None, size: int) -> None:
+    directory = scratch or Path(tempfile.gettempdir())
+    free = shutil.disk_usage(directory).free
+    if size > free:
+        raise PackagerError(f"the reference's logits need {size / 2**20:,.0f} MiB in {directory} and "
+                            f"{free / 2**20:,.0f} MiB are free: score fewer chunks (--chunks) or set TMPDIR")
 
 
 class _Buffers:
@@ -174,8 +186,8 @@ def _compare_rows(
     exact float32 operation for close values, so an identical candidate gives exactly 0 and a close one
     keeps its small divergence to float32 rounding of the difference (not of the logits).
     """
-    rows = np.arange(len(reference))
     n = len(reference)
+    rows = np.arange(n)
     weights, diff = buffers.a[:n], buffers.b[:n]
     top_c, lse_c, _ = _normalise(candidate, diff)
     top_r, lse_r, total_r = _normalise(reference, weights)

@@ -6,10 +6,12 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from edgepack.packager import evaluate, quant_types, quantize
+from edgepack.packager.errors import PackagerError
 
 TEXT = evaluate.default_text("eval")
 LLAMA_PERPLEXITY = Path(__file__).parents[2] / "native" / "out" / "llama.cpp-build" / "bin" / "llama-perplexity"
@@ -39,6 +41,13 @@ def test_rows_compared_in_small_blocks_give_the_same_figures(tiny_gguf, q4, monk
     monkeypatch.setattr(evaluate, "_BLOCK_VALUES", 7 * 320)  # 7 rows of the tiny vocabulary: ragged last block
     blocks = evaluate.compare_text([tiny_gguf], [q4], TEXT, max_chunks=2)
     assert blocks == whole  # every row is reduced on its own, however many share a block
+
+
+def test_a_reference_that_does_not_fit_the_disk_is_refused_before_it_is_written(tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))
+    with pytest.raises(PackagerError, match=r"need 10 MiB in .* and 1 MiB are free: score fewer chunks"):
+        evaluate.Reference([tiny_gguf], TEXT * 4, max_chunks=32, scratch=tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.skipif(not LLAMA_PERPLEXITY.exists(), reason="llama-perplexity not built (native/build-llama-tools.sh)")
