@@ -52,19 +52,26 @@ def cache_dir() -> Path:
 def converter_dir() -> Path:
     """llama.cpp's conversion scripts for the installed llama-cpp-python: the adapter is converted by the same
     llama.cpp that will load it. Fetched and unpacked on first use; later calls find them in the cache."""
+    return llama_cpp_files(CONVERTER_FILES, check=SCRIPT)
+
+
+def llama_cpp_files(members: tuple[str, ...], *, check: str, suffix: str = "") -> Path:
+    """A folder holding `members` (paths under vendor/llama.cpp/, files or folders) of the installed
+    llama-cpp-python's sdist: the llama.cpp it was built from. Fetched with pip and unpacked once into the user
+    cache (llama-cpp-python-<version><suffix>); `check`, one of the files, tells that a copy is there."""
     version = importlib.metadata.version("llama-cpp-python")
-    target = cache_dir() / f"llama-cpp-python-{version}"
-    if (target / SCRIPT).is_file():
+    target = cache_dir() / f"llama-cpp-python-{version}{suffix}"
+    if (target / check).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    click.echo(f"- fetching llama.cpp's {SCRIPT} (llama-cpp-python {version} sdist) into {target}", err=True)
+    click.echo(f"- fetching llama.cpp's {check} (llama-cpp-python {version} sdist) into {target}", err=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        staged = Path(work) / "converter"
-        _unpack_converter(_download_sdist(version, Path(work)), staged)
+        staged = Path(work) / "files"
+        _unpack(_download_sdist(version, Path(work)), staged, members, check)
         try:
-            staged.rename(target)  # atomic: the cache never holds half a converter
+            staged.rename(target)  # atomic: the cache never holds half a copy
         except OSError:
-            if not (target / SCRIPT).is_file():  # else another process unpacked it meanwhile
+            if not (target / check).is_file():  # else another process unpacked it meanwhile
                 raise
     return target
 
@@ -80,20 +87,22 @@ def _download_sdist(version: str, into: Path) -> Path:
     return sdists[0]
 
 
-def _unpack_converter(sdist: Path, into: Path) -> None:
-    """Only the converter's files: the rest of the sdist is llama.cpp's and ggml's C++ sources."""
+def _unpack(sdist: Path, into: Path, members: tuple[str, ...], check: str) -> None:
+    """Only `members`: the rest of the sdist is llama.cpp's and ggml's C++ sources."""
+    wanted = [PurePosixPath(m).parts for m in members]
     with tarfile.open(sdist) as archive:
         for member in archive:
             parts = PurePosixPath(member.name).parts  # <name>-<version>/vendor/llama.cpp/<path>
-            if (not member.isfile() or len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp")
-                    or parts[3] not in CONVERTER_FILES or ".." in parts):
+            path = parts[3:]
+            if (not member.isfile() or len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp") or ".." in parts
+                    or not any(path[: len(w)] == w for w in wanted)):
                 continue
-            destination = into.joinpath(*parts[3:])
+            destination = into.joinpath(*path)
             destination.parent.mkdir(parents=True, exist_ok=True)
             with archive.extractfile(member) as source, open(destination, "wb") as out:
                 shutil.copyfileobj(source, out)
-    if not (into / SCRIPT).is_file():
-        raise PackagerError(f"{sdist.name}: has no vendor/llama.cpp/{SCRIPT}")
+    if not (into / check).is_file():
+        raise PackagerError(f"{sdist.name}: has no vendor/llama.cpp/{check}")
 
 
 def convert(peft_dir: Path, base_dir: Path, output: Path, outtype: str = "f16") -> Converted:
