@@ -22,6 +22,8 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -72,6 +74,19 @@ def _new_job(prompt: list[int], sampling: Sampling, lora: tuple[str, float] | No
     return _Job(Request(prompt, sampling, emit, lora, reuse_prefix), started, events)
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What a route of another API (runtime/llama_server_api.py) adds to the one completion path: a prompt given
+    as token ids (req.prompt is then their text; such a request bypasses the caches, which key prompts by text),
+    and a look at the generation behind the answer, for a response of its own shape."""
+
+    prompt_tokens: tuple[int, ...] = ()
+    on_answer: Callable[[Generation], None] = lambda result: None
+
+
+NO_HOOKS = Hooks()
+
+
 class Service:
     """Holds the models and state; `app` is the ASGI application."""
 
@@ -90,6 +105,7 @@ class Service:
         semantic_all: bool = False,
         agent_digests: dict[str, str] | None = None,
         request_timeout: float = 300.0,
+        cors_origins: tuple[str, ...] = (),
         on_ready: Callable[[], None] = lambda: None,
         on_failure: Callable[[str], None] = lambda message: None,
         on_warning: Callable[[str], None] = lambda message: None,
@@ -110,16 +126,24 @@ class Service:
         self._make_pool, self._on_ready, self._on_failure = make_pool, on_ready, on_failure
         self._on_warning = on_warning
         self.created = int(time.time())
+        from .llama_server_api import LlamaServerApi  # it imports this module: loaded once this one is
+
         routes = [
             Route("/health", self.health),
             Route("/metrics", self.metrics_page),
             Route("/v1/models", self.models),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
+            Route("/models", self.models),  # llama-server's paths: the same routes without /v1
+            Route("/chat/completions", self.chat, methods=["POST"]),
+            Route("/completions", self.completions, methods=["POST"]),
+            *LlamaServerApi(self).routes(),
         ]
         self.app = _MetricsMiddleware(
             Starlette(
                 routes=routes,
+                middleware=[Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                                       allow_headers=["*"])] if cors_origins else None,
                 exception_handlers={ApiError: _api_error, HTTPException: _http_error},
                 lifespan=self._lifespan,
             ),
@@ -296,14 +320,14 @@ class Service:
                            code="model_not_found")
         return agent
 
-    async def _complete(self, req: CompletionRequest) -> Response:
+    async def _complete(self, req: CompletionRequest, hooks: Hooks = NO_HOOKS) -> Response:
         started = time.monotonic()
         agent = self._agent(req.model)
         scheduler = await self._acquire(agent.model)
         release = _once(lambda: self.pool.release(agent.model))
         handed_over = False
         try:
-            response = await self._complete_with(req, agent, scheduler, started, release)
+            response = await self._complete_with(req, agent, scheduler, started, release, hooks)
             handed_over = isinstance(response, StreamingResponse)  # the stream releases the model when it ends
             return response
         finally:
@@ -327,9 +351,9 @@ class Service:
         self._loaded(model)
         return scheduler
 
-    async def _complete_with(self, req: CompletionRequest, agent: AgentInfo, scheduler: BatchScheduler,
-                             started: float, release: Callable[[], None]) -> Response:
-        engine = scheduler.engine
+    def _prompt(self, req: CompletionRequest, agent: AgentInfo, engine: Engine) -> tuple[list[tuple[str, str]], str]:
+        """The messages (the agent's system prompt first, unless the request has one) and the prompt's text: the
+        chat template's rendering, or a text completion's prompt (/apply-template shows the same)."""
         messages = req.pairs()
         if agent.system_prompt and not any(role == "system" for role, _ in messages):
             messages.insert(0, ("system", agent.system_prompt))
@@ -337,8 +361,18 @@ class Service:
             text = engine.format_chat(messages) if req.kind == "chat" else req.prompt
         except EdgepackError as exc:
             raise ApiError(400, str(exc)) from None
-        prompt = engine.tokenize(text)
+        return messages, text
+
+    async def _complete_with(self, req: CompletionRequest, agent: AgentInfo, scheduler: BatchScheduler,
+                             started: float, release: Callable[[], None], hooks: Hooks = NO_HOOKS) -> Response:
+        engine = scheduler.engine
+        messages, text = self._prompt(req, agent, engine)
+        prompt = list(hooks.prompt_tokens) or engine.tokenize(text)
         room = engine.n_ctx - len(prompt)
+        if room < 1:
+            raise ApiError(400, f"the prompt alone ({len(prompt)} tokens) leaves no room for an answer in the context "
+                                f"size ({engine.n_ctx}) of model {engine.name!r}: shorten it",
+                           param="messages" if req.kind == "chat" else "prompt", code="context_length_exceeded")
         max_tokens = req.max_tokens or min(agent.sampling.max_tokens or self.default_max_tokens, room)
         try:
             engine.check_fits(len(prompt), max_tokens)
@@ -349,7 +383,10 @@ class Service:
         _check_sampling(engine, sampling)
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
         rid = openai_api.new_id(req.kind)
-        answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt))
+        if hooks.prompt_tokens:
+            answer, keys = None, _CacheKeys()
+        else:
+            answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt))
         if answer is None:
             job = _new_job(prompt, sampling, lora, started, req.cache_prompt)
             self._started[id(job.request)] = started
@@ -360,6 +397,7 @@ class Service:
                 raise ApiError(429, f"{exc}; retry later", code="queue_full",
                                headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
             answer = _Answer(_events(job, self.request_timeout), job.request.result, job.request.cancel.set)
+        hooks.on_answer(answer.result)
         if req.stream:
             done = _once(lambda: (answer.cancel(), release()))  # also when the stream never started
             return StreamingResponse(
