@@ -16,7 +16,7 @@ _ID_ALPHABET = string.ascii_letters + string.digits
 _NEED, _FAIL = -1, -2  # a scan that needs more text; a scan that found something else
 
 
-def call_id() -> str:
+def _call_id() -> str:
     """A fresh id for a call, as OpenAI shapes them."""
     return "call_" + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 
@@ -248,7 +248,7 @@ class StreamParser:
         self._ws = ""  # the whitespace before a call is not content
         self._index += 1
         self._calls_in_region += 1
-        out.append(CallDelta(self._index, id=call_id(), name=name))
+        out.append(CallDelta(self._index, id=_call_id(), name=name))
 
     def _args(self, out: list[Delta], final: bool) -> bool:
         n = self._scan.run(self._buf)

@@ -54,7 +54,7 @@ class ToolFormat:
         and `tools`. (Only the generic format takes None or a built-in template's name: it returns turns.)"""
         if template is None or not is_jinja(template):
             raise EdgepackError(f"the {self.name} tool format needs the model's Jinja chat template")
-        return _render(template, messages=self._messages(messages), tools=tools or None, bos_token=bos,
+        return _render(template, messages=self._messages(messages), tools=_tools(tools) or None, bos_token=bos,
                        eos_token=eos, add_generation_prompt=True)
 
     def _messages(self, messages: list[dict]) -> list[dict]:
@@ -265,6 +265,13 @@ def _text(content: Any) -> str:
     return str(content)
 
 
+def _tools(tools: list[dict]) -> list[dict]:
+    """The tools, a function without parameters given the empty object's schema (OpenAI's meaning of none),
+    which templates that list the parameters (Hermes') can read."""
+    return [tool if tool["function"].get("parameters") else
+            {**tool, "function": {**tool["function"], "parameters": _NO_ARGUMENTS}} for tool in tools]
+
+
 def _calls(message: dict) -> list[dict]:
     return list(message.get("tool_calls") or ())
 
@@ -303,7 +310,7 @@ def _generic_turns(messages: list[dict], tools: list[dict]) -> Turns:
     turns: Turns = []
     if tools:
         listed = "\n".join(json.dumps({k: t["function"][k] for k in ("name", "description", "parameters")
-                                       if t["function"].get(k) is not None}, ensure_ascii=False) for t in tools)
+                                       if t["function"].get(k) is not None}, ensure_ascii=False) for t in _tools(tools))
         instructions = _GENERIC_TOOLS.format(tools=listed)
         system = [_text(m.get("content")) for m in messages if m["role"] == "system"]
         turns.append(("system", "\n\n".join([*system, instructions]) if system else instructions))

@@ -135,6 +135,15 @@ def test_hermes_prompt_describes_each_function_and_answers_in_tool_turns(templat
     )
 
 
+def test_a_function_without_parameters_is_listed_as_taking_none(templates):
+    """OpenAI's tools may leave out `parameters`; Hermes' template reads their properties all the same."""
+    ping = {"type": "function", "function": {"name": "ping", "description": "Ping the server"}}
+    prompt = FORMATS["hermes"].render(template(templates, "NousResearch-Hermes-3-Llama-3.1-8B-tool_use"),
+                                      [{"role": "user", "content": "hi"}], [ping])
+    assert ('<tools> {"type": "function", "function": {"name": "ping", "description": "ping() - Ping the server\n\n", '
+            '"parameters": {}} </tools>') in prompt
+
+
 LLAMA_TOOLS_TURN = (
     "<|start_header_id|>user<|end_header_id|>\n\nGiven the following functions, please respond with a JSON for a "
     "function call with its proper arguments that best answers the given prompt.\n\nRespond in the format "
