@@ -61,7 +61,7 @@ class ToolFormat:
         """The messages as the templates of this format read them: text content, arguments as objects."""
         out = []
         for original in messages:
-            message = {k: v for k, v in original.items() if k != "tool_calls"}  # Llama's asks `'tool_calls' in`
+            message = {k: v for k, v in original.items() if k != "tool_calls"}  # Llama's asks `'tool_calls' in message`
             message["content"] = _text(original.get("content"))
             if calls := _calls(original):
                 message["tool_calls"] = [
@@ -101,7 +101,8 @@ FORMATS: dict[str, ToolFormat] = {}  # by name, in the order detect() tries them
 
 
 class Mistral(ToolFormat, name="mistral"):
-    """[TOOL_CALLS][{"name": ..., "arguments": {...}, "id": "<9 letters or digits>"}, ...] (Mistral Nemo, Small)."""
+    """[TOOL_CALLS][{"name": ..., "arguments": {...}, "id": "<9 letters or digits>"}, ...] (Mistral Nemo, 7B v0.3;
+    the later [TOOL_CALLS]name[ARGS]{...} of Small 3.2, Devstral and Ministral 3 is not this format)."""
 
     triggers = (Trigger("[TOOL_CALLS]", open=("[",), separator=",", close=("]",)),)
 
