@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -89,7 +90,8 @@ def gc(store_dir: Path) -> None:
 
 @cli.command()
 @store_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address(es) to listen on, comma-separated (e.g. 127.0.0.1,::1): one socket each.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--threads", type=int, help="Threads per model (default: the board's, else physical cores).")
 @click.option("--ctx", "n_ctx", type=int, help="Context size per model (default: the bundle's).")
@@ -129,10 +131,14 @@ def gc(store_dir: Path) -> None:
 @click.option("--tpot-target", type=click.FloatRange(min=0.1),
               help="Milliseconds per output token the adaptive batch size keeps p95 under (default: from the "
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
+@click.option("--cors-origins", default="",
+              help="Origins whose browser pages may call the API, comma-separated (https://app.example), or * for any "
+                   "(default: none, no CORS headers).")
 def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, threads_batch: int | None,
           repack: str, slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
           disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
-          preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None) -> None:
+          preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None,
+          cors_origins: str) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -155,9 +161,11 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
     store.adapter_paths(manifest)
     server: uvicorn.Server | None = None
+    sockets = listen(host, port)  # before anything starts: a failed bind ends here, never "ready"
+    urls = ", ".join(url(address, port) for address in parse_hosts(host))
 
     def on_ready() -> None:
-        status = f"ready on http://{host}:{port} ({', '.join(names)}, {config.threads} threads)"
+        status = f"ready on {urls} ({', '.join(names)}, {config.threads} threads)"
         click.echo(f"edgepack: {status}", err=True)
         notify(f"READY=1\nSTATUS={status}")
 
@@ -190,10 +198,11 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         else None,
         semantic_all=semantic_threshold is not None,
         agent_digests={a.name: manifest.agent_digest(a) for a in agents},
+        cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
         on_ready=on_ready, on_failure=on_failure,
         on_warning=lambda message: click.echo(f"edgepack: warning: {message}", err=True),
     )
-    click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on http://{host}:{port}", err=True)
+    click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on {urls}", err=True)
     click.echo(f"edgepack: memory budget {format_mib(budget.bytes)} ({budget.reason}); models load "
                f"{'now' if preload else 'on first request'}, idle ones are evicted after "
                f"{'never' if keep is None else f'{keep:g}s'}", err=True)
@@ -205,14 +214,50 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         plan = thread_plan()
         click.echo(f"edgepack: {config.threads} threads ({plan.reason}: CPUs {list(plan.cpus)})", err=True)
     server = uvicorn.Server(
-        uvicorn.Config(service.app, host=host, port=port, log_level="warning", access_log=False,
-                       timeout_graceful_shutdown=5)
+        uvicorn.Config(service.app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
     )
-    server.run()
+    server.run(sockets=sockets)
     if service.error:
         raise EdgepackError(service.error)
     if not server.started:
-        raise EdgepackError(f"could not listen on {host}:{port}")
+        raise EdgepackError(f"the server did not start on {urls}")
+
+
+def parse_hosts(text: str) -> list[str]:
+    """'127.0.0.1,::1' / '[::1]' -> the addresses to listen on."""
+    hosts = [h.strip().removeprefix("[").removesuffix("]") for h in text.split(",") if h.strip()]
+    if not hosts:
+        raise EdgepackError(f"--host {text!r}: expected one or more addresses, comma-separated")
+    return hosts
+
+
+def url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def listen(hosts: str, port: int) -> list[socket.socket]:
+    """A listening socket on each of the comma-separated hosts (their first address), or EdgepackError naming
+    the one that failed (the others are closed)."""
+    sockets: list[socket.socket] = []
+    try:
+        for host in parse_hosts(hosts):
+            try:
+                family, kind, proto, _, address = socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # '::' alone, not IPv4 too: '0.0.0.0,::' binds both
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(2048)
+            except OSError as exc:
+                raise EdgepackError(f"could not listen on {url(host, port)}: {exc.strerror or exc}") from None
+    except EdgepackError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def parse_stages(text: str) -> frozenset[str]:

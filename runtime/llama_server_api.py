@@ -141,7 +141,7 @@ class LlamaServerApi:
     async def apply_template(self, request: HttpRequest) -> Response:
         req = openai_api.parse_chat(await _read_body(request))
         async with self._engine(req.model) as (agent, engine):
-            _, text = self.service._prompt(req, agent, engine)
+            text = self.service._prompt(req, agent, engine)[1].text
             return JSONResponse({"prompt": text})
 
     async def props(self, request: HttpRequest) -> Response:
@@ -339,6 +339,7 @@ class _NativeShape:
     def final(self, content: str, finish: str) -> dict[str, Any]:
         """The last document (`content`: the whole answer, or "" at the end of a stream)."""
         word = finish == "stop" and bool(self.req.stop)  # the generation does not say which ended it: see docs
+        timings = _timings(self.result)
         return {
             **self._counts(content, stop=True),
             "model": self.model,
@@ -347,8 +348,8 @@ class _NativeShape:
             "truncated": False,  # a prompt that does not fit is refused (400), never cut
             "stop_type": "limit" if finish == "length" else "word" if word else "eos",
             "stopping_word": self.req.stop[0] if word and len(self.req.stop) == 1 else "",
-            "tokens_cached": self.result.cached_tokens,
-            "timings": _timings(self.result),
+            "tokens_cached": timings["cache_n"],
+            "timings": timings,
         }
 
     def _counts(self, content: str, *, stop: bool) -> dict[str, Any]:
