@@ -94,6 +94,7 @@ class LlamaServerApi:
     def routes(self) -> list[Route]:
         return [
             Route("/completion", self.completion, methods=["POST"]),
+            Route("/completions", self.completion, methods=["POST"]),  # llama-server's too (OpenAI's: /v1 only)
             Route("/tokenize", self.tokenize, methods=["POST"]),
             Route("/detokenize", self.detokenize, methods=["POST"]),
             Route("/apply-template", self.apply_template, methods=["POST"]),
@@ -149,8 +150,7 @@ class LlamaServerApi:
             max_tokens = agent.sampling.max_tokens or self.service.default_max_tokens
             return JSONResponse({
                 "default_generation_settings": {
-                    "id": 0, "id_task": -1, "n_ctx": engine.n_ctx, "speculative": False, "is_processing": False,
-                    "params": _settings(Sampling.layered(max_tokens, agent.sampling)),
+                    "n_ctx": engine.n_ctx, "params": _settings(Sampling.layered(max_tokens, agent.sampling)),
                 },
                 "total_slots": engine.slots,
                 "model_alias": agent.name,
@@ -158,7 +158,7 @@ class LlamaServerApi:
                 "modalities": {"vision": False, "audio": False},
                 "chat_template": engine.chat_template or "",
                 "build_info": f"edgepack {__version__}, {llama.version()}",
-                "endpoint_slots": False, "endpoint_props": False, "endpoint_metrics": True,
+                "endpoint_slots": False, "endpoint_props": False, "endpoint_metrics": True, "is_sleeping": False,
             })
 
     async def slots(self, request: HttpRequest) -> Response:
@@ -272,14 +272,15 @@ def _piece(raw: bytes) -> str | list[int]:
 
 
 def _settings(sampling: Sampling) -> dict[str, Any]:
-    """Generation settings under llama-server's names."""
+    """Generation settings under llama-server's names (the ones it has and this server not: their neutral value)."""
     return {
-        "n_predict": sampling.max_tokens, "temperature": sampling.temperature, "top_k": sampling.top_k,
-        "top_p": sampling.top_p, "min_p": sampling.min_p, "repeat_penalty": sampling.repeat_penalty,
-        "repeat_last_n": sampling.penalty_last_n, "presence_penalty": sampling.presence_penalty,
-        "frequency_penalty": sampling.frequency_penalty, "seed": -1 if sampling.seed is None else sampling.seed,
-        "stop": list(sampling.stop), "ignore_eos": sampling.ignore_eos, "n_probs": sampling.logprobs or 0,
-        "mirostat": 0, "typical_p": 1.0,
+        **_NEUTRAL,
+        "n_predict": sampling.max_tokens, "max_tokens": sampling.max_tokens, "temperature": sampling.temperature,
+        "top_k": sampling.top_k, "top_p": sampling.top_p, "min_p": sampling.min_p,
+        "repeat_penalty": sampling.repeat_penalty, "repeat_last_n": sampling.penalty_last_n,
+        "presence_penalty": sampling.presence_penalty, "frequency_penalty": sampling.frequency_penalty,
+        "seed": -1 if sampling.seed is None else sampling.seed, "ignore_eos": sampling.ignore_eos,
+        "n_probs": sampling.logprobs or 0,
     }
 
 

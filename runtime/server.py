@@ -31,6 +31,7 @@ from starlette.routing import Route
 from . import grammar, openai_api
 from .alerts import AlertWindow
 from .bundle_format import AgentInfo
+from .chat_prompt import ChatPrompt, call_docs, chat_prompt, delta_docs
 from .engine import Engine, Generation, Sampling
 from .errors import ContextOverflow, EdgepackError
 from .grammar import SchemaNotSupported
@@ -43,6 +44,7 @@ from .sampler import GrammarError
 from .scheduler import DONE, BatchScheduler, Prefix, QueueFull, Request, SlotCache, SlotController
 from .sd_notify import notify, watchdog_interval, watchdog_loop
 from .semantic_cache import SemanticCache, partition_key
+from .tool_formats import ToolFormat
 
 MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_SECONDS = 1
@@ -136,7 +138,6 @@ class Service:
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/models", self.models),  # llama-server's paths: the same routes without /v1
             Route("/chat/completions", self.chat, methods=["POST"]),
-            Route("/completions", self.completions, methods=["POST"]),
             *LlamaServerApi(self).routes(),
         ]
         self.app = _MetricsMiddleware(
@@ -351,22 +352,26 @@ class Service:
         self._loaded(model)
         return scheduler
 
-    def _prompt(self, req: CompletionRequest, agent: AgentInfo, engine: Engine) -> tuple[list[tuple[str, str]], str]:
-        """The messages (the agent's system prompt first, unless the request has one) and the prompt's text: the
-        chat template's rendering, or a text completion's prompt (/apply-template shows the same)."""
+    def _prompt(self, req: CompletionRequest, agent: AgentInfo, engine: Engine
+                ) -> tuple[list[tuple[str, str]], ChatPrompt]:
+        """The messages (the agent's system prompt first, unless the request has one) and the prompt: the chat
+        template's rendering (with the tools, if any: chat_prompt.py), or a text completion's prompt
+        (/apply-template shows the same)."""
         messages = req.pairs()
         if agent.system_prompt and not any(role == "system" for role, _ in messages):
             messages.insert(0, ("system", agent.system_prompt))
+        if req.kind != "chat":
+            return messages, ChatPrompt(req.prompt)
         try:
-            text = engine.format_chat(messages) if req.kind == "chat" else req.prompt
+            return messages, chat_prompt(engine, req, agent)
         except EdgepackError as exc:
             raise ApiError(400, str(exc)) from None
-        return messages, text
 
     async def _complete_with(self, req: CompletionRequest, agent: AgentInfo, scheduler: BatchScheduler,
                              started: float, release: Callable[[], None], hooks: Hooks = NO_HOOKS) -> Response:
         engine = scheduler.engine
-        messages, text = self._prompt(req, agent, engine)
+        messages, plan = self._prompt(req, agent, engine)
+        text = plan.text
         prompt = list(hooks.prompt_tokens) or engine.tokenize(text)
         room = engine.n_ctx - len(prompt)
         if room < 1:
@@ -379,14 +384,16 @@ class Service:
         except ContextOverflow as exc:
             raise ApiError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
         sampling = Sampling.layered(max_tokens, agent.sampling, req.sampling, ignore_eos=req.ignore_eos, stop=req.stop,
-                                    grammar=_grammar(req), logit_bias=req.logit_bias, logprobs=req.logprobs)
+                                    grammar=plan.grammar or _grammar(req), logit_bias=req.logit_bias,
+                                    logprobs=req.logprobs, render_special=plan.tools is not None)
         _check_sampling(engine, sampling)
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
         rid = openai_api.new_id(req.kind)
         if hooks.prompt_tokens:
             answer, keys = None, _CacheKeys()
         else:
-            answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt))
+            answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt),
+                                              by_meaning=not plan.uses_tools)
         if answer is None:
             job = _new_job(prompt, sampling, lora, started, req.cache_prompt)
             self._started[id(job.request)] = started
@@ -401,7 +408,7 @@ class Service:
         if req.stream:
             done = _once(lambda: (answer.cancel(), release()))  # also when the stream never started
             return StreamingResponse(
-                self._stream(answer, req, rid, agent.name, keys, started, done, engine.token_text),
+                self._stream(answer, req, rid, agent.name, keys, started, done, engine.token_text, plan.tools),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(done),
@@ -418,15 +425,36 @@ class Service:
         result = answer.result
         logprobs = openai_api.logprobs_body(req, result.logprobs, engine.token_text) \
             if req.logprobs is not None else None
-        body = openai_api.completion_body(req, rid, agent.name, text_out, result.finish_reason,
-                                          result.prompt_tokens, result.completion_tokens, logprobs=logprobs)
+        calls, finish = [], result.finish_reason
+        if plan.tools is not None:
+            text_out, found = plan.tools.parse(text_out)
+            calls = call_docs(found)
+            finish = "tool_calls" if found and finish == "stop" else finish  # a call cut off stays "length"
+        body = openai_api.completion_body(req, rid, agent.name, text_out, finish, result.prompt_tokens,
+                                          result.completion_tokens, logprobs=logprobs, tool_calls=calls)
         return JSONResponse(body)
 
     async def _stream(self, answer: _Answer, req: CompletionRequest, rid: str, model: str, keys: _CacheKeys,
-                      started: float, done: Callable[[], None], token_text: Callable[[int], bytes]
-                      ) -> AsyncIterator[bytes]:
+                      started: float, done: Callable[[], None], token_text: Callable[[int], bytes],
+                      tools: ToolFormat | None = None) -> AsyncIterator[bytes]:
         pieces: list[str] = []
         reported = 0  # log-probabilities already sent
+        parser = tools.stream() if tools is not None else None
+        called = False
+
+        def chunks(piece: str, final: bool = False) -> list[bytes]:
+            """A piece of the answer as chunks: as it is, or read for tool calls (content and call deltas)."""
+            nonlocal called
+            if parser is None:
+                return [_sse(openai_api.chunk_body(req, rid, model, piece, None, logprobs=new_logprobs()))] \
+                    if piece or not final else []
+            text, calls = delta_docs(parser.finish() if final else parser.feed(piece))
+            called = called or bool(calls)
+            logprobs = new_logprobs()
+            if not text and not calls and not logprobs:
+                return []
+            return [_sse(openai_api.chunk_body(req, rid, model, text or None, None, logprobs=logprobs,
+                                               tool_calls=calls))]
 
         def new_logprobs() -> dict[str, Any] | None:
             nonlocal reported
@@ -442,12 +470,16 @@ class Service:
             try:
                 async for piece in answer.pieces:
                     pieces.append(piece)
-                    yield _sse(openai_api.chunk_body(req, rid, model, piece, None, logprobs=new_logprobs()))
+                    for chunk in chunks(piece):
+                        yield chunk
+                for chunk in chunks("", final=True):
+                    yield chunk
             except ApiError as exc:
                 yield _sse(exc.body())
                 return
             result = answer.result
-            yield _sse(openai_api.chunk_body(req, rid, model, None, result.finish_reason))
+            finish = "tool_calls" if called and result.finish_reason == "stop" else result.finish_reason
+            yield _sse(openai_api.chunk_body(req, rid, model, None, finish))
             if req.include_usage:
                 yield _sse(openai_api.usage_chunk(req, rid, model, result.prompt_tokens, result.completion_tokens))
             yield b"data: [DONE]\n\n"
@@ -459,11 +491,12 @@ class Service:
     # ---- caches ----
 
     async def _lookup(self, agent: AgentInfo, req: CompletionRequest, messages: list[tuple[str, str]], text: str,
-                      sampling: Sampling, engine: Engine, prompt_tokens: int) -> tuple[_Answer | None, _CacheKeys]:
+                      sampling: Sampling, engine: Engine, prompt_tokens: int, by_meaning: bool = True
+                      ) -> tuple[_Answer | None, _CacheKeys]:
         """Deterministic requests (temperature 0; any, for agents with cache_sampled) are cached: exact match
         (L1, L2), then by meaning (for all agents with --semantic-cache, else for agents that opted in)."""
         keys = _CacheKeys()
-        semantic = self.semantic if self.semantic_all or agent.semantic_cache is not None else None
+        semantic = self.semantic if by_meaning and (self.semantic_all or agent.semantic_cache is not None) else None
         if (sampling.temperature > 0 and not agent.cache_sampled) or (self.cache is None and semantic is None) \
                 or sampling.logprobs is not None:  # a cached answer has no log-probabilities to give
             return None, keys

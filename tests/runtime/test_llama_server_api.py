@@ -32,16 +32,17 @@ def completion(server: str, **doc: object) -> dict:
     return body
 
 
-def test_openai_routes_answer_without_the_v1_prefix(server):
+def test_routes_without_the_v1_prefix_are_llama_servers(server):
     assert httpx.get(server + "/models").json() == httpx.get(server + "/v1/models").json()
     chat = {"messages": [{"role": "user", "content": "the time"}], "max_tokens": 6, **GREEDY}
     _, with_prefix = post_json(server + "/v1/chat/completions", chat)
     status, without = post_json(server + "/chat/completions", chat)
     assert status == 200 and without["choices"][0]["message"] == with_prefix["choices"][0]["message"]
-    text = {"prompt": "the word", "max_tokens": 6, **GREEDY}
-    _, with_prefix = post_json(server + "/v1/completions", text)
-    status, without = post_json(server + "/completions", text)
-    assert status == 200 and without["choices"][0]["text"] == with_prefix["choices"][0]["text"]
+    # llama-server's /completions is its native completion, as /completion (OpenAI's is /v1/completions)
+    text = {"prompt": "the word", "n_predict": 6, **GREEDY}
+    _, openai_body = post_json(server + "/v1/completions", {**text, "max_tokens": 6})
+    status, native = post_json(server + "/completions", text)
+    assert status == 200 and native["content"] == openai_body["choices"][0]["text"] and native["stop"] is True
 
 
 def test_native_completion_matches_the_openai_route_with_llama_server_fields(server):
@@ -165,6 +166,7 @@ def test_props_and_slots(server):
     assert props["model_alias"] == "tiny" and props["total_slots"] >= 1 and props["chat_template"]
     assert "edgepack" in props["build_info"] and "llama.cpp" in props["build_info"]
     assert settings["params"]["temperature"] >= 0 and settings["params"]["n_predict"] >= 1
+    assert settings["params"]["mirostat"] == 0 and settings["params"]["repeat_last_n"] == 64
     # the context size is the one a prompt is measured against
     status, doc = post_json(server + "/completion", {"prompt": "the " * 5000})
     assert status == 400 and f"context size ({settings['n_ctx']})" in doc["error"]["message"]
