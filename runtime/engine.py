@@ -201,11 +201,11 @@ class Engine:
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         return llama.tokenize(self._vocab, text, add_special=add_special, parse_special=True)
 
-    def _piece(self, token: int, buf: ctypes.Array) -> bytes:
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+    def _piece(self, token: int, buf: ctypes.Array, special: bool = False) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, special)
         return buf.raw[:n]
 
     def _eog(self) -> list[int]:
@@ -223,7 +223,12 @@ class Engine:
 
     def token_text(self, token: int) -> bytes:
         """A token's bytes as the model writes them (special tokens included)."""
-        return self._piece(token, ctypes.create_string_buffer(64))
+        return self._piece(token, ctypes.create_string_buffer(64), special=True)
+
+    def eos_text(self) -> str:
+        """The end-of-sequence token's text, for chat templates that write it."""
+        eos = llama_cpp.llama_vocab_eos(self._vocab)
+        return self.token_text(eos).decode("utf-8", "replace") if eos >= 0 else ""
 
     def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
         if max_tokens < 1 or prompt_tokens + max_tokens > self.n_ctx:
@@ -378,7 +383,8 @@ class TokenStream:
         result.completion_tokens += 1
         if logprob is not None:
             result.logprobs.append(logprob)
-        text, stopped = self._stops.feed(self._decoder.decode(self.engine._piece(token, self._buf)))
+        piece = self.engine._piece(token, self._buf, self.sampling.render_special)
+        text, stopped = self._stops.feed(self._decoder.decode(piece))
         if stopped:
             result.finish_reason = "stop"
             return text, True

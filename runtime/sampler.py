@@ -9,7 +9,6 @@ grammar rarely scans the whole vocabulary.
 from __future__ import annotations
 
 import ctypes
-import re
 
 import llama_cpp
 import numpy as np
@@ -87,13 +86,7 @@ def check_grammar(vocab: ctypes.c_void_p, sampling: Sampling) -> None:
 
 
 def _grammar(vocab: ctypes.c_void_p, sampling: Sampling) -> ctypes.c_void_p:
-    grammar = sampling.grammar.encode()
-    if sampling.grammar_triggers:  # free text until a trigger appears, then the grammar (from the trigger on)
-        patterns = [re.escape(t).encode() for t in sampling.grammar_triggers]
-        sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-            vocab, grammar, b"root", (ctypes.c_char_p * len(patterns))(*patterns), len(patterns), None, 0)
-    else:
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar, b"root")
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, sampling.grammar.encode(), b"root")
     if not sampler:
         raise GrammarError("the grammar does not parse (llama.cpp's GBNF, with a `root` rule)")
     return sampler

@@ -63,7 +63,7 @@ class Sampling:
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     grammar: str | None = None  # llama.cpp GBNF with a `root` rule: only text it accepts is generated
-    grammar_triggers: tuple[str, ...] = ()  # the grammar applies from the first of these on (free text before)
+    render_special: bool = False  # special tokens written as text (tool-call markers such as <|python_tag|>)
     logit_bias: tuple[tuple[int, float], ...] = ()  # token id -> bias added to its logit (-inf: never)
     logprobs: int | None = None  # None: not computed; N: the chosen token's log-probability and the top N
 

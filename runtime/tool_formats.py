@@ -22,6 +22,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from llama_cpp.llama_grammar import SchemaConverter
 
 from .errors import EdgepackError
+from .grammar import strict_strings
 from .tool_calls import StreamParser, ToolCall, Trigger, parse
 
 Turns = list[tuple[str, str]]  # (role, content) for llama.cpp's built-in templates (Engine.format_chat)
@@ -386,4 +387,4 @@ def _call_rules(tools: list[dict], choice: str | None, key: str, extra: str) -> 
         rules.append(f'fn{i}-call ::= "{{\\"name\\"" space ":" space {_literal(json.dumps(name))} space "," space '
                      f'{_literal(json.dumps(key))} space ":" space {arguments}{extra} "}}"')
     call = "call ::= " + " | ".join(rule.split(" ::= ")[0] for rule in rules)
-    return "\n".join([converter.format_grammar(), *rules, call])
+    return strict_strings("\n".join([converter.format_grammar(), *rules, call]))
