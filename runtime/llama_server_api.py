@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
+from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -115,6 +116,8 @@ class LlamaServerApi:
             response = await self.service._complete(req, Hooks(prompt_tokens=tokens, on_answer=shape.attach))
             if isinstance(response, StreamingResponse):
                 response.body_iterator = shape.stream(response.body_iterator, release)
+                tasks = [response.background] if response.background is not None else []
+                response.background = BackgroundTasks([*tasks, BackgroundTask(release)])  # a stream never started
                 handed_over = True  # the stream releases the model when it ends
                 return response
             return JSONResponse(shape.whole(json.loads(response.body)))

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 
 import httpx
 import pytest
-from conftest import post_json
+from conftest import post_json, start_server, stop_server, wait_ready
 
 GREEDY = {"temperature": 0, "ignore_eos": True}
 
@@ -233,3 +234,31 @@ def test_bad_native_completions_get_json_4xx_naming_the_field(server, body, stat
 def test_bad_bodies_of_the_other_routes(server, route, body, param):
     status, doc = post_json(server + route, body)
     assert status == 400 and doc["error"]["param"] == param, doc
+
+
+def test_every_route_lets_go_of_the_model(served_store):
+    """The routes hold the model while they use it and release it after, however they end (answer, stream,
+    client gone mid-stream, 400): with a 1 s keep-alive it is then evicted."""
+    process, base = start_server(served_store, "--threads", "2", "--keep-alive", "1s")
+    try:
+        wait_ready(base, process)
+        post_json(base + "/tokenize", {"content": "the way"})
+        httpx.get(base + "/props")
+        post_json(base + "/apply-template", {"messages": [{"role": "user", "content": "hi"}]})
+        completion(base, n_predict=4)
+        stream_events(base + "/completion", {"prompt": "the way", "n_predict": 4, "stream": True})
+        assert post_json(base + "/completion", {"prompt": [1, 99999]})[0] == 400
+        with httpx.stream("POST", base + "/completion", json={"prompt": "the", "n_predict": 400, "stream": True,
+                                                             "ignore_eos": True}) as response:
+            next(response.iter_lines())  # the first event, then the client goes away
+        deadline = time.monotonic() + 20
+        while loaded(base) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not loaded(base)
+    finally:
+        stop_server(process)
+
+
+def loaded(base: str) -> bool:
+    text = httpx.get(base + "/metrics").text
+    return 'edgepack_model_loaded{model="tiny"} 1.0' in text
