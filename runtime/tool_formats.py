@@ -356,12 +356,15 @@ def _literal(text: str) -> str:
     return f'"{escaped}"'
 
 
+MAX_PARALLEL_CALLS = 8  # a small model left free to add calls repeats its first one until max_tokens
+
+
 def _repeat(rule: str, parallel: bool, separator: str | None) -> str:
-    """One `rule`, or one or more with `separator` between them."""
+    """One `rule`, or one to MAX_PARALLEL_CALLS with `separator` between them."""
     if not parallel:
         return rule
     between = f' {_literal(separator)} wrap-ws' if separator else ""
-    return f"{rule} (wrap-ws{between} {rule})*"
+    return f"{rule} (wrap-ws{between} {rule}){{0,{MAX_PARALLEL_CALLS - 1}}}"
 
 
 def _call_rules(tools: list[dict], choice: str | None, key: str, extra: str) -> str:
