@@ -38,6 +38,7 @@ class Generation:
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per generated token, when asked
+    stop_word: str | None = None  # the stop string that ended it (finish_reason "stop" without: end of text)
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -386,7 +387,7 @@ class TokenStream:
         piece = self.engine._piece(token, self._buf, self.sampling.render_special)
         text, stopped = self._stops.feed(self._decoder.decode(piece))
         if stopped:
-            result.finish_reason = "stop"
+            result.finish_reason, result.stop_word = "stop", self._stops.matched
             return text, True
         if result.completion_tokens >= self.sampling.max_tokens:
             result.finish_reason = "length"
@@ -410,14 +411,16 @@ class _StopMatcher:
     def __init__(self, stops: tuple[str, ...]) -> None:
         self.stops = [s for s in stops if s]
         self.pending = ""
+        self.matched: str | None = None  # the stop string that ended the output
 
     def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, self.matched = min(hits)
+            out, self.pending = self.pending[:at], ""
             return out, True
         if final:
             out, self.pending = self.pending, ""

@@ -342,7 +342,7 @@ class _NativeShape:
 
     def final(self, content: str, finish: str) -> dict[str, Any]:
         """The last document (`content`: the whole answer, or "" at the end of a stream)."""
-        word = finish == "stop" and bool(self.req.stop)  # the generation does not say which ended it: see docs
+        word = self.result.stop_word if finish == "stop" else None
         timings = _timings(self.result)
         return {
             **self._counts(content, stop=True),
@@ -351,7 +351,7 @@ class _NativeShape:
             "has_new_line": self.new_line or "\n" in content,
             "truncated": False,  # a prompt that does not fit is refused (400), never cut
             "stop_type": "limit" if finish == "length" else "word" if word else "eos",
-            "stopping_word": self.req.stop[0] if word and len(self.req.stop) == 1 else "",
+            "stopping_word": word or "",
             "tokens_cached": timings["cache_n"],
             "timings": timings,
         }

@@ -645,6 +645,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return JSONResponse(ApiError(exc.status_code, exc.detail).body(), status_code=exc.status_code)
 
 
+# Requests whose outcome counts toward the error-rate alert: the ones that generate, on every path.
+GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/chat/completions", "/completion",
+                               "/completions"})
+
+
 class _MetricsMiddleware:
     """Counts every request by endpoint and status, and times it to its last byte (pure ASGI)."""
 
@@ -672,5 +677,5 @@ class _MetricsMiddleware:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
-            if endpoint.startswith("/v1/") and endpoint != "/v1/models":
+            if endpoint in GENERATION_ROUTES:
                 self.alerts.outcome(status)

@@ -126,8 +126,10 @@ def test_stop_word_eos_and_logit_bias(server):
     assert cut["content"] == full[: full.index(stop)]
     assert cut["stop_type"] == "word" and cut["stopping_word"] == stop
     # </s> (id 2) pushed up by a bias: the answer ends at once, by end of stream
-    eos = completion(server, n_predict=10, temperature=0, logit_bias=[[2, 100]])
+    # (with a stop word given that never came: the end of stream is still told apart from it)
+    eos = completion(server, n_predict=10, temperature=0, logit_bias=[[2, 100]], stop=["never said"])
     assert eos["content"] == "" and eos["stop_type"] == "eos" and eos["tokens_predicted"] == 0
+    assert eos["stopping_word"] == ""
     # the greedy first token banned (false): another answer
     first = completion(server, n_predict=4, n_probs=1, **GREEDY)["completion_probabilities"][0]["id"]
     banned = completion(server, n_predict=4, n_probs=1, logit_bias={str(first): False}, **GREEDY)
