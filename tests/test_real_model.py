@@ -74,3 +74,41 @@ def test_gemma_one_shot_run(gemma_store, reference_completion):
     assert result.returncode == 0, result.stderr
     assert result.stdout == reference_completion + "\n"
     assert "tok/s" in result.stderr
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                    "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"]}}}
+
+
+def test_gemma_calls_a_tool_gets_its_result_and_answers(gemma_store):
+    process, base = start_server(gemma_store[0], "--threads", "2")
+    try:
+        wait_ready(base, process, timeout=120)
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
+        ask = [{"role": "user", "content": "What is the weather in Oslo?"}]
+        first = client.chat.completions.create(model="gemma3-270m", messages=ask, tools=[WEATHER],
+                                               tool_choice="required", parallel_tool_calls=False, temperature=0,
+                                               max_tokens=120)
+        assert first.choices[0].finish_reason == "tool_calls"
+        call = first.choices[0].message.tool_calls[0]
+        args = json.loads(call.function.arguments)
+        assert call.function.name == "get_weather" and isinstance(args["city"], str)
+        assert args["unit"] in ("celsius", "fahrenheit")
+        history = ask + [first.choices[0].message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "snow", "temperature": -3}'}]
+        final = client.chat.completions.create(model="gemma3-270m", messages=history, tools=[WEATHER],
+                                               tool_choice="none", temperature=0, max_tokens=40)
+        assert final.choices[0].message.content.strip() and not final.choices[0].message.tool_calls
+        shaped = client.chat.completions.create(
+            model="gemma3-270m", messages=[{"role": "user", "content": "Name a colour and a number."}],
+            temperature=0, max_tokens=60, response_format={"type": "json_schema", "json_schema": {
+                "name": "pick", "schema": {"type": "object", "properties": {
+                    "colour": {"type": "string", "maxLength": 20}, "number": {"type": "integer"}},
+                    "required": ["colour", "number"]}}})
+        picked = json.loads(shaped.choices[0].message.content)
+        assert isinstance(picked["colour"], str) and type(picked["number"]) is int
+    finally:
+        stop_server(process)
