@@ -111,6 +111,7 @@ class Engine:
         self._one = (llama_cpp.llama_token * 1)()
         self._adapters: dict[str, ctypes.c_void_p] = {}
         self._embedder: Embedder | None = None
+        self._copies_pending = False  # copy_slot's data moves at the next decode
 
     def shape(self) -> ModelShape:
         n_embd, n_head = llama_cpp.llama_model_n_embd(self._model), llama_cpp.llama_model_n_head(self._model)
@@ -285,6 +286,21 @@ class Engine:
     def decode_batch(self, batch: llama_cpp.llama_batch) -> None:
         if llama.decode(self._ctx, batch) != 0:
             raise EdgepackError(f"llama.cpp failed to decode a batch ({llama.last_error()})")
+        self._copies_pending = False
+
+    def copy_slot(self, source: int, target: int) -> None:
+        """Give slot `target` the KV cells of slot `source`, replacing its own. Slots are separate KV streams
+        (kv_unified off), between which llama.cpp copies only whole streams, and only at the start of the next
+        decode: until then the source's cells must not change but by decoding (see _apply_copies)."""
+        llama_cpp.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        self._copies_pending = True
+
+    def _apply_copies(self, seq_id: int) -> None:
+        """Have llama.cpp carry out pending slot copies now, before a state is written into the (emptied) slot
+        `seq_id`: the copy would otherwise overwrite that state, or copy it. One token decoded, then dropped."""
+        if self._copies_pending:
+            self.prefill(seq_id, [0])
+            self.clear_slot(seq_id)
 
     def sample(self, sampler: TokenSampler, index: int) -> tuple[int, TokenLogprob | None]:
         return sampler.sample(self._ctx, index)
@@ -318,6 +334,7 @@ class Engine:
     def restore_slot(self, seq_id: int, state: bytes) -> bool:
         """Replace the slot's KV cells with a state from slot_state; False (slot cleared) if refused."""
         self.clear_slot(seq_id)
+        self._apply_copies(seq_id)
         buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if llama_cpp.llama_state_seq_set_data(self._ctx, buf, len(state), seq_id) == 0:
             self.clear_slot(seq_id)
@@ -336,6 +353,8 @@ class Engine:
     def load_slot(self, seq_id: int, path: Path, capacity: int) -> list[int] | None:
         """Load a state written by save_slot into the slot; the tokens it holds, or None when llama.cpp
         refuses the file (another model, KV type or context size, or a damaged file)."""
+        self.clear_slot(seq_id)
+        self._apply_copies(seq_id)
         array = (llama_cpp.llama_token * capacity)()
         count = ctypes.c_size_t(0)
         read = llama_cpp.llama_state_seq_load_file(self._ctx, str(path).encode(), seq_id, array, capacity,

@@ -20,6 +20,7 @@ from .schema import SchemaError, decode_json
 from .tool_spec import Tool, ToolChoice
 
 MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 8  # n: each choice holds a slot of the batcher while it runs
 
 
 class ApiError(Exception):
@@ -74,6 +75,7 @@ class CompletionRequest:
     constraint: Constraint | None = None
     logprobs: int | None = None  # None: none; N: each token's log-probability and the top N alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()
+    n: int = 1  # choices, each its own sequence
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(m.role, m.content) for m in self.messages]
@@ -146,7 +148,7 @@ class _Body(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=Fal
     model: str | None = None
     stream: bool = False
     stream_options: _StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)] = 1
     logit_bias: _LogitBias | None = None
     ignore_eos: bool = False  # llama-server's extensions
     cache_prompt: bool = True
@@ -218,8 +220,6 @@ def _decode(body: bytes, kind: type[_Body]) -> Any:
 
 def _request(kind: str, doc: _Body, *, messages: tuple[Message, ...], prompt: str, max_tokens: int | None,
              **extra: Any) -> CompletionRequest:
-    if doc.n != 1:
-        raise ApiError(400, "only n=1 is supported", param="n")
     return CompletionRequest(
         kind=kind,
         model=doc.model,
@@ -233,6 +233,7 @@ def _request(kind: str, doc: _Body, *, messages: tuple[Message, ...], prompt: st
         stop=(doc.stop,) if isinstance(doc.stop, str) else tuple(doc.stop or ()),
         cache_prompt=doc.cache_prompt,
         logit_bias=_logit_bias(doc.logit_bias),
+        n=doc.n,
         **extra,
     )
 
@@ -327,29 +328,34 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(
-    req: CompletionRequest, rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
-    *, logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None,
+def choice_doc(
+    req: CompletionRequest, index: int, text: str, finish: str, *, logprobs: dict[str, Any] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """One choice of a whole answer."""
     if req.kind == "chat":
         message: dict[str, Any] = {"role": "assistant", "content": text if text or not tool_calls else None}
         if tool_calls:
             message["tool_calls"] = tool_calls
-        choice = {"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}
-        kind = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        kind = "text_completion"
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_body(req: CompletionRequest, rid: str, model: str, choices: list[dict[str, Any]], prompt_tokens: int,
+                    completion_tokens: int) -> dict[str, Any]:
+    """The answer: its choices (choice_doc), the prompt counted once, the completion tokens of all choices."""
     return {
-        "id": rid, "object": kind, "created": int(time.time()), "model": model,
-        "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
+        "id": rid, "object": "chat.completion" if req.kind == "chat" else "text_completion",
+        "created": int(time.time()), "model": model, "choices": choices,
+        "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def chunk_body(
-    req: CompletionRequest, rid: str, model: str, text: str | None, finish: str | None, *, first: bool = False,
-    logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None,
+    req: CompletionRequest, rid: str, model: str, text: str | None, finish: str | None, *, index: int = 0,
+    first: bool = False, logprobs: dict[str, Any] | None = None, tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """A streamed piece of choice `index`."""
     if req.kind == "chat":
         delta: dict[str, Any] = {}
         if first:
@@ -358,10 +364,10 @@ def chunk_body(
             delta["content"] = text
         if tool_calls:
             delta["tool_calls"] = tool_calls
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         kind = "chat.completion.chunk"
     else:
-        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         kind = "text_completion"
     return {"id": rid, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
 

@@ -11,6 +11,12 @@ Prefix reuse: a finished slot keeps its KV cells. A new request goes to the free
 tokens share the longest prefix with its prompt (same adapter), and only the rest of the prompt is
 processed: an agent's system prompt is computed once per slot, as are earlier turns of a conversation.
 
+Shared prompts: the choices of one request (OpenAI's `n`) are submitted together, the later ones naming the
+first (`shares_prompt_of`). A later choice admitted while the first still reads the prompt waits in its slot;
+once the prompt is in the first's KV cells they are copied to the waiting slots (llama_memory_seq_cp) and every
+choice samples its first token from the same logits, with its own sampler. A choice admitted later (no free
+slot) or whose first is gone reads the prompt itself, through prefix reuse like any request.
+
 Adaptive batching: a SlotController watches the time of each decode step (= the time per output token
 of every generating slot) and lowers the number of slots admitted while its p95 is over the target,
 raising it again when well under.
@@ -43,6 +49,7 @@ class Request:
     lora: tuple[str, float] | None = None
     reuse_prefix: bool = True  # False: process the whole prompt even if a slot holds its beginning
     warmup: bool = False  # the server's own warm-up request: not counted in the metrics
+    shares_prompt_of: Request | None = None  # an earlier choice of the same request, with the same prompt
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Generation = field(default_factory=Generation)
 
@@ -50,7 +57,7 @@ class Request:
 DONE = object()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
     seq_id: int
     request: Request
@@ -59,6 +66,7 @@ class _Slot:
     fed: int = 0  # prompt tokens already in the KV cache
     last: int | None = None  # the token to feed next (generation phase)
     logits_index: int = -1
+    leader: _Slot | None = None  # the slot reading the prompt this one waits for (then copies)
 
 
 SlotCache = dict[int, tuple[tuple[str, float] | None, list[int]]]  # seq id -> (adapter, tokens in its KV)
@@ -128,12 +136,14 @@ class BatchScheduler:
     def active(self) -> int:
         return len(self._active)
 
-    def submit(self, request: Request) -> None:
-        self.engine.check_fits(len(request.prompt), request.sampling.max_tokens)
+    def submit(self, *requests: Request) -> None:
+        """Queue the requests, all or (QueueFull) none."""
+        for request in requests:
+            self.engine.check_fits(len(request.prompt), request.sampling.max_tokens)
         with self._wake:
-            if len(self._queue) >= self.max_queue + len(self._free):  # free slots take requests at once
+            if len(self._queue) + len(requests) > self.max_queue + len(self._free):  # free slots take them at once
                 raise QueueFull(f"model {self.engine.name!r} has {len(self._queue)} requests waiting")
-            self._queue.append(request)
+            self._queue.extend(requests)
             self._wake.notify()
         self._on_change(self.active, self.queued)
 
@@ -180,19 +190,33 @@ class BatchScheduler:
             if not self._active:
                 self._lora = request.lora
                 self.engine.set_adapter(request.lora)
-            seq_id, common = self._pick_slot(request)
-            self._free.remove(seq_id)
-            self._cache.pop(seq_id, None)
-            want = min(common, len(request.prompt) - 1)  # feed at least one token, for the logits
-            prefix = self._saved_prefix(request)
-            if prefix is not None and len(prefix.tokens) > want or not self.engine.can_keep(seq_id, want):
-                want = self._restore(seq_id, prefix, request) if prefix is not None else 0
-            kept = self.engine.keep_prefix(seq_id, want)
+            leader = next((s for s in self._active if s.request is request.shares_prompt_of and s.last is None),
+                          None) if request.shares_prompt_of is not None else None
+            if leader is not None:  # it will copy the leader's cells: any slot will do, emptied
+                seq_id, kept = min(self._free), 0
+                self._take(seq_id)
+                self.engine.clear_slot(seq_id)
+            else:
+                seq_id, kept = self._place(request)
             request.result.prompt_tokens = len(request.prompt)
             request.result.cached_tokens = kept
             stream = TokenStream(self.engine, request.sampling, request.result)
-            self._active.append(_Slot(seq_id, request, stream, request.prompt[:kept], fed=kept))
+            self._active.append(_Slot(seq_id, request, stream, request.prompt[:kept], fed=kept, leader=leader))
         self._on_change(self.active, self.queued)
+
+    def _take(self, seq_id: int) -> None:
+        self._free.remove(seq_id)
+        self._cache.pop(seq_id, None)
+
+    def _place(self, request: Request) -> tuple[int, int]:
+        """The slot for a request that reads its prompt, and how many of the prompt's tokens its KV cells keep."""
+        seq_id, common = self._pick_slot(request)
+        self._take(seq_id)
+        want = min(common, len(request.prompt) - 1)  # feed at least one token, for the logits
+        prefix = self._saved_prefix(request)
+        if prefix is not None and len(prefix.tokens) > want or not self.engine.can_keep(seq_id, want):
+            want = self._restore(seq_id, prefix, request) if prefix is not None else 0
+        return seq_id, self.engine.keep_prefix(seq_id, want)
 
     def _saved_prefix(self, request: Request) -> Prefix | None:
         """The longest saved prefix the prompt starts with (same adapter)."""
@@ -237,10 +261,13 @@ class BatchScheduler:
             batch.seq_id[n][0], batch.logits[n] = seq_id, logits
             n += 1
 
+        for slot in self._active:
+            if slot.leader is not None and slot.leader not in self._active:
+                slot.leader = None  # the slot it waited for is gone: it reads the prompt itself
         generating = [s for s in self._active if s.last is not None]
         room, takes = budget - len(generating), {}
         for slot in self._active:  # prompt chunks, in arrival order, in what the generating slots leave
-            if slot.last is None and room > 0:
+            if slot.last is None and slot.leader is None and room > 0:
                 takes[slot.seq_id] = min(len(slot.request.prompt) - slot.fed, room)
                 room -= takes[slot.seq_id]
         # in seq id order: llama.cpp puts only consecutive seq ids in one micro-batch (non-unified KV)
@@ -266,17 +293,27 @@ class BatchScheduler:
         for slot in list(self._active):
             if slot.logits_index < 0:
                 continue
-            token, logprob = self.engine.sample(slot.stream.sampler, slot.logits_index)
-            slot.logits_index = -1
-            text, done = slot.stream.accept(token, logprob)
-            if text:
-                slot.request.emit(text)
-            if done:
-                self._finish(slot)
-            else:
-                slot.last = token
+            index, slot.logits_index = slot.logits_index, -1
+            if slot.last is None:  # it has read its prompt: the slots waiting for it start from its cells
+                for waiting in [s for s in self._active if s.leader is slot]:
+                    self.engine.copy_slot(slot.seq_id, waiting.seq_id)
+                    waiting.leader, waiting.fed, waiting.tokens = None, slot.fed, list(slot.tokens)
+                    waiting.request.result.cached_tokens = slot.fed
+                    self._sample(waiting, index)
+            self._sample(slot, index)
         if generating:
             self.controller.observe(time.perf_counter() - started)
+
+    def _sample(self, slot: _Slot, index: int) -> None:
+        """Sample the slot's next token from logits row `index`, emit its text, finish the slot if it is done."""
+        token, logprob = self.engine.sample(slot.stream.sampler, index)
+        text, done = slot.stream.accept(token, logprob)
+        if text:
+            slot.request.emit(text)
+        if done:
+            self._finish(slot)
+        else:
+            slot.last = token
 
     def _finish(self, slot: _Slot, error: Exception | None = None) -> None:
         self._active.remove(slot)

@@ -4,7 +4,8 @@ The model pool (runtime/pool.py) is set up in the background after the socket is
 answers 503 until it is ready (with --preload: until every model is loaded and warmed up). A model
 loads on its first request within the memory budget (503 when it cannot fit) and is evicted after
 keep_alive idle. Each model's requests are decoded together by its batch scheduler (continuous
-batching, runtime/scheduler.py); tokens travel to the request's event loop as they are sampled.
+batching, runtime/scheduler.py); tokens travel to the request's event loop as they are sampled. A request
+for n choices submits n sequences together, the later ones taking the first's prompt cells.
 """
 
 from __future__ import annotations
@@ -389,104 +390,94 @@ class Service:
         _check_sampling(engine, sampling)
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
         rid = openai_api.new_id(req.kind)
-        if hooks.prompt_tokens:
-            answer, keys = None, _CacheKeys()
-        else:
+        answer, keys = None, _CacheKeys()
+        if not hooks.prompt_tokens and req.n == 1:  # n choices are n samples: never one answer from the cache
             answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt),
                                               by_meaning=not plan.uses_tools)
-        if answer is None:
-            job = _new_job(prompt, sampling, lora, started, req.cache_prompt)
-            self._started[id(job.request)] = started
-            try:
-                scheduler.submit(job.request)
-            except QueueFull as exc:
-                self._started.pop(id(job.request), None)
-                raise ApiError(429, f"{exc}; retry later", code="queue_full",
-                               headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
-            answer = _Answer(_events(job, self.request_timeout), job.request.result, job.request.cancel.set)
-        hooks.on_answer(answer.result)
+        answers = [answer] if answer is not None else self._submit(scheduler, req, prompt, sampling, lora, started)
+        cancel = _once(lambda: [a.cancel() for a in answers])
+        hooks.on_answer(answers[0].result)
         if req.stream:
-            done = _once(lambda: (answer.cancel(), release()))  # also when the stream never started
+            done = _once(lambda: (cancel(), release()))  # also when the stream never started
             return StreamingResponse(
-                self._stream(answer, req, rid, agent.name, keys, started, done, engine.token_text, plan.tools),
+                self._stream(answers, req, rid, agent.name, keys, started, done, engine.token_text, plan.tools),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(done),
             )
-        pieces = []
+        pieces: list[list[str]] = [[] for _ in answers]
         try:
-            async for piece in answer.pieces:
-                pieces.append(piece)
+            async with contextlib.aclosing(_interleave([a.pieces for a in answers])) as merged:
+                async for index, piece in merged:
+                    if piece is not None:
+                        pieces[index].append(piece)
         finally:
-            answer.cancel()
-        text_out = "".join(pieces)
-        self._remember(keys, answer, text_out)
+            cancel()
+        texts = ["".join(p) for p in pieces]
+        self._remember(keys, answers[0], texts[0])
         self.alerts.latency(agent.name, time.monotonic() - started)
-        result = answer.result
-        logprobs = openai_api.logprobs_body(req, result.logprobs, engine.token_text) \
-            if req.logprobs is not None else None
-        calls, finish = [], result.finish_reason
-        if plan.tools is not None:
-            text_out, found = plan.tools.parse(text_out)
-            calls = call_docs(found)
-            finish = "tool_calls" if found and finish == "stop" else finish  # a call cut off stays "length"
-        body = openai_api.completion_body(req, rid, agent.name, text_out, finish, result.prompt_tokens,
-                                          result.completion_tokens, logprobs=logprobs, tool_calls=calls)
+        choices = []
+        for index, (answer, text_out) in enumerate(zip(answers, texts, strict=True)):
+            result = answer.result
+            logprobs = openai_api.logprobs_body(req, result.logprobs, engine.token_text) \
+                if req.logprobs is not None else None
+            calls, finish = [], result.finish_reason
+            if plan.tools is not None:
+                text_out, found = plan.tools.parse(text_out)
+                calls = call_docs(found)
+                finish = "tool_calls" if found and finish == "stop" else finish  # a call cut off stays "length"
+            choices.append(openai_api.choice_doc(req, index, text_out, finish, logprobs=logprobs, tool_calls=calls))
+        body = openai_api.completion_body(req, rid, agent.name, choices, answers[0].result.prompt_tokens,
+                                          sum(a.result.completion_tokens for a in answers))
         return JSONResponse(body)
 
-    async def _stream(self, answer: _Answer, req: CompletionRequest, rid: str, model: str, keys: _CacheKeys,
-                      started: float, done: Callable[[], None], token_text: Callable[[int], bytes],
+    def _submit(self, scheduler: BatchScheduler, req: CompletionRequest, prompt: list[int], sampling: Sampling,
+                lora: tuple[str, float] | None, started: float) -> list[_Answer]:
+        """The request's n choices, queued together (all or none): choice i samples with seed+i (when seeded),
+        the later ones take the first's prompt cells (runtime/scheduler.py)."""
+        jobs = [_new_job(prompt, _choice_sampling(sampling, i), lora, started, req.cache_prompt)
+                for i in range(req.n)]
+        for job in jobs[1:]:
+            job.request.shares_prompt_of = jobs[0].request
+        for job in jobs:
+            self._started[id(job.request)] = started
+        try:
+            scheduler.submit(*(job.request for job in jobs))
+        except QueueFull as exc:
+            for job in jobs:
+                self._started.pop(id(job.request), None)
+            raise ApiError(429, f"{exc}; retry later", code="queue_full",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
+        return [_Answer(_events(job, self.request_timeout), job.request.result, job.request.cancel.set)
+                for job in jobs]
+
+    async def _stream(self, answers: list[_Answer], req: CompletionRequest, rid: str, model: str,
+                      keys: _CacheKeys, started: float, done: Callable[[], None], token_text: Callable[[int], bytes],
                       tools: ToolFormat | None = None) -> AsyncIterator[bytes]:
-        pieces: list[str] = []
-        reported = 0  # log-probabilities already sent
-        parser = tools.stream() if tools is not None else None
-        called = False
-
-        def chunks(piece: str, final: bool = False) -> list[bytes]:
-            """A piece of the answer as chunks: as it is, or read for tool calls (content and call deltas)."""
-            nonlocal called
-            if parser is None:
-                return [_sse(openai_api.chunk_body(req, rid, model, piece, None, logprobs=new_logprobs()))] \
-                    if piece or not final else []
-            text, calls = delta_docs(parser.finish() if final else parser.feed(piece))
-            called = called or bool(calls)
-            logprobs = new_logprobs()
-            if not text and not calls and not logprobs:
-                return []
-            return [_sse(openai_api.chunk_body(req, rid, model, text or None, None, logprobs=logprobs,
-                                               tool_calls=calls))]
-
-        def new_logprobs() -> dict[str, Any] | None:
-            nonlocal reported
-            if req.logprobs is None:
-                return None
-            entries = answer.result.logprobs[reported:]
-            reported += len(entries)
-            return openai_api.logprobs_body(req, entries, token_text, sum(map(len, pieces[:-1])))
-
+        """Server-sent events: the choices' chunks interleaved as their pieces come, each choice's finish chunk
+        when it ends, then the usage (if asked) and [DONE]."""
+        choices = [_StreamedChoice(req, rid, model, index, answer, token_text, tools)
+                   for index, answer in enumerate(answers)]
         try:
             if req.kind == "chat":
-                yield _sse(openai_api.chunk_body(req, rid, model, "", None, first=True))
+                for choice in choices:
+                    yield _sse(openai_api.chunk_body(req, rid, model, "", None, index=choice.index, first=True))
             try:
-                async for piece in answer.pieces:
-                    pieces.append(piece)
-                    for chunk in chunks(piece):
-                        yield chunk
-                for chunk in chunks("", final=True):
-                    yield chunk
+                async with contextlib.aclosing(_interleave([a.pieces for a in answers])) as merged:
+                    async for index, piece in merged:
+                        for chunk in choices[index].chunks(piece):
+                            yield _sse(chunk)
             except ApiError as exc:
                 yield _sse(exc.body())
                 return
-            result = answer.result
-            finish = "tool_calls" if called and result.finish_reason == "stop" else result.finish_reason
-            yield _sse(openai_api.chunk_body(req, rid, model, None, finish))
             if req.include_usage:
-                yield _sse(openai_api.usage_chunk(req, rid, model, result.prompt_tokens, result.completion_tokens))
+                yield _sse(openai_api.usage_chunk(req, rid, model, answers[0].result.prompt_tokens,
+                                                  sum(a.result.completion_tokens for a in answers)))
             yield b"data: [DONE]\n\n"
-            self._remember(keys, answer, "".join(pieces))
+            self._remember(keys, answers[0], "".join(choices[0].pieces))
             self.alerts.latency(model, time.monotonic() - started)
         finally:
-            done()  # a client that went away frees its slot at once
+            done()  # a client that went away frees its slots at once
 
     # ---- caches ----
 
@@ -542,6 +533,52 @@ class Service:
             self.metrics.semantic_entries.set(len(self.semantic))
 
 
+class _StreamedChoice:
+    """One choice of a streamed answer: its pieces become chunks, as they are or read for tool calls (content and
+    call deltas), with the log-probabilities not yet sent; its end becomes the finish chunk."""
+
+    def __init__(self, req: CompletionRequest, rid: str, model: str, index: int, answer: _Answer,
+                 token_text: Callable[[int], bytes], tools: ToolFormat | None) -> None:
+        self.req, self.rid, self.model, self.index, self.answer = req, rid, model, index, answer
+        self.token_text = token_text
+        self.parser = tools.stream() if tools is not None else None
+        self.pieces: list[str] = []
+        self.reported = 0  # log-probabilities already sent
+        self.called = False
+
+    def chunks(self, piece: str | None) -> list[dict[str, Any]]:
+        """The chunks for the next piece of text, or for the end (None)."""
+        final = piece is None
+        if not final:
+            self.pieces.append(piece)
+        out = []
+        if self.parser is None:
+            if piece:
+                out.append(self._chunk(piece, self._new_logprobs()))
+        else:
+            text, calls = delta_docs(self.parser.finish() if final else self.parser.feed(piece))
+            self.called = self.called or bool(calls)
+            logprobs = self._new_logprobs()
+            if text or calls or logprobs:
+                out.append(self._chunk(text or None, logprobs, calls))
+        if final:
+            reason = self.answer.result.finish_reason
+            out.append(self._chunk(None, None, finish="tool_calls" if self.called and reason == "stop" else reason))
+        return out
+
+    def _chunk(self, text: str | None, logprobs: dict[str, Any] | None, calls: list[dict[str, Any]] | None = None,
+               finish: str | None = None) -> dict[str, Any]:
+        return openai_api.chunk_body(self.req, self.rid, self.model, text, finish, index=self.index,
+                                     logprobs=logprobs, tool_calls=calls)
+
+    def _new_logprobs(self) -> dict[str, Any] | None:
+        if self.req.logprobs is None:
+            return None
+        entries = self.answer.result.logprobs[self.reported:]
+        self.reported += len(entries)
+        return openai_api.logprobs_body(self.req, entries, self.token_text, sum(map(len, self.pieces[:-1])))
+
+
 @dataclass
 class _CacheKeys:
     exact: str | None = None
@@ -556,6 +593,13 @@ class _Answer:
     result: Generation
     cancel: Callable[[], None]
     cached: bool = False
+
+
+def _choice_sampling(sampling: Sampling, index: int) -> Sampling:
+    """Choice `index`'s sampling: seed+index, so the choices differ and a seeded request is reproducible."""
+    if index == 0 or sampling.seed is None:
+        return sampling
+    return dataclasses.replace(sampling, seed=sampling.seed + index)
 
 
 def _grammar(req: CompletionRequest) -> str | None:
@@ -603,6 +647,33 @@ async def _events(job: _Job, timeout: float) -> AsyncIterator[str]:
             message = str(event) if isinstance(event, EdgepackError) else "generation failed"
             raise ApiError(500, message)
         yield event
+
+
+async def _interleave(streams: list[AsyncIterator[str]]) -> AsyncIterator[tuple[int, str | None]]:
+    """The pieces of several streams as they come, each with its stream's index, and (index, None) when that
+    stream ends. The first failure of any is raised; closing this stops reading them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[str]) -> None:
+        try:
+            async for piece in stream:
+                queue.put_nowait((index, piece))
+            queue.put_nowait((index, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader
+            queue.put_nowait((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            running -= item is None
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _once(action: Callable[[], object]) -> Callable[[], None]:

@@ -102,7 +102,7 @@ BAD_REQUESTS = [
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "max_tokens"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": "lots"}, 400, "max_tokens"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 400, "temperature"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n=1"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "n": 9}, 400, "n: expected int <= 8"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stop": [1, 2]}, 400, "stop"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "the " * 5000}]}, 400, "context size"),
 ]
