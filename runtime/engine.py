@@ -223,9 +223,10 @@ class Engine:
         if sampling.grammar:
             check_grammar(self._vocab, sampling)
 
-    def token_text(self, token: int) -> bytes:
-        """A token's bytes as the model writes them (special tokens included)."""
-        return self._piece(token, ctypes.create_string_buffer(64), special=True)
+    def token_text(self, token: int, special: bool = True) -> bytes:
+        """A token's bytes as the model writes them (special tokens as text unless `special` is False, as a
+        generation writes them unless it reads tool-call markers)."""
+        return self._piece(token, ctypes.create_string_buffer(64), special=special)
 
     def eos_text(self) -> str:
         """The end-of-sequence token's text, for chat templates that write it."""

@@ -388,6 +388,10 @@ class Service:
                                     grammar=plan.grammar or _grammar(req), logit_bias=req.logit_bias,
                                     logprobs=req.logprobs, render_special=plan.tools is not None)
         _check_sampling(engine, sampling)
+
+        def written(token: int) -> bytes:  # a token's text as the answer shows it (for its log-probabilities)
+            return engine.token_text(token, special=sampling.render_special)
+
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
         rid = openai_api.new_id(req.kind)
         answer, keys = None, _CacheKeys()
@@ -400,7 +404,7 @@ class Service:
         if req.stream:
             done = _once(lambda: (cancel(), release()))  # also when the stream never started
             return StreamingResponse(
-                self._stream(answers, req, rid, agent.name, keys, started, done, engine.token_text, plan.tools),
+                self._stream(answers, req, rid, agent.name, keys, started, done, written, plan.tools),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 background=BackgroundTask(done),
@@ -419,7 +423,7 @@ class Service:
         choices = []
         for index, (answer, text_out) in enumerate(zip(answers, texts, strict=True)):
             result = answer.result
-            logprobs = openai_api.logprobs_body(req, result.logprobs, engine.token_text) \
+            logprobs = openai_api.logprobs_body(req, result.logprobs, written) \
                 if req.logprobs is not None else None
             calls, finish = [], result.finish_reason
             if plan.tools is not None:
