@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -81,14 +82,21 @@ def served_store(tiny_bundle, tmp_path_factory) -> Path:
     return store
 
 
-@pytest.fixture(scope="module")
-def server(served_store) -> Iterator[str]:
-    process, base = start_server(served_store, "--threads", "2")
+@contextlib.contextmanager
+def serving(store: Path, *extra: str) -> Iterator[str]:
+    """`edgepack serve` on `store` with `extra` flags, ready: its base URL; stopped on leaving."""
+    process, base = start_server(store, *extra)
     try:
         wait_ready(base, process)
         yield base
     finally:
         stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server(served_store) -> Iterator[str]:
+    with serving(served_store, "--threads", "2") as base:
+        yield base
 
 
 def post_json(url: str, doc: object, timeout: float = 60) -> tuple[int, dict]:

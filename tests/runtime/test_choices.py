@@ -10,7 +10,7 @@ import urllib.request
 
 import openai
 import pytest
-from conftest import post_json, start_server, stop_server, wait_ready
+from conftest import post_json, serving
 
 ASK = [{"role": "user", "content": "tell me about the sea"}]
 WEATHER = {"type": "function", "function": {
@@ -22,12 +22,8 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def server(served_store):
     """Four slots, so three choices run at once (and eight queue); room for a tool's description."""
-    process, base = start_server(served_store, "--threads", "2", "--ctx", "4096", "--slots", "4")
-    try:
-        wait_ready(base, process)
+    with serving(served_store, "--threads", "2", "--ctx", "4096", "--slots", "4") as base:
         yield base
-    finally:
-        stop_server(process)
 
 
 def client(server: str) -> openai.OpenAI:

@@ -10,7 +10,7 @@ import json
 
 import openai
 import pytest
-from conftest import post_json, run_cli, start_server, stop_server, wait_ready
+from conftest import post_json, run_cli, serving
 from tiny_model import write_tiny_llama
 
 WEATHER = {"type": "function", "function": {
@@ -27,12 +27,8 @@ ASK = [{"role": "user", "content": "What is the weather in Paris for two days?"}
 @pytest.fixture(scope="module")
 def server(served_store):
     """The tiny model with room for the tools' descriptions (its byte-level vocabulary spends a token a character)."""
-    process, base = start_server(served_store, "--threads", "2", "--ctx", "4096")
-    try:
-        wait_ready(base, process)
+    with serving(served_store, "--threads", "2", "--ctx", "4096") as base:
         yield base
-    finally:
-        stop_server(process)
 
 
 def client(server: str) -> openai.OpenAI:
@@ -130,14 +126,10 @@ def test_an_agents_own_tools_and_choice_apply_when_the_request_has_none(tmp_path
     assert run_cli("build", "--recipe", str(tmp_path / "edgepack.toml"), "-o", str(bundle), "--no-eval",
                    "-q").returncode == 0
     assert run_cli("install", str(bundle), "--store", str(tmp_path / "store")).returncode == 0
-    process, base = start_server(tmp_path / "store", "--threads", "1", "--ctx", "4096")
-    try:
-        wait_ready(base, process)
+    with serving(tmp_path / "store", "--threads", "1", "--ctx", "4096") as base:
         answer = client(base).chat.completions.create(model="forecaster", messages=ASK, temperature=0)
         assert answer.choices[0].finish_reason == "tool_calls"
         check_weather(answer.choices[0].message.tool_calls[0].function.arguments)
         plain = client(base).chat.completions.create(model="forecaster", messages=ASK, temperature=0,
                                                      tool_choice="none", max_tokens=5)
         assert not plain.choices[0].message.tool_calls  # the request's own choice wins
-    finally:
-        stop_server(process)
