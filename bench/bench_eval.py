@@ -54,7 +54,7 @@ from edgepack.runtime.cli_common import format_table
 
 FIGURES = ("ppl_reference", "ppl_candidate", "kld_mean", "kld_median", "kld_p99", "top1")
 QUIET_SHARE = 0.25  # of all CPUs
-QUIET_WAIT_S = 120
+QUIET_WAIT_S = 30
 
 
 @dataclass(frozen=True)
