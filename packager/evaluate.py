@@ -156,8 +156,9 @@ def _check_room(scratch: Path | None, size: int) -> None:
     directory = scratch or Path(tempfile.gettempdir())
     free = shutil.disk_usage(directory).free
     if size > free:
-        raise PackagerError(f"the reference's logits need {size / 2**20:,.0f} MiB in {directory} and "
-                            f"{free / 2**20:,.0f} MiB are free: score fewer chunks (--chunks) or set TMPDIR")
+        moved = " (TMPDIR moves it)" if scratch is None else ""
+        raise PackagerError(f"the reference's logits need {size / 2**20:,.0f} MiB in {directory}, which has "
+                            f"{free / 2**20:,.0f} MiB free: score fewer chunks or make room{moved}")
 
 
 class _Buffers:

@@ -45,7 +45,7 @@ def test_rows_compared_in_small_blocks_give_the_same_figures(tiny_gguf, q4, monk
 
 def test_a_reference_that_does_not_fit_the_disk_is_refused_before_it_is_written(tiny_gguf, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate.shutil, "disk_usage", lambda path: SimpleNamespace(free=2**20))
-    with pytest.raises(PackagerError, match=r"need 10 MiB in .* and 1 MiB are free: score fewer chunks"):
+    with pytest.raises(PackagerError, match=r"need 10 MiB in .*, which has 1 MiB free: score fewer chunks"):
         evaluate.Reference([tiny_gguf], TEXT * 4, max_chunks=32, scratch=tmp_path)
     assert list(tmp_path.iterdir()) == []
 
@@ -63,7 +63,9 @@ def test_figures_match_llama_perplexity(tiny_gguf, q4, tmp_path):
     log = done.stdout + done.stderr
 
     def number(pattern: str) -> float:
-        return float(re.search(pattern, log).group(1))
+        found = re.search(pattern, log)
+        assert found, log[-3000:]
+        return float(found.group(1))
 
     ours = evaluate.compare_text([tiny_gguf], [q4], TEXT, max_chunks=2)
     assert ours.tokens == 510
