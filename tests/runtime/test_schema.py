@@ -95,7 +95,7 @@ def test_unknown_openai_fields_are_ignored_and_known_unsupported_ones_refused():
     request = chat({**CHAT, "user": "u-1", "metadata": {"k": "v"}, "store": False, "temperature": 0})
     assert request.sampling.temperature == 0 and request.pairs() == [("user", "hi")]
     with pytest.raises(ApiError) as err:
-        chat({**CHAT, "n": 2})
+        chat({**CHAT, "n": 9})  # beyond the 8 choices a request may ask for
     assert err.value.status == 400 and err.value.param == "n"
     with pytest.raises(ApiError) as err:
         parse_completion(json.dumps({"prompt": "x", "echo": True}).encode())
