@@ -8,12 +8,16 @@ was expected; unknown keys are refused. Paths are relative to the recipe file (o
 from __future__ import annotations
 
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the same parser, as a package
+    import tomli as tomllib
 
 from edgepack.runtime.bundle_format import AgentInfo, Tier
 from edgepack.runtime.sampling import SAMPLING_KEYS, SamplingParams

@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 import platform
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the same parser, as a package
+    import tomli as tomllib
 
 from . import hardware
 from .errors import EdgepackError

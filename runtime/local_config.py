@@ -10,7 +10,7 @@ import errno
 import json
 import os
 import stat
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -80,7 +80,7 @@ def write_local_config(store: Store, values: dict[str, int], results: list[dict[
     path = local_config_path(store, release_id)
     doc: dict[str, Any] = {"format": LOCAL_CONFIG_FORMAT, **{k: values[k] for k in LIMITS if k in values}}
     doc["measured"] = {
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "cpus": os.cpu_count(),
         "allowed_cpus": len(os.sched_getaffinity(0)),
         "llama_cpp": _llama_version(),

@@ -66,10 +66,12 @@ def tiny_bundle(tiny_gguf, tmp_path_factory) -> Path:
     return build_bundle(tiny_gguf, out, quant="Q8_0", name="tiny")
 
 
-def start_server(store: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def start_server(store: Path, *extra: str, python: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`edgepack serve` under `python` (default: this interpreter) on a free port."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "edgepack.runtime.cli", "serve", "--store", str(store), "--port", str(port), *extra],
+        [str(python or sys.executable), "-m", "edgepack.runtime.cli", "serve", "--store", str(store), "--port",
+         str(port), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     return process, f"http://127.0.0.1:{port}"
@@ -83,9 +85,9 @@ def served_store(tiny_bundle, tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def serving(store: Path, *extra: str) -> Iterator[str]:
+def serving(store: Path, *extra: str, python: Path | None = None) -> Iterator[str]:
     """`edgepack serve` on `store` with `extra` flags, ready: its base URL; stopped on leaving."""
-    process, base = start_server(store, *extra)
+    process, base = start_server(store, *extra, python=python)
     try:
         wait_ready(base, process)
         yield base
