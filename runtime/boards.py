@@ -31,6 +31,17 @@ class CoreCluster(Strict):
     max_mhz: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
+class BuildTarget(Strict):
+    """What a runtime build for the board targets (`edgepack wheels`); docs/boards.md gives each value's source."""
+
+    target: str  # the GNU triple, e.g. aarch64-linux-gnu
+    march: str  # -march (for ARM llama.cpp's GGML_CPU_ARM_ARCH), e.g. armv8.2-a+dotprod+fp16
+    python: Annotated[str, msgspec.Meta(pattern=r"^3\.[0-9]+$")]  # the board OS's python3
+    glibc: Annotated[str, msgspec.Meta(pattern=r"^2\.[0-9]+$")]  # the board OS's C library (the wheel's floor)
+    mtune: str | None = None
+    cuda_architectures: str | None = None  # CMAKE_CUDA_ARCHITECTURES of a GPU build (made on the device)
+
+
 class BoardProfile(Strict):
     name: str
     description: str
@@ -43,6 +54,7 @@ class BoardProfile(Strict):
     cores: Annotated[tuple[CoreCluster, ...], msgspec.Meta(min_length=1)]
     threads: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: physical cores of the device
     gpu: str | None = None
+    build: BuildTarget | None = None  # None: this machine (the host profile)
 
     @property
     def core_summary(self) -> str:
