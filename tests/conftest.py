@@ -109,3 +109,21 @@ def post_json(url: str, doc: object, timeout: float = 60) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+@contextlib.contextmanager
+def stops_recorded(monkeypatch: pytest.MonkeyPatch, collector: type) -> Iterator[list[bytes]]:
+    """The tensor names at which an eval-callback collector's `observe` stopped llama.cpp's evaluation, while
+    the block runs (imatrix._Collector, prune._Influence)."""
+    stops: list[bytes] = []
+    observe = collector.observe
+
+    def watched(self, name, op, tensor):  # noqa: ANN001, ANN202 - llama.cpp's callback arguments
+        result = observe(self, name, op, tensor)
+        if not result:
+            stops.append(name)
+        return result
+
+    with monkeypatch.context() as patch:
+        patch.setattr(collector, "observe", watched)
+        yield stops

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import stops_recorded
 
 from edgepack.packager import evaluate, imatrix
 
@@ -22,17 +23,7 @@ def assert_same(a: imatrix.Imatrix, b: imatrix.Imatrix, rtol: float) -> None:
 
 
 def test_skipping_the_output_projection_leaves_the_matrix_unchanged(tiny_gguf, monkeypatch):
-    stops = []
-    observe = imatrix._Collector.observe
-
-    def watched(self, name, op, tensor):
-        result = observe(self, name, op, tensor)
-        if not result:
-            stops.append(name)
-        return result
-
-    with monkeypatch.context() as m:
-        m.setattr(imatrix._Collector, "observe", watched)
+    with stops_recorded(monkeypatch, imatrix._Collector) as stops:
         cut = imatrix.collect([tiny_gguf], TEXT, max_chunks=3)
     assert stops == [b"result_norm"] * 3  # every chunk stops at the final norm (after a short uncounted pass)
     # never learning which weight the final norm feeds: every chunk evaluated in full, as before

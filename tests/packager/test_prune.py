@@ -5,7 +5,7 @@ from __future__ import annotations
 import tarfile
 
 import gguf
-from conftest import build_bundle
+from conftest import build_bundle, stops_recorded
 
 from edgepack.packager import compress, evaluate, gguf_info, prune, quant_types, quantize
 from edgepack.runtime.bundle_format import Manifest
@@ -59,17 +59,8 @@ def test_dropping_blocks_keeps_every_other_tensor_as_it_was(tiny_gguf, tmp_path)
 
 def test_block_influence_stops_after_the_last_block_with_the_same_scores(tiny_gguf, monkeypatch):
     text = evaluate.default_text("calibration")
-    stops = []
     observe = prune._Influence.observe
-
-    def watched(self, name, op, tensor):
-        result = observe(self, name, op, tensor)
-        if not result:
-            stops.append(name)
-        return result
-
-    with monkeypatch.context() as m:
-        m.setattr(prune._Influence, "observe", watched)
+    with stops_recorded(monkeypatch, prune._Influence) as stops:
         cut = prune.block_influence([tiny_gguf], text, n_layer=4)
     assert stops == [b"l_out-3", b"l_out-3"]  # each chunk stops after the last block: no output projection
     monkeypatch.setattr(prune._Influence, "observe", lambda self, *args: observe(self, *args) or True)
