@@ -25,10 +25,10 @@ from starlette.routing import Route
 from . import __version__, llama, openai_api
 from .bundle_format import AgentInfo
 from .engine import Engine, Generation
+from .http_common import Hooks, once, read_body, sse
 from .openai_api import ApiError, CompletionRequest, Constraint
 from .sampling import SAMPLING_KEYS, Sampling, SamplingParams, TokenLogprob
 from .schema import SchemaError, decode_json
-from .server import Hooks, _once, _read_body, _sse
 
 if TYPE_CHECKING:
     from .server import Service
@@ -104,7 +104,7 @@ class LlamaServerApi:
         ]
 
     async def completion(self, request: HttpRequest) -> Response:
-        doc = _decode(await _read_body(request), _CompletionBody)
+        doc = _decode(await read_body(request), _CompletionBody)
         req = _completion_request(doc)
         agent, engine, release = await self._hold(doc.model)
         handed_over = False
@@ -126,7 +126,7 @@ class LlamaServerApi:
                 release()
 
     async def tokenize(self, request: HttpRequest) -> Response:
-        doc = _decode(await _read_body(request), _TokenizeBody)
+        doc = _decode(await read_body(request), _TokenizeBody)
         if not doc.parse_special:
             raise ApiError(400, "'parse_special': false is not supported (special tokens' text is always parsed)",
                            param="parse_special")
@@ -137,13 +137,13 @@ class LlamaServerApi:
             return JSONResponse({"tokens": [{"id": t, "piece": _piece(engine.token_text(t))} for t in tokens]})
 
     async def detokenize(self, request: HttpRequest) -> Response:
-        doc = _decode(await _read_body(request), _DetokenizeBody)
+        doc = _decode(await read_body(request), _DetokenizeBody)
         async with self._engine(doc.model) as (_, engine):
             _check_vocabulary(doc.tokens, engine, "tokens")
             return JSONResponse({"content": _detokenize(engine, doc.tokens)})
 
     async def apply_template(self, request: HttpRequest) -> Response:
-        req = openai_api.parse_chat(await _read_body(request))
+        req = openai_api.parse_chat(await read_body(request))
         async with self._engine(req.model) as (agent, engine):
             text = self.service._prompt(req, agent, engine)[1].text
             return JSONResponse({"prompt": text})
@@ -176,7 +176,7 @@ class LlamaServerApi:
         service = self.service
         agent = service._agent(model)
         scheduler = await service._acquire(agent.model)
-        return agent, scheduler.engine, _once(lambda: service.pool.release(agent.model))
+        return agent, scheduler.engine, once(lambda: service.pool.release(agent.model))
 
     @contextlib.asynccontextmanager
     async def _engine(self, model: str | None) -> AsyncIterator[tuple[AgentInfo, Engine]]:
@@ -322,11 +322,11 @@ class _NativeShape:
                     doc = json.loads(payload)
                     choice = doc["choices"][0] if "choices" in doc else None
                     if choice is None:
-                        yield _sse(doc)
+                        yield sse(doc)
                     elif choice["finish_reason"] is None:
-                        yield _sse(self.piece(choice["text"]))
+                        yield sse(self.piece(choice["text"]))
                     else:
-                        yield _sse(self.final("", choice["finish_reason"]))
+                        yield sse(self.final("", choice["finish_reason"]))
         finally:
             await chunks.aclose()  # type: ignore[attr-defined] - the server's stream is an async generator
             release()

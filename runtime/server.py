@@ -36,6 +36,8 @@ from .chat_prompt import ChatPrompt, call_docs, chat_prompt, delta_docs
 from .engine import Engine, Generation, Sampling
 from .errors import ContextOverflow, EdgepackError
 from .grammar import SchemaNotSupported
+from .http_common import NO_HOOKS, Hooks, once, read_body, sse
+from .llama_server_api import LlamaServerApi
 from .memory import process_memory
 from .metrics import Metrics
 from .openai_api import ApiError, CompletionRequest
@@ -47,7 +49,6 @@ from .sd_notify import notify, watchdog_interval, watchdog_loop
 from .semantic_cache import SemanticCache, partition_key
 from .tool_formats import ToolFormat
 
-MAX_BODY_BYTES = 1 << 20
 RETRY_AFTER_SECONDS = 1
 LOAD_SAMPLE_SECONDS = 5.0
 EVICT_CHECK_SECONDS = 1.0
@@ -77,17 +78,6 @@ def _new_job(prompt: list[int], sampling: Sampling, lora: tuple[str, float] | No
     return _Job(Request(prompt, sampling, emit, lora, reuse_prefix), started, events)
 
 
-@dataclass(frozen=True)
-class Hooks:
-    """What a route of another API (runtime/llama_server_api.py) adds to the one completion path: a prompt given
-    as token ids (req.prompt is then their text; such a request bypasses the caches, which key prompts by text),
-    and a look at the generation behind the answer, for a response of its own shape."""
-
-    prompt_tokens: tuple[int, ...] = ()
-    on_answer: Callable[[Generation], None] = lambda result: None
-
-
-NO_HOOKS = Hooks()
 
 
 class Service:
@@ -129,8 +119,6 @@ class Service:
         self._make_pool, self._on_ready, self._on_failure = make_pool, on_ready, on_failure
         self._on_warning = on_warning
         self.created = int(time.time())
-        from .llama_server_api import LlamaServerApi  # it imports this module: loaded once this one is
-
         routes = [
             Route("/health", self.health),
             Route("/metrics", self.metrics_page),
@@ -301,10 +289,10 @@ class Service:
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: HttpRequest) -> Response:
-        return await self._complete(openai_api.parse_chat(await _read_body(request)))
+        return await self._complete(openai_api.parse_chat(await read_body(request)))
 
     async def completions(self, request: HttpRequest) -> Response:
-        return await self._complete(openai_api.parse_completion(await _read_body(request)))
+        return await self._complete(openai_api.parse_completion(await read_body(request)))
 
     # ---- generation ----
 
@@ -326,7 +314,7 @@ class Service:
         started = time.monotonic()
         agent = self._agent(req.model)
         scheduler = await self._acquire(agent.model)
-        release = _once(lambda: self.pool.release(agent.model))
+        release = once(lambda: self.pool.release(agent.model))
         handed_over = False
         try:
             response = await self._complete_with(req, agent, scheduler, started, release, hooks)
@@ -399,10 +387,10 @@ class Service:
             answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt),
                                               by_meaning=not plan.uses_tools)
         answers = [answer] if answer is not None else self._submit(scheduler, req, prompt, sampling, lora, started)
-        cancel = _once(lambda: [a.cancel() for a in answers])
+        cancel = once(lambda: [a.cancel() for a in answers])
         hooks.on_answer(answers[0].result)
         if req.stream:
-            done = _once(lambda: (cancel(), release()))  # also when the stream never started
+            done = once(lambda: (cancel(), release()))  # also when the stream never started
             return StreamingResponse(
                 self._stream(answers, req, rid, agent.name, keys, started, done, written, plan.tools),
                 media_type="text/event-stream",
@@ -465,17 +453,17 @@ class Service:
         try:
             if req.kind == "chat":
                 for choice in choices:
-                    yield _sse(openai_api.chunk_body(req, rid, model, "", None, index=choice.index, first=True))
+                    yield sse(openai_api.chunk_body(req, rid, model, "", None, index=choice.index, first=True))
             try:
                 async with contextlib.aclosing(_interleave([a.pieces for a in answers])) as merged:
                     async for index, piece in merged:
                         for chunk in choices[index].chunks(piece):
-                            yield _sse(chunk)
+                            yield sse(chunk)
             except ApiError as exc:
-                yield _sse(exc.body())
+                yield sse(exc.body())
                 return
             if req.include_usage:
-                yield _sse(openai_api.usage_chunk(req, rid, model, answers[0].result.prompt_tokens,
+                yield sse(openai_api.usage_chunk(req, rid, model, answers[0].result.prompt_tokens,
                                                   sum(a.result.completion_tokens for a in answers)))
             yield b"data: [DONE]\n\n"
             self._remember(keys, answers[0], "".join(choices[0].pieces))
@@ -678,36 +666,6 @@ async def _interleave(streams: list[AsyncIterator[str]]) -> AsyncIterator[tuple[
     finally:
         for task in tasks:
             task.cancel()
-
-
-def _once(action: Callable[[], object]) -> Callable[[], None]:
-    """action, run at most once however often the result is called."""
-    lock, ran = threading.Lock(), []
-
-    def run() -> None:
-        with lock:
-            if ran:
-                return
-            ran.append(True)
-        action()
-
-    return run
-
-
-def _sse(doc: dict[str, Any]) -> bytes:
-    return b"data: " + json.dumps(doc, ensure_ascii=False).encode() + b"\n\n"
-
-
-async def _read_body(request: HttpRequest) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
-    return bytes(body)
 
 
 async def _api_error(request: HttpRequest, exc: Exception) -> Response:
