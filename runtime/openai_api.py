@@ -182,7 +182,7 @@ def parse_chat(body: bytes) -> CompletionRequest:
     messages = tuple(_message(m, i) for i, m in enumerate(doc.messages))
     _check_conversation(messages)
     tools = tuple(doc.tools or ())
-    choice = _tool_choice(doc.tool_choice, tools)
+    choice = _tool_choice(doc.tool_choice)
     if doc.top_logprobs is not None and not doc.logprobs:
         raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     constraint = _constraint(doc)
@@ -266,13 +266,10 @@ def _constraint(doc: _Body) -> Constraint | None:
     return None
 
 
-def _tool_choice(choice: str | _NamedChoice | None, tools: tuple[Tool, ...]) -> str | None:
-    if isinstance(choice, _NamedChoice):
-        if tools and choice.function.name not in {t.function.name for t in tools}:
-            raise ApiError(400, f"tool_choice names {choice.function.name!r}, which is not among the tools",
-                           param="tool_choice")
-        return choice.function.name
-    return choice
+def _tool_choice(choice: str | _NamedChoice | None) -> str | None:
+    """The choice as a word or a function's name (checked against the tools in chat_prompt.py, which knows the
+    agent's tools too)."""
+    return choice.function.name if isinstance(choice, _NamedChoice) else choice
 
 
 def _check_conversation(messages: tuple[Message, ...]) -> None:
