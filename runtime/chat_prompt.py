@@ -28,6 +28,7 @@ class ChatPrompt:
     tools: tool_formats.ToolFormat | None = None  # the answer is read for calls of this format
     grammar: str | None = None  # the answer must be a call (tool_choice required / named)
     uses_tools: bool = False  # tools or tool history shape the prompt (answers are not cached by meaning)
+    turns: tuple[tuple[str, str], ...] = ()  # (role, text) of the messages, the agent's system prompt first
 
 
 def chat_prompt(engine: Engine, req: CompletionRequest, agent: AgentInfo) -> ChatPrompt:
@@ -41,9 +42,10 @@ def chat_prompt(engine: Engine, req: CompletionRequest, agent: AgentInfo) -> Cha
     if choice == "required" and not tools:
         raise ApiError(400, "tool_choice 'required' needs tools", param="tool_choice")
     history = any(m.tool_calls or m.role == "tool" for m in req.messages)
+    turns = tuple((m["role"], m["content"]) for m in messages)
     try:
         if not tools and not history:
-            return ChatPrompt(engine.format_chat([(m["role"], m["content"]) for m in messages]))
+            return ChatPrompt(engine.format_chat(list(turns)), turns=turns)
         fmt = tool_formats.detect(engine.chat_template)
         rendered = fmt.render(engine.chat_template, messages, tools, eos=engine.eos_text())
         text = rendered if isinstance(rendered, str) else engine.format_chat(rendered)
@@ -52,7 +54,7 @@ def chat_prompt(engine: Engine, req: CompletionRequest, agent: AgentInfo) -> Cha
                               parallel=req.parallel_tool_calls) if calling and choice != "auto" else None
     except EdgepackError as exc:
         raise ApiError(400, str(exc), param="tools" if tools else "messages") from None
-    return ChatPrompt(text, fmt if calling else None, grammar, uses_tools=True)
+    return ChatPrompt(text, fmt if calling else None, grammar, uses_tools=True, turns=turns)
 
 
 def call_docs(calls: list[ToolCall]) -> list[dict[str, Any]]:

@@ -346,15 +346,13 @@ class Service:
         """The messages (the agent's system prompt first, unless the request has one) and the prompt: the chat
         template's rendering (with the tools, if any: chat_prompt.py), or a text completion's prompt
         (/apply-template shows the same)."""
-        messages = req.pairs()
-        if agent.system_prompt and not any(role == "system" for role, _ in messages):
-            messages.insert(0, ("system", agent.system_prompt))
         if req.kind != "chat":
-            return messages, ChatPrompt(req.prompt)
+            return [], ChatPrompt(req.prompt)
         try:
-            return messages, chat_prompt(engine, req, agent)
+            plan = chat_prompt(engine, req, agent)
         except EdgepackError as exc:
             raise ApiError(400, str(exc)) from None
+        return list(plan.turns), plan
 
     async def _complete_with(self, req: CompletionRequest, agent: AgentInfo, scheduler: BatchScheduler,
                              started: float, release: Callable[[], None], hooks: Hooks = NO_HOOKS) -> Response:
