@@ -25,6 +25,7 @@ from .store import Store
 
 # Commands whose modules load only when they run: `serve` imports neither the tuning sweep nor the unit writer.
 _LAZY_COMMANDS = {
+    "doctor": "edgepack.runtime.doctor:doctor_command",
     "tune": "edgepack.runtime.tune_command:tune_command",
     "unit": "edgepack.runtime.systemd_unit:unit_command",
 }
