@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import os
 import re
 import sys
@@ -34,6 +33,7 @@ from edgepack.runtime.bundle_format import (
     RuntimeDefaults,
 )
 from edgepack.runtime.errors import EdgepackError
+from edgepack.runtime.files import sha256_file
 from edgepack.runtime.schema import check_name
 from edgepack.runtime.store import bundle_manifest
 
@@ -240,19 +240,11 @@ def _adapters(recipe: Recipe, results: list[ModelResult], blobs: dict, work: Pat
         if adapter.architecture != arch[spec.base]:
             raise PackagerError(f"{spec.source}: adapter is for {adapter.architecture!r}, its base {spec.base!r} "
                                 f"is {arch[spec.base]!r}")
-        digest = Digest(_sha256(spec.source))
+        digest = Digest(sha256_file(spec.source))
         if digest not in blobs:
             blobs[digest] = bundle_writer.compress(spec.source, digest, work, level, lambda n: None, MEDIA_GGUF_LORA)
         out.append(AdapterInfo(spec.name, spec.base, digest, spec.scale))
     return tuple(out)
-
-
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 def parse_size(text: str) -> int:

@@ -1,8 +1,9 @@
-"""Host commands of `edgepack`: build, inspect, demo (registered into the runtime's command group)."""
+"""Host commands of `edgepack`: build, inspect, eval, demo, wheels (registered into the runtime's command group)."""
 
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from edgepack.runtime.memory import format_mib
 from edgepack.runtime.store import bundle_manifest
 
 from . import build as build_mod
-from . import evaluate, gguf_info, imatrix, model_files
+from . import evaluate, gguf_info, imatrix, model_files, wheels
 from . import recipe as recipe_mod
 from .build import parse_size
 from .convert_lora import convert_lora
@@ -243,6 +244,25 @@ def _bundle_table(path: Path, m: Manifest) -> str:
 
 
 
+@click.command(name="wheels")
+@click.option("--board", required=True, help="The board to build for: rpi4, rpi5 or jetson-orin-nano.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The wheelhouse folder to write (new, or an earlier wheelhouse).")
+@click.option("--python", help="The board's Python, e.g. 3.13 on Raspberry Pi OS Trixie (default: the board OS's).")
+@click.option("--jobs", default=2, show_default=True, type=click.IntRange(1), help="Parallel compile jobs.")
+@click.option("--json", "as_json", is_flag=True, help=f"Print the wheelhouse's record (also in DIR/{wheels.RECORD}).")
+def wheels_command(board: str, output: Path, python: str | None, jobs: int, as_json: bool) -> None:
+    """Build a wheelhouse that installs the device runtime on BOARD offline, with no compiler there:
+    llama-cpp-python cross-compiled for the board's CPU, the other dependencies' wheels for its platform, and
+    edgepack. On the board: pip install --no-index --find-links DIR edgepack."""
+    record = wheels.build_wheelhouse(board, output, python, jobs=jobs, log=None if as_json else sys.stderr)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    for line in wheels.summary(record):
+        click.echo(line)
+
+
 def _show(value: object) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k}={v}" for k, v in value.items())
@@ -254,5 +274,5 @@ def _show(value: object) -> str:
 def register(group: click.Group) -> None:
     from .demo import demo
 
-    for command in (build, init, inspect, eval_command, calibrate, convert_lora, demo):
+    for command in (build, init, inspect, eval_command, calibrate, convert_lora, demo, wheels_command):
         group.add_command(command)

@@ -9,13 +9,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
 import click
@@ -26,6 +24,7 @@ from edgepack.runtime.memory import format_mib
 from edgepack.runtime.schema import SchemaError, decode_json
 
 from .errors import PackagerError
+from .llama_source import last_line, llama_cpp_files
 
 OUTTYPES = ("f16", "f32", "q8_0")
 SCRIPT = "convert_lora_to_gguf.py"
@@ -42,67 +41,10 @@ class Converted:
     ranks: tuple[int, ...]
 
 
-def cache_dir() -> Path:
-    """$EDGEPACK_CACHE, else edgepack/ in the user's cache directory."""
-    if os.environ.get("EDGEPACK_CACHE"):
-        return Path(os.environ["EDGEPACK_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgepack"
-
-
 def converter_dir() -> Path:
     """llama.cpp's conversion scripts for the installed llama-cpp-python: the adapter is converted by the same
     llama.cpp that will load it. Fetched and unpacked on first use; later calls find them in the cache."""
     return llama_cpp_files(CONVERTER_FILES, check=SCRIPT)
-
-
-def llama_cpp_files(members: tuple[str, ...], *, check: str, suffix: str = "") -> Path:
-    """A folder holding `members` (paths under vendor/llama.cpp/, files or folders) of the installed
-    llama-cpp-python's sdist: the llama.cpp it was built from. Fetched with pip and unpacked once into the user
-    cache (llama-cpp-python-<version><suffix>); `check`, one of the files, tells that a copy is there."""
-    version = importlib.metadata.version("llama-cpp-python")
-    target = cache_dir() / f"llama-cpp-python-{version}{suffix}"
-    if (target / check).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    click.echo(f"- fetching llama.cpp's {check} (llama-cpp-python {version} sdist) into {target}", err=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
-        staged = Path(work) / "files"
-        _unpack(_download_sdist(version, Path(work)), staged, members, check)
-        try:
-            staged.rename(target)  # atomic: the cache never holds half a copy
-        except OSError:
-            if not (target / check).is_file():  # else another process unpacked it meanwhile
-                raise
-    return target
-
-
-def _download_sdist(version: str, into: Path) -> Path:
-    spec = f"llama-cpp-python=={version}"
-    # --no-binary for this package alone: ':all:' would also build pip's isolated build tools from source (minutes)
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python", spec]
-    done = subprocess.run([*pip, "-d", str(into)], capture_output=True, text=True)
-    sdists = sorted(into.glob("*.tar.gz"))
-    if done.returncode != 0 or not sdists:
-        raise PackagerError(f"could not fetch the {spec} sdist with pip: {_last_line(done.stderr)}")
-    return sdists[0]
-
-
-def _unpack(sdist: Path, into: Path, members: tuple[str, ...], check: str) -> None:
-    """Only `members`: the rest of the sdist is llama.cpp's and ggml's C++ sources."""
-    wanted = [PurePosixPath(m).parts for m in members]
-    with tarfile.open(sdist) as archive:
-        for member in archive:
-            parts = PurePosixPath(member.name).parts  # <name>-<version>/vendor/llama.cpp/<path>
-            path = parts[3:]
-            if (not member.isfile() or len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp") or ".." in parts
-                    or not any(path[: len(w)] == w for w in wanted)):
-                continue
-            destination = into.joinpath(*path)
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            with archive.extractfile(member) as source, open(destination, "wb") as out:
-                shutil.copyfileobj(source, out)
-    if not (into / check).is_file():
-        raise PackagerError(f"{sdist.name}: has no vendor/llama.cpp/{check}")
 
 
 def convert(peft_dir: Path, base_dir: Path, output: Path, outtype: str = "f16") -> Converted:
@@ -125,7 +67,7 @@ def convert(peft_dir: Path, base_dir: Path, output: Path, outtype: str = "f16") 
             capture_output=True, text=True, env=env,
         )
         if done.returncode != 0 or not partial.is_file():
-            raise PackagerError(f"{peft_dir}: llama.cpp's {SCRIPT} failed: {_last_line(done.stderr)}")
+            raise PackagerError(f"{peft_dir}: llama.cpp's {SCRIPT} failed: {last_line(done.stderr)}")
         partial.replace(output)
     converted = _read_converted(output)
     if not converted.ranks:
@@ -170,11 +112,6 @@ def _read_converted(path: Path) -> Converted:
     return Converted(size=path.stat().st_size,
                      architecture=reader.fields["general.architecture"].contents(),
                      tensors=len(reader.tensors), ranks=tuple(ranks))
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "(no message)"
 
 
 @click.command(name="convert-lora")

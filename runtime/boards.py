@@ -54,6 +54,7 @@ class BoardProfile(Strict):
     cores: Annotated[tuple[CoreCluster, ...], msgspec.Meta(min_length=1)]
     threads: Annotated[int, msgspec.Meta(ge=1)] | None = None  # None: physical cores of the device
     gpu: str | None = None
+    gpu_layers: int = 0  # layers serve offloads to the GPU in a build that can (-1: all; the Jetson's memory is shared)
     build: BuildTarget | None = None  # None: this machine (the host profile)
 
     @property
@@ -104,11 +105,16 @@ def parse_profile(path: Path) -> BoardProfile:
     return convert(doc, BoardProfile, str(path))
 
 
-def board_memory_gib(name: str) -> float | None:
-    """The memory of the board a bundle was built for, when this install knows the board (None for host)."""
+def known_board(name: str) -> BoardProfile | None:
+    """The profile of the board a bundle was built for, when this install knows it (None for host)."""
     if not name or name == HOST:
         return None
     try:
-        return load_board(name).memory_gib
+        return load_board(name)
     except EdgepackError:
         return None
+
+
+def board_memory_gib(name: str) -> float | None:
+    board = known_board(name)
+    return board.memory_gib if board else None

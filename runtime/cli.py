@@ -132,6 +132,9 @@ def gc(store_dir: Path) -> None:
 @click.option("--tpot-target", type=click.FloatRange(min=0.1),
               help="Milliseconds per output token the adaptive batch size keeps p95 under (default: from the "
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
+@click.option("--gpu-layers", type=click.IntRange(-1),
+              help="Layers to offload to the GPU in a CUDA build (-1: all; default: the board's, all on a Jetson; "
+                   "0: CPU only).")
 @click.option("--cors-origins", default="",
               help="Origins whose browser pages may call the API, comma-separated (https://app.example), or * for any "
                    "(default: none, no CORS headers).")
@@ -139,7 +142,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
           repack: str, slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
           disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
           preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None,
-          cors_origins: str) -> None:
+          gpu_layers: int | None, cors_origins: str) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -154,7 +157,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     notify(f"STATUS=loading {manifest.name} v{manifest.bundle_version}")
     local = read_local_config(store)
     config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type, local=local,
-                            threads_batch=threads_batch)
+                            threads_batch=threads_batch, gpu_layers=gpu_layers)
     keep = parse_duration(keep_alive)
     stages = parse_stages(warmup)
     budget = resolve_budget(memory_budget, board_memory_gib(manifest.board))
@@ -305,17 +308,19 @@ def status(url: str) -> None:
 @click.option("--system", help="A system message (chat mode).")
 @click.option("--raw", is_flag=True, help="Plain completion of PROMPT, no chat template.")
 @click.option("--threads", type=int)
+@click.option("--gpu-layers", type=click.IntRange(-1), help="As serve's --gpu-layers.")
 def run(store_dir: Path, prompt: str, model: str | None, max_tokens: int, temperature: float,
-        system: str | None, raw: bool, threads: int | None) -> None:
+        system: str | None, raw: bool, threads: int | None, gpu_layers: int | None) -> None:
     """Generate once from PROMPT and print the answer."""
     from .engine import Engine, Generation, Sampling
 
     store = Store(store_dir)
     manifest = store.manifest()
     info = manifest.model(model)
-    config = resolve_config(manifest, threads, local=read_local_config(store))
+    config = resolve_config(manifest, threads, local=read_local_config(store), gpu_layers=gpu_layers)
     engine = Engine(store.segment_paths(manifest, info.name), name=info.name, n_ctx=config.n_ctx,
-                    n_batch=config.n_batch, threads=config.threads, chat_template=info.chat_template)
+                    n_batch=config.n_batch, threads=config.threads, chat_template=info.chat_template,
+                    gpu_layers=config.gpu_layers)
     try:
         messages = ([("system", system)] if system else []) + [("user", prompt)]
         text = prompt if raw else engine.format_chat(messages)

@@ -175,6 +175,10 @@ _ARM_FEATURES = {"NEON": ("asimd", "neon"), "ARM_FMA": ("asimd", "fma"), "FP16_V
 
 
 def cpu_flags(system: System) -> set[str]:
+    """The CPU's feature flags: on the live arm64 machine the kernel's hwcaps (qemu-user emulates those, not
+    /proc/cpuinfo), else /proc/cpuinfo's flags / Features."""
+    if system.live and (hwcaps := hardware.arm_hwcaps()):
+        return hwcaps
     flags: set[str] = set()
     for line in (system.read("/proc/cpuinfo") or "").splitlines():
         key, _, value = line.partition(":")

@@ -63,6 +63,7 @@ class Engine:
         kv_type: str = "f16",
         fit: Callable[[ModelShape], int] | None = None,
         threads_batch: int | None = None,
+        gpu_layers: int = 0,
     ) -> None:
         """n_ctx is per slot; `slots` sequences can be decoded together (each with its own KV cells).
         kv_type is the KV cache's element type: f16, or q8_0 (half the memory, needs flash attention).
@@ -73,7 +74,7 @@ class Engine:
         self.threads = threads
         self.slots = slots
         self._lock = threading.Lock()
-        self._model = llama.load_model(paths, repack=repack)
+        self._model = llama.load_model(paths, repack=repack, gpu_layers=gpu_layers)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         if fit is not None:

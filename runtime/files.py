@@ -1,8 +1,10 @@
-"""Writing files so that a crash never leaves half of one: temporary file, fsync, rename, fsync the folder."""
+"""Files: writing so that a crash never leaves half of one (temporary file, fsync, rename, fsync the folder), and
+hashing one without reading it whole."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -33,3 +35,12 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256 as hex, read in 1 MiB chunks (hashlib.file_digest is Python 3.11+)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()

@@ -5,6 +5,7 @@ Used to pick thread counts and to describe the host as a board profile when none
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 from dataclasses import dataclass
@@ -32,9 +33,29 @@ def cpu_flags() -> set[str]:
     return flags
 
 
+# The kernel's arm64 hwcap bits (arch/arm64/include/uapi/asm/hwcap.h) -> the names /proc/cpuinfo's Features uses.
+_AT_HWCAP, _AT_HWCAP2 = 16, 26
+_ARM_HWCAP = {1: "asimd", 9: "fphp", 10: "asimdhp", 20: "asimddp", 22: "sve"}
+_ARM_HWCAP2 = {1: "sve2", 13: "i8mm", 23: "sme", 37: "sme2"}
+
+
+def arm_hwcaps() -> set[str] | None:
+    """This process's arm64 CPU features from the auxiliary vector (getauxval): what the kernel lets us execute, and
+    what qemu-user reports for the CPU it emulates, where /proc/cpuinfo would be the host's. None off arm64."""
+    if platform.machine() != "aarch64":
+        return None
+    try:
+        getauxval = ctypes.CDLL(None).getauxval
+    except (OSError, AttributeError):
+        return None
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    words = ((getauxval(_AT_HWCAP), _ARM_HWCAP), (getauxval(_AT_HWCAP2), _ARM_HWCAP2))
+    return {name for word, bits in words for bit, name in bits.items() if word >> bit & 1}
+
+
 def simd_features() -> list[str]:
     arch = platform.machine()
-    flags = cpu_flags()
+    flags = arm_hwcaps() or cpu_flags()
     return [_ARM_NAMES.get(f, f) for f in _SIMD_FLAGS.get(arch, []) if f in flags]
 
 

@@ -95,22 +95,30 @@ def version() -> str:
     return f"llama.cpp {native_text} (llama-cpp-python {llama_cpp.__version__})"
 
 
-def load_model(paths: list[Path], *, use_mmap: bool = True, repack: bool = True) -> ctypes.c_void_p:
+def load_model(paths: list[Path], *, use_mmap: bool = True, repack: bool = True,
+               gpu_layers: int = 0) -> ctypes.c_void_p:
     """Load a model from its ordered GGUF split files (any names) with llama.cpp's split loader.
 
     repack lets llama.cpp's CPU backend copy weights into private, kernel-friendly buffers ("extra buffer
-    types"): faster for some types, but those bytes are no longer the shared, mmap'd page cache."""
+    types"): faster for some types, but those bytes are no longer the shared, mmap'd page cache.
+    gpu_layers: layers llama.cpp offloads to the GPU (-1: all), in a build with GPU offload."""
     init()
     params = llama_cpp.llama_model_default_params()
     params.use_mmap = use_mmap
     params.use_extra_bufts = repack
-    params.n_gpu_layers = 0
+    params.n_gpu_layers = gpu_layers if gpu_layers >= 0 else 2**31 - 1  # llama.cpp caps it at the model's
     raw = [str(p).encode() for p in paths]
     array = (ctypes.c_char_p * len(raw))(*raw)
     model = llama_cpp.llama_model_load_from_splits(array, len(raw), params)
     if not model:
         raise EdgepackError(f"llama.cpp could not load the model from {paths[0].name}: {last_error()}")
     return model
+
+
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (a CUDA build, e.g. on a Jetson)."""
+    init()
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def meta_str(model: ctypes.c_void_p, key: str) -> str | None:

@@ -183,6 +183,7 @@ class ModelPool:
             n_batch=self.config.n_batch, threads=self.config.threads, threads_batch=self.config.threads_batch,
             chat_template=info.chat_template,
             repack=name in self._repack, slots=self.config.slots, kv_type=self.config.kv_type, fit=fit,
+            gpu_layers=self.config.gpu_layers,
         )
         try:
             for adapter in self.manifest.adapters:

@@ -1,4 +1,4 @@
-"""How the current release's models are served on this device: threads, context, slots, KV type."""
+"""How the current release's models are served on this device: threads, context, slots, KV type, GPU layers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import hardware
+from . import hardware, llama
+from .boards import known_board
 from .bundle_format import AgentInfo, Manifest
 from .errors import EdgepackError
 
@@ -23,11 +24,13 @@ class ServeConfig:
     slots: int = 2  # requests decoded together per model (continuous batching)
     kv_type: str = "f16"  # KV cache element type: f16 or q8_0
     threads_batch: int | None = None  # threads for prompt processing (None: the same as threads)
+    gpu_layers: int = 0  # layers offloaded to the GPU (-1: all); 0 in a build without GPU offload
 
 
 def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None,
                    repack: str = "auto", slots: int | None = None, kv_type: str = "f16",
-                   local: dict[str, int] | None = None, threads_batch: int | None = None) -> ServeConfig:
+                   local: dict[str, int] | None = None, threads_batch: int | None = None,
+                   gpu_layers: int | None = None) -> ServeConfig:
     """Flags win; then the release's local.json (`edgepack tune`, see tune.read_local_config); then the
     bundle's board profile (capped at the CPUs we may use); then physical cores."""
     if threads is not None and threads < 1:
@@ -57,7 +60,23 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         slots=slots,
         kv_type=kv_type,
         threads_batch=threads_batch,
+        gpu_layers=resolve_gpu_layers(manifest, gpu_layers),
     )
+
+
+def resolve_gpu_layers(manifest: Manifest, flag: int | None) -> int:
+    """--gpu-layers, else the bundle's board profile's (all on a Jetson); a build without GPU offload keeps
+    everything on the CPU, and asking it for layers on a GPU is an error rather than a silent CPU run."""
+    if flag is not None and flag < -1:
+        raise EdgepackError(f"--gpu-layers must be -1 (all), 0 or more, got {flag}")
+    if flag:
+        if not llama.supports_gpu_offload():
+            raise EdgepackError(f"--gpu-layers {flag}: this llama.cpp build has no GPU offload (build the CUDA "
+                                "wheel on the board: docs/boards.md)")
+        return flag
+    board = known_board(manifest.board)
+    wanted = board.gpu_layers if flag is None and board else 0
+    return wanted if wanted and llama.supports_gpu_offload() else 0
 
 
 def repacked_models(manifest: Manifest, mode: str) -> set[str]:

@@ -93,3 +93,39 @@ def test_cors_any_origin(served_store):
         assert response.headers["access-control-allow-origin"] == "*"
     finally:
         stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def jetson_store(tiny_gguf, tmp_path_factory):
+    """The tiny model built for the Jetson, whose profile puts every layer on the GPU."""
+    from conftest import build_bundle
+
+    from edgepack.runtime.boards import load_board
+    from edgepack.runtime.store import Store
+
+    bundle = build_bundle(tiny_gguf, tmp_path_factory.mktemp("jetson") / "tiny.edgepack", quant="Q8_0",
+                          name="tiny", board=load_board("jetson-orin-nano"))
+    store = tmp_path_factory.mktemp("jetson-store")
+    Store(store).install(bundle)
+    return store
+
+
+def run_tiny(store, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgepack.runtime.cli", "run", "--store", str(store), "--max-tokens",
+                           "4", "--raw", "the", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_layers_in_a_build_without_gpu_offload(jetson_store):
+    """The Jetson's "all layers on the GPU" is a default: a CPU-only llama.cpp runs its bundle on the CPU; asking
+    such a build for GPU layers is a one-line error, not a silent CPU run."""
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        pytest.skip("this llama.cpp build has GPU offload (native/check-cuda-offload.sh checks that path)")
+    assert run_tiny(jetson_store).returncode == 0
+    assert run_tiny(jetson_store, "--gpu-layers", "0").returncode == 0
+    refused = run_tiny(jetson_store, "--gpu-layers", "-1")
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines() == [
+        "Error: --gpu-layers -1: this llama.cpp build has no GPU offload (build the CUDA wheel on the board: "
+        "docs/boards.md)"]
+    assert serve_until_exit(jetson_store, "--gpu-layers", "4", "--port", "1").returncode == 1

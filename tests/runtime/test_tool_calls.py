@@ -63,7 +63,7 @@ def templates() -> Path:
                 / "models" / "templates")
     if unpacked.is_dir():
         return unpacked
-    from edgepack.packager.convert_lora import llama_cpp_files
+    from edgepack.packager.llama_source import llama_cpp_files
 
     folder = "models/templates"
     return llama_cpp_files((folder,), check=f"{folder}/Qwen-Qwen2.5-7B-Instruct.jinja", suffix="-templates") / folder

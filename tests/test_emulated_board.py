@@ -1,0 +1,115 @@
+"""The acceptance of `edgepack wheels`: the Raspberry Pi 5 wheelhouse, cross-built here, installs offline on an
+emulated Pi 5 (qemu -cpu cortex-a76, Debian 12's arm64 Python 3.11), installs a bundle built on x86, gives the same
+greedy tokens as this machine and serves an OpenAI chat request; on an emulated Pi 4 (cortex-a72, no dotprod) the
+Pi 5 build dies on its first dot-product instruction, and doctor says why before it runs.
+
+Slow: a cold cross-build of llama.cpp takes about 5 minutes on 2 cores (cached afterwards), and the emulated install
+about 2 minutes. Deselect with -m 'not slow'."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from arm64 import arm64_userland, guest_env, run_arm64
+from conftest import post_json, stop_server
+
+from edgepack.packager.demo import free_port, wait_ready
+
+pytestmark = pytest.mark.slow
+PROMPT = ("run", "--raw", "--max-tokens", "12", "the")
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory) -> Path:
+    pytest.importorskip("ziglang", reason="edgepack wheels compiles with zig: pip install 'edgepack[host]'")
+    out = tmp_path_factory.mktemp("wheelhouse")
+    done = subprocess.run([sys.executable, "-m", "edgepack.runtime.cli", "wheels", "--board", "rpi5", "-o", str(out)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pi5(wheelhouse, tmp_path_factory) -> Path:
+    """A venv on the emulated Pi 5 with the runtime installed from the wheelhouse alone: its python."""
+    _, sysroot = arm64_userland()
+    venv = tmp_path_factory.mktemp("pi5") / "venv"
+    on_pi("cortex-a76", sysroot / "usr/bin/python3.11", "-m", "venv", "--without-pip", venv)
+    (pip_wheel,) = (sysroot / "usr/share/python-wheels").glob("pip-*.whl")
+    # --isolated: qemu -L falls back to host files, and the host's pip.conf must not add an index.
+    on_pi("cortex-a76", venv / "bin/python", pip_wheel / "pip", "install", "--isolated", "--no-index", "--find-links",
+          wheelhouse, "--no-compile", "--disable-pip-version-check", "--quiet", "edgepack", timeout=900)
+    return venv / "bin/python"
+
+
+def on_pi(cpu: str, *argv, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    done = run_arm64(cpu, list(argv), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def edgepack_on_pi(cpu: str, python: Path, *args, check: bool = True) -> subprocess.CompletedProcess:
+    return on_pi(cpu, python, "-m", "edgepack.runtime.cli", *args, check=check)
+
+
+@pytest.fixture(scope="module")
+def pi_store(pi5, tiny_bundle, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("pi-store")
+    edgepack_on_pi("cortex-a76", pi5, "install", tiny_bundle, "--store", store)
+    return store
+
+
+def test_the_wheelhouse_is_a_manylinux_aarch64_build_for_the_pi5_with_its_record(wheelhouse):
+    record = json.loads((wheelhouse / "edgepack-wheels.json").read_text())
+    (llama,) = wheelhouse.glob("llama_cpp_python-*.whl")
+    assert llama.name.endswith(f"-{record['platform']}.whl") and record["platform"].endswith("_aarch64")
+    assert record["board"] == "rpi5" and record["python"] == "3.11"
+    assert record["llama_cpp"]["cflags"] == "-mcpu=cortex_a76"
+    assert {w["file"] for w in record["wheels"]} == {p.name for p in wheelhouse.glob("*.whl")}
+
+
+def test_the_emulated_pi5_gives_this_machines_greedy_tokens(pi5, pi_store, tiny_bundle, tmp_path):
+    here = tmp_path / "store"
+    subprocess.run([sys.executable, "-m", "edgepack.runtime.cli", "install", str(tiny_bundle), "--store", str(here)],
+                   check=True, capture_output=True)
+    x86 = subprocess.run([sys.executable, "-m", "edgepack.runtime.cli", *PROMPT, "--store", str(here)],
+                         capture_output=True, text=True, timeout=120, check=True)
+    arm = edgepack_on_pi("cortex-a76", pi5, *PROMPT, "--store", pi_store)
+    assert arm.stdout == x86.stdout
+    assert "12 tokens" in arm.stderr
+
+
+def test_the_emulated_pi5_serves_an_openai_chat_request(pi5, pi_store):
+    qemu, sysroot = arm64_userland()
+    port = free_port()
+    process = subprocess.Popen(
+        [str(qemu), "-cpu", "cortex-a76", "-L", str(sysroot), str(pi5), "-m", "edgepack.runtime.cli", "serve",
+         "--store", str(pi_store), "--port", str(port), "--threads", "2", "--warmup", "none"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=guest_env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process, timeout=300)
+        status, doc = post_json(base + "/v1/chat/completions", {
+            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0},
+            timeout=300)
+        assert status == 200 and doc["usage"]["completion_tokens"] == 4, doc
+        assert doc["object"] == "chat.completion"
+    finally:
+        stop_server(process)
+
+
+def test_on_an_emulated_pi4_the_pi5_build_dies_on_dotprod_and_doctor_says_so_first(pi5, pi_store):
+    doctor = edgepack_on_pi("cortex-a72", pi5, "doctor", "--store", pi_store, "--json", check=False)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert doctor.returncode == 1 and checks["simd"]["status"] == "fail", checks["simd"]
+    assert "dotprod" in checks["simd"]["summary"]
+    on_pi5 = edgepack_on_pi("cortex-a76", pi5, "doctor", "--store", pi_store, "--json", check=False)
+    assert {c["name"]: c for c in json.loads(on_pi5.stdout)["checks"]}["simd"]["status"] == "ok"
+    died = edgepack_on_pi("cortex-a72", pi5, *PROMPT, "--store", pi_store, check=False)
+    assert died.returncode in (-signal.SIGILL, 128 + signal.SIGILL), (died.returncode, died.stderr[-500:])
