@@ -5,6 +5,7 @@ added from edgepack.packager when it is installed, so a board needs none of the 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import socket
 import sys
@@ -350,6 +351,10 @@ def boards(as_json: bool) -> None:
 
 
 def _add_host_commands() -> None:
+    # Without the host extra (a board) the packager is not imported at all: it would load llama.cpp for every
+    # command, and doctor must run even where the installed llama.cpp cannot load.
+    if importlib.util.find_spec("gguf") is None:
+        return
     try:
         host = importlib.import_module("edgepack.packager.cli")
     except ModuleNotFoundError as exc:  # a device install without the host extra

@@ -8,6 +8,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import mmap
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -154,15 +156,32 @@ def check_unit(system: System) -> Check:
 # ---- all together --------------------------------------------------------------------------------
 
 
-def llama_build() -> tuple[str, bool, str]:
-    """(llama_print_system_info() text, whether the build can offload to a GPU, its version)."""
-    import llama_cpp
+# Run in a child: a llama.cpp built for another CPU dies with SIGILL as soon as it loads, and doctor must live
+# to say so.
+_PROBE = """
+import json, llama_cpp
+from edgepack.runtime import llama
+version = llama.version()  # initialises llama.cpp with its log routed away from the terminal
+print(json.dumps([llama_cpp.llama_print_system_info().decode(errors="replace"),
+                  bool(llama_cpp.llama_supports_gpu_offload()), version]))
+"""
 
-    from . import llama
 
-    version = llama.version()  # initialises llama.cpp with its log routed away from the terminal
-    return llama_cpp.llama_print_system_info().decode(errors="replace"), bool(
-        llama_cpp.llama_supports_gpu_offload()), version
+def llama_build() -> tuple[str, bool, str] | str:
+    """(llama_print_system_info() text, whether the build can offload to a GPU, its version), or why the
+    installed llama.cpp could not even load here."""
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return "loading llama.cpp took over 120 s"
+    if done.returncode in (-signal.SIGILL, 128 + signal.SIGILL):
+        return ("the installed llama.cpp stops with SIGILL (illegal instruction) as soon as it loads: it was built "
+                "for a CPU with instructions this one lacks")
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit status {done.returncode}"]
+        return f"the installed llama.cpp does not load: {lines[-1]}"
+    info, gpu, version = json.loads(done.stdout.strip().splitlines()[-1])
+    return info, gpu, version
 
 
 def serve_threads(store: Store, manifest: Manifest) -> tuple[int, str]:
@@ -170,7 +189,7 @@ def serve_threads(store: Store, manifest: Manifest) -> tuple[int, str]:
     from .serve_config import resolve_config
 
     local = read_local_config(store)
-    threads = resolve_config(manifest, local=local).threads
+    threads = resolve_config(manifest, local=local, gpu_layers=0).threads  # 0: no need to load llama.cpp
     if "threads" in local:
         return threads, "local.json, from edgepack tune"
     if manifest.runtime.threads:
@@ -178,7 +197,7 @@ def serve_threads(store: Store, manifest: Manifest) -> tuple[int, str]:
     return threads, "the core plan"
 
 
-def run_checks(system: System, store_dir: Path | None, build: tuple[str, bool, str]) -> list[Check]:
+def run_checks(system: System, store_dir: Path | None, build: tuple[str, bool, str] | str) -> list[Check]:
     board, profile = check_board(system)
     store = Store(store_dir) if store_dir is not None else None
     if store is None:
@@ -189,9 +208,14 @@ def run_checks(system: System, store_dir: Path | None, build: tuple[str, bool, s
     threads = serve_threads(store, current) if store and current and system.live else None
     weights = max((sum(current.blobs[d].size for d in m.segments) for m in current.models), default=0) \
         if current else 0
-    info, gpu, version = build
-    simd = compare_simd(cpu_flags(system), info)
-    simd = dataclasses.replace(simd, summary=f"{simd.summary} [{version}]")
+    if isinstance(build, str):
+        flags = sorted(cpu_flags(system))
+        simd, gpu = Check("simd", FAIL, f"{build}; install the runtime built for this board (edgepack wheels)",
+                          {"cpu": flags}), False
+    else:
+        info, gpu, version = build
+        simd = compare_simd(cpu_flags(system), info)
+        simd = dataclasses.replace(simd, summary=f"{simd.summary} [{version}]")
     return [
         board,
         check_cpu(system, profile),

@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import hardware, llama
+from . import hardware
 from .boards import known_board
 from .bundle_format import AgentInfo, Manifest
 from .errors import EdgepackError
@@ -69,14 +69,18 @@ def resolve_gpu_layers(manifest: Manifest, flag: int | None) -> int:
     everything on the CPU, and asking it for layers on a GPU is an error rather than a silent CPU run."""
     if flag is not None and flag < -1:
         raise EdgepackError(f"--gpu-layers must be -1 (all), 0 or more, got {flag}")
-    if flag:
-        if not llama.supports_gpu_offload():
-            raise EdgepackError(f"--gpu-layers {flag}: this llama.cpp build has no GPU offload (build the CUDA "
-                                "wheel on the board: docs/boards.md)")
-        return flag
     board = known_board(manifest.board)
-    wanted = board.gpu_layers if flag is None and board else 0
-    return wanted if wanted and llama.supports_gpu_offload() else 0
+    wanted = flag if flag is not None else (board.gpu_layers if board else 0)
+    if not wanted:
+        return 0
+    from . import llama  # only now: resolving a CPU-only config must not load llama.cpp (doctor)
+
+    if llama.supports_gpu_offload():
+        return wanted
+    if flag:
+        raise EdgepackError(f"--gpu-layers {flag}: this llama.cpp build has no GPU offload (build the CUDA "
+                            "wheel on the board: docs/boards.md)")
+    return 0
 
 
 def repacked_models(manifest: Manifest, mode: str) -> set[str]:

@@ -55,3 +55,26 @@ def run_arm64(cpu: str, argv: list[str | Path], **kwargs) -> subprocess.Complete
     qemu, sysroot = arm64_userland()
     kwargs.setdefault("env", guest_env())
     return subprocess.run([str(qemu), "-cpu", cpu, "-L", str(sysroot), *map(str, argv)], **kwargs)
+
+
+def board_python(venv: Path) -> Path:
+    """A launcher for `venv`'s python on the emulated board that also works when Python starts itself again
+    (subprocess of sys.executable, as doctor does): without binfmt, qemu-user cannot exec an aarch64 binary, but
+    the host runs this script, which starts qemu with argv[0] kept (so the venv is found). CPU and sysroot come
+    from QEMU_CPU / QEMU_LD_PREFIX (run_board sets them)."""
+    qemu, sysroot = arm64_userland()
+    launcher = venv / "bin" / "python-board"
+    launcher.write_text(f'#!/bin/sh\nexec "{qemu}" -0 "$0" "{sysroot}/usr/bin/python3.11" "$@"\n')
+    launcher.chmod(0o755)
+    return launcher
+
+
+def run_board(cpu: str, python: Path, argv: list[str | Path], **kwargs) -> subprocess.CompletedProcess:
+    """`python` (a board_python launcher) with argv on the emulated CPU; kwargs go to subprocess.run."""
+    kwargs.setdefault("env", board_env(cpu))
+    return subprocess.run([str(python), *map(str, argv)], **kwargs)
+
+
+def board_env(cpu: str) -> dict[str, str]:
+    _, sysroot = arm64_userland()
+    return {**guest_env(), "QEMU_CPU": cpu, "QEMU_LD_PREFIX": str(sysroot)}
