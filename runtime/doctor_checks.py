@@ -364,8 +364,11 @@ def check_jetson(system: System, profile: BoardProfile | None, gpu_offload: bool
     if power is not None and power[0] == 0:
         mode = next((line.split(":", 1)[1].strip() for line in power[1].splitlines()
                      if line.startswith("NV Power Mode")), None)
-    build = "CUDA" if gpu_offload else "CPU only (serve runs on the CPU cores)"
-    details = {"l4t": release, "power_mode": mode, "cuda_build": gpu_offload}
+    layers = (profile.gpu_layers if profile else 0) if gpu_offload else 0
+    build = (f"CUDA, serve offloads {'all' if layers < 0 else layers} layers (memory shared with the CPU: the "
+             "budget counts them)" if gpu_offload else "CPU only (serve runs on the CPU cores; "
+             "jetson-cuda/build-jetson-cuda-wheel.sh builds the CUDA one)")
+    details = {"l4t": release, "power_mode": mode, "cuda_build": gpu_offload, "gpu_layers": layers}
     summary = (f"L4T {release or 'unknown'}, power mode {mode or ('unknown' if power else '? (nvpmodel not on PATH)')}"
                f", llama.cpp build: {build}")
     if release is None:

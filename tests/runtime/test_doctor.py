@@ -130,7 +130,9 @@ def test_a_jetson_reports_its_release_power_mode_and_build(tmp_path):
     system = board("jetson-orin-nano", path)
     check = check_jetson(system, check_board(system)[1], gpu_offload=False)
     assert check.status == OK
-    assert check.details == {"l4t": "R36.4.7", "power_mode": "15W", "cuda_build": False}
+    assert check.details == {"l4t": "R36.4.7", "power_mode": "15W", "cuda_build": False, "gpu_layers": 0}
+    cuda = check_jetson(system, check_board(system)[1], gpu_offload=True)
+    assert cuda.details["gpu_layers"] == -1 and "offloads all layers" in cuda.summary
     assert check_jetson(board("rpi5"), check_board(board("rpi5"))[1], gpu_offload=False).status == SKIP
 
 
