@@ -233,12 +233,12 @@ def build_wheelhouse(board_name: str, out: Path, python: str | None = None, *, j
     python = python or build.python
     if not re.fullmatch(r"3\.(1[0-9]|[0-9])", python) or int(python.split(".")[1]) < 10:
         raise PackagerError(f"--python {python}: the runtime supports Python 3.10 or newer (e.g. 3.11)")
+    if out.exists() and any(out.iterdir()) and not (out / RECORD).is_file():
+        raise PackagerError(f"{out}: not empty and not a wheelhouse (no {RECORD}): name a new or empty folder")
     llama = llama_wheel(board, jobs=jobs, log=log)
-    if out.exists() and any(p for p in out.iterdir() if p.name != RECORD and not p.name.endswith(".whl")):
-        raise PackagerError(f"{out}: not a wheelhouse (holds other files); name an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("llama_cpp_python-*.whl"):
-        old.unlink()  # another board's build must not be picked by pip
+    for old in out.glob("*.whl"):
+        old.unlink()  # an earlier build's (another board's, another Python's) must not be picked by pip
     shutil.copy2(llama.path, out / llama.path.name)
     fetch_dependencies(out, board, python)
     if build.cuda_architectures:

@@ -134,3 +134,8 @@ def test_the_command_refuses_what_it_cannot_build_in_one_line(tmp_path):
         assert done.returncode == 1 and done.stderr.startswith(f"Error: {message}"), done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
         assert not (tmp_path / "out").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    done = cli("--board", "rpi5", "-o", str(tmp_path / "mine"))
+    assert done.returncode == 1 and "not empty and not a wheelhouse" in done.stderr
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
