@@ -1,0 +1,253 @@
+"""edgepack deploy against a real OpenSSH server on 127.0.0.1: full, delta and resumed uploads, a refused bundle
+leaving the device's store as it was, and destination errors. The "device" is this machine and this venv."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import build_bundle, run_cli
+from tiny_model import write_tiny_llama
+
+from edgepack.packager.demo import free_port
+from edgepack.packager.deploy import SshTarget, parse_dest, plan_delta
+from edgepack.packager.errors import PackagerError
+from edgepack.runtime.blobs_command import present_blobs
+from edgepack.runtime.bundle_format import MANIFEST_NAME, Digest
+from edgepack.runtime.store import Store, bundle_manifest
+
+SSHD = Path("/usr/sbin/sshd")
+USER = pwd.getpwuid(os.getuid()).pw_name
+REMOTE_EDGEPACK = str(Path(sys.executable).parent / "edgepack")
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    options: tuple[str, ...]  # deploy's command-line ssh options: the client key and this server's host key
+
+    def url(self, store: Path) -> str:
+        return f"ssh://{USER}@127.0.0.1:{self.port}{store}"
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory) -> Iterator[Sshd]:
+    """sshd -D on an ephemeral port with an ephemeral host key, accepting one generated client key."""
+    if not SSHD.exists():
+        pytest.skip("OpenSSH server missing: install the Debian package openssh-server (.ci/run does)")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # its privilege separation directory
+    root = tmp_path_factory.mktemp("sshd")
+    for key in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
+    shutil.copy(root / "client.pub", root / "authorized_keys")
+    port = free_port()
+    (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {(root / 'host.pub').read_text()}")
+    (root / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host'}\nPidFile {root / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {root / 'authorized_keys'}\nStrictModes no\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+    )
+    with open(root / "sshd.log", "wb") as log:  # a file, not a pipe nobody reads while it fills
+        server = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(root / "sshd_config")], stderr=log)
+    options = ("-o", f"UserKnownHostsFile={root / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
+               "--identity", str(root / "client"))
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile="
+                              f"{root / 'known_hosts'}", "-i", str(root / "client"), "-p", str(port),
+                              f"{USER}@127.0.0.1", "true"], capture_output=True).returncode != 0:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"sshd did not start: {(root / 'sshd.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        yield Sshd(port, options)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def deploy(bundle: Path, dest: str, sshd: Sshd, *extra: str) -> subprocess.CompletedProcess:
+    return run_cli("deploy", str(bundle), dest, *sshd.options, "--remote-edgepack", REMOTE_EDGEPACK, *extra)
+
+
+def bytes_sent(result: subprocess.CompletedProcess) -> int:
+    assert result.returncode == 0, result.stderr
+    return int(re.search(r"sent ([\d,]+) bytes of", result.stdout).group(1).replace(",", ""))
+
+
+def snapshot(root: Path) -> dict[str, tuple[object, int]]:
+    """Every path under root: link target, file content or nothing (a folder), and mode."""
+    return {str(p.relative_to(root)): (os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None,
+                                       p.lstat().st_mode) for p in root.rglob("*")}
+
+
+def padded(size: int) -> int:
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def expected_delta_size(bundle: Path, present: set[Digest]) -> int:
+    """From the manifest alone: a 512-byte header and the padded data for manifest.json and each missing blob,
+    then two zero blocks."""
+    manifest = bundle_manifest(bundle)
+    members = [len(manifest.to_json())] + [b.zsize for d, b in manifest.blobs.items() if d not in present]
+    return sum(tarfile.BLOCKSIZE + padded(size) for size in members) + 2 * tarfile.BLOCKSIZE
+
+
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory) -> tuple[Path, Path]:
+    """v1 and v2 of one model whose v2 retrained one block: one of its block segments differs."""
+    root = tmp_path_factory.mktemp("versions")
+    base = write_tiny_llama(root / "base.gguf", n_layer=8)
+    tuned = write_tiny_llama(root / "tuned.gguf", n_layer=8, changed_blocks={3})
+    options = {"quant": "Q8_0", "name": "tiny", "blocks_per_segment": 2, "no_eval": True}
+    return (build_bundle(base, root / "v1.edgepack", **options),
+            build_bundle(tuned, root / "v2.edgepack", bundle_version=2, **options))
+
+
+def test_first_deploy_sends_the_whole_bundle_and_installs_it(sshd, tiny_bundle, tmp_path):
+    store = tmp_path / "device" / "store"
+    started = time.monotonic()
+    result = deploy(tiny_bundle, sshd.url(store), sshd)
+    seconds = time.monotonic() - started
+    sent = bytes_sent(result)
+    size = tiny_bundle.stat().st_size
+    assert Store(store).manifest().name == "tiny"
+    assert sent == expected_delta_size(tiny_bundle, set()) and size - 10240 < sent <= size
+    assert not (store / ".incoming").exists()
+    assert "already on the device" in result.stdout and "installed tiny v1" in result.stdout
+    print(f"\nfirst deploy: sent {sent} of {size} bytes in {seconds:.2f}s")
+
+
+def test_delta_deploy_sends_only_the_missing_blobs(sshd, two_versions, tmp_path):
+    v1, v2 = two_versions
+    store = tmp_path / "store"
+    assert bytes_sent(deploy(v1, sshd.url(store), sshd))
+    started = time.monotonic()
+    result = deploy(v2, sshd.url(store), sshd)
+    seconds = time.monotonic() - started
+    sent = bytes_sent(result)
+    old, new = bundle_manifest(v1), bundle_manifest(v2)
+    missing = set(new.blobs) - set(old.blobs)
+    assert 1 <= len(missing) < len(new.blobs)
+    assert sent == expected_delta_size(v2, set(old.blobs)) < v2.stat().st_size / 2
+    assert Store(store).manifest().bundle_version == 2 and Store(store).release_id("previous")
+    assert f"{len(missing)} blob(s) sent, {len(new.blobs) - len(missing)} already on the device" in result.stdout
+    print(f"\ndelta deploy: sent {sent} of {v2.stat().st_size} bytes in {seconds:.2f}s")
+
+
+def test_an_interrupted_upload_resumes_with_the_remaining_bytes(sshd, two_versions, tmp_path):
+    v1, v2 = two_versions
+    store = Store(tmp_path / "store")
+    store.install(v1)
+    # What a dropped connection leaves on the device: a prefix of the delta under its final name.
+    delta = plan_delta(v2, present_blobs(store))
+    whole = delta.write(tmp_path / delta.name).read_bytes()
+    assert len(whole) == delta.size == expected_delta_size(v2, set(bundle_manifest(v1).blobs))
+    with tarfile.open(tmp_path / delta.name) as archive:
+        assert archive.getnames()[0] == MANIFEST_NAME
+        assert {m.name for m in archive.getmembers()[1:]} == {d.member_name for d in delta.sent_blobs}
+    (store.root / ".incoming").mkdir()
+    (store.root / ".incoming" / delta.name).write_bytes(whole[: len(whole) // 2])
+    result = deploy(v2, sshd.url(store.root), sshd)
+    assert bytes_sent(result) == len(whole) - len(whole) // 2
+    assert f"resumed: {len(whole) // 2:,} of the delta's {len(whole):,} bytes" in result.stdout
+    assert store.manifest().bundle_version == 2
+    assert not (store.root / ".incoming").exists()
+
+
+def test_a_corrupted_bundle_is_refused_by_the_device_and_its_store_is_unchanged(sshd, two_versions, tmp_path):
+    v1, v2 = two_versions
+    store = Store(tmp_path / "store")
+    store.install(v1)
+    # Flip a byte inside a blob the device lacks, so its own install has to read it.
+    missing = next(iter(set(bundle_manifest(v2).blobs) - set(bundle_manifest(v1).blobs)))
+    with tarfile.open(v2) as archive:
+        member = archive.getmember(missing.member_name)
+    hostile = bytearray(v2.read_bytes())
+    hostile[member.offset_data + member.size // 2] ^= 0x01
+    (tmp_path / "hostile.edgepack").write_bytes(hostile)
+    before = snapshot(store.root)
+    result = deploy(tmp_path / "hostile.edgepack", sshd.url(store.root), sshd)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "the device refused the bundle" in result.stderr and str(missing) in result.stderr
+    assert snapshot(store.root) == before
+
+
+def test_device_failures_are_one_line(sshd, tiny_bundle, tmp_path):
+    result = run_cli("deploy", str(tiny_bundle), sshd.url(tmp_path / "s"), *sshd.options,
+                     "--remote-edgepack", "/nonexistent/edgepack")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "--remote-edgepack" in result.stderr
+    result = run_cli("deploy", str(tiny_bundle), sshd.url(tmp_path / "s"), "-o", "BatchMode=yes",
+                     "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=/dev/null",
+                     "--remote-edgepack", REMOTE_EDGEPACK)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert f"cannot connect to {USER}@127.0.0.1" in result.stderr and "Host key verification failed" in result.stderr
+
+
+def test_blobs_lists_the_store_and_an_absent_store_holds_nothing(tiny_bundle, tmp_path):
+    absent = run_cli("blobs", "--store", str(tmp_path / "absent"))
+    assert absent.returncode == 0, absent.stderr
+    assert json.loads(absent.stdout)["blobs"] == {} and not (tmp_path / "absent").exists()
+    Store(tmp_path / "store").install(tiny_bundle)
+    listing = json.loads(run_cli("blobs", "--store", str(tmp_path / "store")).stdout)
+    assert listing["blobs"] == {str(d): b.size for d, b in bundle_manifest(tiny_bundle).blobs.items()}
+
+
+def test_a_local_destination_installs_directly(tiny_bundle, tmp_path):
+    result = run_cli("deploy", str(tiny_bundle), str(tmp_path / "store"))
+    assert result.returncode == 0, result.stderr
+    assert Store(tmp_path / "store").manifest().name == "tiny"
+
+
+@pytest.mark.parametrize(("dest", "message"), [
+    ("ftp://host/store", "unsupported scheme 'ftp://'"),
+    ("ssh://host", "no store path"),
+    ("ssh://host/", "no store path"),
+    ("ssh:///store", "no host"),
+    ("ssh://host:99999/store", "port is not a number"),
+    ("ssh://user:secret@host/store", "password in the URL is refused"),
+])
+def test_bad_destinations_are_refused_with_one_line(dest, message):
+    with pytest.raises(PackagerError, match=re.escape(message)):
+        parse_dest(dest)
+
+
+def test_destinations_parse():
+    assert parse_dest("ssh://pi@board.local:2222/var/lib/edgepack/") == SshTarget(
+        host="board.local", path="/var/lib/edgepack", user="pi", port=2222)
+    assert parse_dest("ssh://board/srv/store", port=22) == SshTarget(host="board", path="/srv/store", port=22)
+    assert parse_dest("relative/store") == Path("relative/store")
+
+
+def test_a_bad_destination_on_the_command_line_is_one_line(tiny_bundle):
+    result = run_cli("deploy", str(tiny_bundle), "http://board/store")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "Error: deploy destination 'http://board/store': unsupported scheme 'http://': expected "
+        "ssh://[user@]host[:port]/absolute/store/path or a local store directory"]
+
+
+def test_a_downgrade_needs_allow_downgrade_on_the_device_too(sshd, two_versions, tmp_path):
+    v1, v2 = two_versions
+    store = Store(tmp_path / "store")
+    store.install(v2)
+    refused = deploy(v1, sshd.url(store.root), sshd)
+    assert refused.returncode == 1 and "--allow-downgrade" in refused.stderr
+    assert store.manifest().bundle_version == 2
+    assert bytes_sent(deploy(v1, sshd.url(store.root), sshd, "--allow-downgrade")) == expected_delta_size(
+        v1, set(bundle_manifest(v2).blobs))
+    assert store.manifest().bundle_version == 1
