@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.runtime import __version__, llama, memory
+from edgepack.runtime import __version__, llama, memory, signatures
 from edgepack.runtime.boards import BoardProfile
 from edgepack.runtime.bundle_format import (
     BUNDLE_SUFFIX,
@@ -68,6 +68,7 @@ class BuildOptions:
     no_eval: bool = False
     report: Path | None = None
     since: Path | None = None  # write a delta against this older bundle
+    sign: Path | None = None  # an ed25519 private key (edgepack keygen): the manifest's signature travels along
     threads: int = 2
 
 
@@ -128,6 +129,7 @@ def build(opts: BuildOptions) -> BuildResult:
     if (opts.source is None) == (opts.recipe is None):
         raise PackagerError("build needs either a SOURCE model or --recipe")
     old = bundle_manifest(opts.since) if opts.since is not None else None
+    key = signatures.load_private(opts.sign) if opts.sign is not None else None  # a bad key fails before the work
     jobs = _jobs(opts)
     default = _default_name(Path(opts.output.stem)) if opts.recipe else jobs[0].name
     bundle_name = check_name(opts.name or default, "bundle name")
@@ -166,7 +168,8 @@ def build(opts: BuildOptions) -> BuildResult:
         )
         shipped = [b for d, b in blobs.items() if old is None or d not in old.blobs]
         ui.step("write bundle" + (f" (delta: {len(shipped)} of {len(blobs)} blobs)" if old else ""))
-        bundle_size = bundle_writer.write_archive(opts.output, manifest, shipped, int(created.timestamp()))
+        bundle_size = bundle_writer.write_archive(opts.output, manifest, shipped, int(created.timestamp()),
+                                                  key)
     uses = Counter(d for r in results for d in r.info.segments)
     shared = sum(manifest.blobs[d].size * (n - 1) for d, n in uses.items() if n > 1)
     return BuildResult(opts.output, manifest, tuple(results), bundle_size, len(shipped), shared,

@@ -10,8 +10,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zstandard
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from edgepack.runtime.bundle_format import MANIFEST_NAME, MEDIA_GGUF_SEGMENT, BlobInfo, Digest, Manifest
+from edgepack.runtime import signatures
+from edgepack.runtime.bundle_format import (
+    MANIFEST_NAME,
+    MEDIA_GGUF_SEGMENT,
+    SIGNATURE_NAME,
+    BlobInfo,
+    Digest,
+    Manifest,
+)
 from edgepack.runtime.files import fsync_dir
 
 _CHUNK = 4 << 20
@@ -46,14 +55,18 @@ def compress(
     return CompressedBlob(digest, BlobInfo(size=size, zsize=target.stat().st_size, media_type=media_type), target)
 
 
-def write_archive(out: Path, manifest: Manifest, blobs: list[CompressedBlob], mtime: int) -> int:
+def write_archive(out: Path, manifest: Manifest, blobs: list[CompressedBlob], mtime: int,
+                  key: Ed25519PrivateKey | None = None) -> int:
     """Write atomically (temp file, fsync, rename, fsync the folder: a crash leaves the old bundle or the
-    whole new one); returns the archive size."""
+    whole new one), signed by `key` when given; returns the archive size."""
     partial = out.with_name(out.name + ".partial")
     with open(partial, "wb") as file:
         with tarfile.open(fileobj=file, mode="w", format=_TAR_FORMAT) as archive:
             data = manifest.to_json()
             archive.addfile(_member(MANIFEST_NAME, len(data), mtime), io.BytesIO(data))
+            if key is not None:
+                signature = signatures.sign(data, key)
+                archive.addfile(_member(SIGNATURE_NAME, len(signature), mtime), io.BytesIO(signature))
             for blob in blobs:
                 with open(blob.path, "rb") as handle:
                     archive.addfile(_member(blob.digest.member_name, blob.info.zsize, mtime), handle)

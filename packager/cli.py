@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgepack.runtime import hardware
+from edgepack.runtime import hardware, signatures
 from edgepack.runtime.boards import HOST, load_board
 from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Manifest
 from edgepack.runtime.cli_common import format_table
@@ -60,13 +60,15 @@ from .gates import TIERS
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path),
               help="Write a report (tables, plots) of the candidates, layers and types to this directory.")
 @click.option("--threads", default=hardware.default_threads(), show_default=True, type=click.IntRange(1))
+@click.option("--sign", "sign_key", type=click.Path(dir_okay=False, path_type=Path),
+              help="Sign the bundle's manifest with this ed25519 private key (edgepack keygen).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def build(source: Path | None, output: Path, recipe: Path | None, board: str | None, quant: str | None,
           allow_requantize: bool, chat_template: str | None, name: str | None, bundle_version: int | None,
           blocks_per_segment: int, since: Path | None, calibration: str | None, imatrix_file: Path | None,
           target_size: str | None, target_bpw: float | None, prune: str | None, tier: str | None,
           eval_text: Path | None, tasks: Path | None, no_eval: bool, report: Path | None, threads: int,
-          quiet: bool) -> None:
+          sign_key: Path | None, quiet: bool) -> None:
     """Quantize SOURCE (a GGUF model), or the models of a --recipe, for a board and write one compressed,
     verifiable bundle."""
     if prune is not None and prune != "auto" and not prune.isdigit():
@@ -82,6 +84,7 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
         no_calibration=calibration == "none", imatrix=imatrix_file,
         target_size=parse_size(target_size) if target_size else None, target_bpw=target_bpw, prune=prune,
         tier=tier, eval_text=eval_text, tasks=tasks, no_eval=no_eval, report=report, threads=threads,
+        sign=sign_key,
     ))
     rows = [("MODEL", "SOURCE", "MODEL SIZE", "BITS/WEIGHT", "SEGMENTS", "TYPE")]
     for m in result.models:
@@ -101,8 +104,18 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
             f"{len(result.manifest.blobs)} blobs)" if result.manifest.delta_since else ""
     click.echo(f"bundle: {format_mib(result.bundle_size, 1)}, {result.bundle_size / result.source_size:.0%} of the "
                f"sources{delta}")
-    click.echo(f"wrote {result.output} ({result.manifest.name}, board {result.manifest.board}) "
+    signed = f", signed by {signatures.key_id(signatures.load_private(sign_key).public_key())}" if sign_key else ""
+    click.echo(f"wrote {result.output} ({result.manifest.name}, board {result.manifest.board}{signed}) "
                f"in {result.seconds:.1f}s")
+
+
+@click.command()
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The private key file to write; the public key goes to OUTPUT.pub.")
+def keygen(output: Path) -> None:
+    """Write an ed25519 key pair for signing bundles (build --sign KEY; on devices: edgepack trust add KEY.pub)."""
+    kid = signatures.generate(output)
+    click.echo(f"wrote {output} (private, keep it secret) and {output}.pub: key {kid}")
 
 
 def _echo_model_details(m: build_mod.ModelResult, prefix_name: bool) -> None:
@@ -273,6 +286,8 @@ def _show(value: object) -> str:
 
 def register(group: click.Group) -> None:
     from .demo import demo
+    from .deploy import deploy_command
 
-    for command in (build, init, inspect, eval_command, calibrate, convert_lora, demo, wheels_command):
+    for command in (build, init, inspect, eval_command, calibrate, convert_lora, demo, deploy_command, keygen,
+                    wheels_command):
         group.add_command(command)

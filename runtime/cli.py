@@ -26,7 +26,9 @@ from .store import Store
 
 # Commands whose modules load only when they run: `serve` imports neither the tuning sweep nor the unit writer.
 _LAZY_COMMANDS = {
+    "blobs": "edgepack.runtime.blobs_command:blobs_command",
     "doctor": "edgepack.runtime.doctor:doctor_command",
+    "trust": "edgepack.runtime.trust_command:trust_command",
     "tune": "edgepack.runtime.tune_command:tune_command",
     "unit": "edgepack.runtime.systemd_unit:unit_command",
 }
@@ -60,9 +62,12 @@ def cli() -> None:
 @cli.command()
 @click.argument("bundle", type=click.Path(dir_okay=False, path_type=Path))
 @store_option
-def install(bundle: Path, store_dir: Path) -> None:
-    """Verify BUNDLE and install it as the store's current release."""
-    result = Store(store_dir).install(bundle)
+@click.option("--allow-downgrade", is_flag=True,
+              help="Install a bundle older than (or another build of the same version as) the installed release.")
+def install(bundle: Path, store_dir: Path, allow_downgrade: bool) -> None:
+    """Verify BUNDLE (digests, and its signature when the store trusts keys) and install it as the store's
+    current release."""
+    result = Store(store_dir).install(bundle, allow_downgrade=allow_downgrade)
     m = result.manifest
     if result.already_current:
         click.echo(f"{m.name} v{m.bundle_version} is already the current release ({result.release})")

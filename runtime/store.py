@@ -23,10 +23,12 @@ from typing import BinaryIO
 
 import zstandard
 
-from .bundle_format import MANIFEST_NAME, MAX_MANIFEST_BYTES, BlobInfo, Digest, Manifest
+from . import signatures
+from .bundle_format import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME, BlobInfo, Digest, Manifest
 from .errors import EdgepackError
 from .files import fsync_dir
 from .memory import format_mib
+from .signatures import MAX_SIGNATURE_BYTES
 
 _CHUNK = 1 << 20
 _MAX_ZSTD_WINDOW = 1 << 27  # 128 MiB: refuse frames that would make us allocate more
@@ -104,7 +106,7 @@ class Store:
         finally:
             os.close(fd)
 
-    def install(self, bundle: Path | str) -> InstallResult:
+    def install(self, bundle: Path | str, *, allow_downgrade: bool = False) -> InstallResult:
         bundle = Path(bundle)
         try:
             handle = open(bundle, "rb")
@@ -117,17 +119,17 @@ class Store:
             raise EdgepackError(f"store {self.root}: cannot create: {exc.strerror}") from None
         try:
             with handle, self._locked():
-                return self._install_locked(bundle, handle)
+                return self._install_locked(bundle, handle, allow_downgrade)
         except BaseException:
             if created_root:
                 shutil.rmtree(self.root, ignore_errors=True)
             raise
 
-    def _install_locked(self, bundle: Path, handle: BinaryIO) -> InstallResult:
+    def _install_locked(self, bundle: Path, handle: BinaryIO, allow_downgrade: bool) -> InstallResult:
         started = time.monotonic()
         staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
         try:
-            manifest, staged, skipped = _read_bundle(bundle, handle, staging, self)
+            manifest, staged, skipped = _read_bundle(bundle, handle, staging, self, allow_downgrade)
             release = "r" + Digest.of_bytes(manifest.to_json()).short
             already_current = self.release_id("current") == release
             written = sum(manifest.blobs[d].size for d in staged)
@@ -211,7 +213,7 @@ def bundle_manifest(bundle: Path | str) -> Manifest:
     """Read only the manifest of a bundle archive (for inspect), without installing anything."""
     try:
         with open(bundle, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
-            return _read_manifest(archive, str(bundle))
+            return _read_manifest(archive, str(bundle))[0]
     except OSError as exc:
         raise EdgepackError(f"{bundle}: cannot open bundle: {exc.strerror or exc}") from None
     except (tarfile.TarError, EOFError) as exc:
@@ -219,22 +221,30 @@ def bundle_manifest(bundle: Path | str) -> Manifest:
 
 
 def _read_bundle(
-    bundle: Path, handle: BinaryIO, staging: Path, store: Store
+    bundle: Path, handle: BinaryIO, staging: Path, store: Store, allow_downgrade: bool = False
 ) -> tuple[Manifest, list[Digest], int]:
-    """Stream the archive: manifest first, then only the blobs it declares, each verified."""
+    """Stream the archive: manifest first, its signature when there is one (checked against the store's trusted
+    keys) and the version rule, then only the blobs it declares, each verified."""
     where = str(bundle)
     try:
         archive = tarfile.open(fileobj=handle, mode="r|")
     except tarfile.TarError as exc:
         raise EdgepackError(f"{where}: not an edgepack bundle (unreadable archive: {exc})") from None
     try:
-        manifest = _read_manifest(archive, where)
+        manifest, manifest_bytes = _read_manifest(archive, where)
+        after = archive.next()
+        signature = None
+        if after is not None and after.name == SIGNATURE_NAME:
+            signature = _read_member(archive, after, where, MAX_SIGNATURE_BYTES)
+            after = archive.next()
+        signatures.verify(manifest_bytes, signature, signatures.trusted_keys(store.root), where)
+        _check_version(manifest, store, allow_downgrade, where)
         _check_disk_space(manifest, store)
         expected = {d.member_name: (d, b) for d, b in manifest.blobs.items()}
         staged: list[Digest] = []
         skipped = 0
         seen: set[str] = set()
-        while (member := archive.next()) is not None:
+        for member in _members(archive, after):
             entry = expected.get(member.name)
             if entry is None or member.name in seen:
                 kind = "duplicate" if member.name in seen else "unexpected"
@@ -265,21 +275,53 @@ def _read_bundle(
     return manifest, staged, skipped
 
 
-def _read_manifest(archive: tarfile.TarFile, where: str) -> Manifest:
+def _members(archive: tarfile.TarFile, first: tarfile.TarInfo | None) -> Iterator[tarfile.TarInfo]:
+    member = first
+    while member is not None:
+        yield member
+        member = archive.next()
+
+
+def _read_manifest(archive: tarfile.TarFile, where: str) -> tuple[Manifest, bytes]:
+    """The manifest and its exact bytes (what a signature covers)."""
     first = archive.next()
     if first is None or first.name != MANIFEST_NAME:
         name = "nothing" if first is None else repr(first.name)
         raise EdgepackError(f"{where}: first archive member must be {MANIFEST_NAME}, found {name}")
-    if not first.isreg():
-        raise EdgepackError(f"{where}: {MANIFEST_NAME} is a link or special file, refused")
-    if first.size > MAX_MANIFEST_BYTES:
-        raise EdgepackError(f"{where}: {MANIFEST_NAME} is {first.size} bytes, limit {MAX_MANIFEST_BYTES}")
-    source = archive.extractfile(first)
+    data = _read_member(archive, first, where, MAX_MANIFEST_BYTES)
+    return Manifest.from_json(data, f"{where}: {MANIFEST_NAME}"), data
+
+
+def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo, where: str, limit: int) -> bytes:
+    if not member.isreg():
+        raise EdgepackError(f"{where}: {member.name} is a link or special file, refused")
+    if member.size > limit:
+        raise EdgepackError(f"{where}: {member.name} is {member.size} bytes, limit {limit}")
+    source = archive.extractfile(member)
     assert source is not None
     data = source.read()
-    if len(data) != first.size:
-        raise EdgepackError(f"{where}: archive is truncated inside {MANIFEST_NAME}")
-    return Manifest.from_json(data, f"{where}: {MANIFEST_NAME}")
+    if len(data) != member.size:
+        raise EdgepackError(f"{where}: archive is truncated inside {member.name}")
+    return data
+
+
+def _check_version(manifest: Manifest, store: Store, allow_downgrade: bool, where: str) -> None:
+    """An incoming bundle must be newer than the store's releases of the same name (current and previous), so an
+    old bundle cannot be replayed; the same version is fine only as the very same release (a no-op)."""
+    if allow_downgrade:
+        return
+    release = "r" + Digest.of_bytes(manifest.to_json()).short
+    for link in ("current", "previous"):
+        installed_id = store.release_id(link)
+        if installed_id is None or installed_id == release:
+            continue
+        installed = store.manifest(link)
+        if installed.name != manifest.name or installed.bundle_version < manifest.bundle_version:
+            continue
+        older = "older than" if manifest.bundle_version < installed.bundle_version else "the same version as, but " \
+                "not the same bundle as,"
+        raise EdgepackError(f"{where}: {manifest.name} v{manifest.bundle_version} is {older} the {link} release "
+                            f"v{installed.bundle_version}: refused (install --allow-downgrade to force it)")
 
 
 def _check_disk_space(manifest: Manifest, store: Store) -> None:
