@@ -8,6 +8,7 @@ wheel. Cross-built wheels are cached by everything that goes into them, so a sec
 
 from __future__ import annotations
 
+import email
 import hashlib
 import importlib.metadata
 import json
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from elftools.elf.elffile import ELFFile
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from edgepack.runtime.boards import BoardProfile, BuildTarget, load_board
 from edgepack.runtime.files import sha256_file
@@ -207,22 +210,63 @@ def project_root() -> Path:
 
 def fetch_dependencies(out: Path, board: BoardProfile, python: str) -> None:
     """Put edgepack's wheel and, for the board's platform and Python, binary wheels of everything it needs into
-    `out` (which already holds the cross-built llama-cpp-python). pip resolves the whole set, so an offline
-    install from `out` is known to be complete."""
+    `out` (which already holds the cross-built llama-cpp-python).
+
+    pip resolves the set, but it evaluates environment markers for this interpreter, not the board's (pip
+    download --python-version does not apply to them): a board on Python 3.10 needs tomli and exceptiongroup,
+    which a 3.11 laptop's pip leaves out. So the wheels' own requirements are then read back, their markers
+    evaluated for the board, and whatever is missing is fetched, until nothing is: an offline install from `out`
+    is complete."""
     build = build_target(board)
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(project_root())],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise PackagerError(f"could not build edgepack's wheel: {last_line(done.stderr)}")
+    wanted = [f"edgepack=={importlib.metadata.version('edgepack')}"]
+    environment = board_environment(build, python)
+    while wanted:
+        _download(out, board, python, wanted)
+        wanted = missing_requirements(out, environment)
+
+
+def _download(out: Path, board: BoardProfile, python: str, requirements: list[str]) -> None:
+    build = build_target(board)
     abi = "cp" + python.replace(".", "")
     platforms = [arg for tag in platform_tags(build.target, build.glibc) for arg in ("--platform", tag)]
     pip = [sys.executable, "-m", "pip", "download", "--only-binary", ":all:", *platforms, "--python-version", python,
-           "--implementation", "cp", "--abi", abi, "--find-links", str(out), "-d", str(out),
-           f"edgepack=={importlib.metadata.version('edgepack')}"]
+           "--implementation", "cp", "--abi", abi, "--find-links", str(out), "-d", str(out), *requirements]
     done = subprocess.run(pip, capture_output=True, text=True)
     if done.returncode != 0:
         raise PackagerError(f"could not fetch the runtime's wheels for {board.name} (Python {python}): "
                             f"{last_line(done.stderr)}")
+
+
+def board_environment(build: BuildTarget, python: str) -> dict[str, str]:
+    """PEP 508 marker values of the board's CPython (what its pip would evaluate)."""
+    return {"python_version": python, "python_full_version": f"{python}.0", "implementation_name": "cpython",
+            "platform_python_implementation": "CPython", "platform_machine": build.target.split("-")[0],
+            "sys_platform": "linux", "platform_system": "Linux", "os_name": "posix", "platform_release": "",
+            "platform_version": "", "implementation_version": f"{python}.0", "extra": ""}
+
+
+def missing_requirements(out: Path, environment: dict[str, str]) -> list[str]:
+    """Requirements of the wheels in `out` that apply on the board and that no wheel in `out` provides."""
+    present = {}
+    requires: list[Requirement] = []
+    for wheel in out.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as archive:
+            name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+            metadata = email.message_from_bytes(archive.read(name))
+        present[canonicalize_name(metadata["Name"])] = metadata["Version"]
+        requires += [Requirement(r) for r in metadata.get_all("Requires-Dist") or []]
+    missing = []
+    for requirement in requires:
+        if requirement.marker is not None and not requirement.marker.evaluate(environment):
+            continue
+        name = canonicalize_name(requirement.name)
+        if name not in present and str(requirement) not in missing:
+            missing.append(str(requirement.name) + str(requirement.specifier))
+    return sorted(set(missing))
 
 
 def build_wheelhouse(board_name: str, out: Path, python: str | None = None, *, jobs: int = 2,

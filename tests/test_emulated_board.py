@@ -152,3 +152,25 @@ def test_on_an_emulated_pi4_the_pi5_build_dies_with_sigill_and_doctor_says_so(pi
     assert {c["name"]: c for c in json.loads(on_pi5.stdout)["checks"]}["simd"]["status"] == "ok"
     died = edgepack_on_pi("cortex-a72", pi5, *PROMPT, "--store", pi_store, check=False)
     assert died.returncode in (-signal.SIGILL, 128 + signal.SIGILL), (died.returncode, died.stderr[-500:])
+
+
+def test_a_wheelhouse_for_python_310_is_complete_for_a_real_python_310(wheelhouse, tmp_path):
+    """pip evaluates requirement markers for the interpreter it runs in, so a 3.11 laptop's resolve would leave out
+    what only 3.10 needs (tomli, exceptiongroup); a real 3.10's pip, offline, must find everything."""
+    from test_pythons import interpreter
+
+    python310 = interpreter("3.10")
+    if python310 is None:
+        pytest.skip("no Python 3.10 here (pyenv install 3.10)")
+    out = tmp_path / "wh310"
+    done = subprocess.run([sys.executable, "-m", "edgepack.runtime.cli", "wheels", "--board", "rpi5", "--python",
+                           "3.10", "-o", str(out)], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-2000:]
+    glibc_236 = [arg for minor in range(17, 37) for arg in ("--platform", f"manylinux_2_{minor}_aarch64")]
+    resolved = subprocess.run(
+        [str(python310), "-m", "pip", "download", "--isolated", "--no-index", "--find-links", str(out),
+         "--only-binary", ":all:", *glibc_236, "--implementation", "cp", "--abi", "cp310", "-d", str(tmp_path / "got"),
+         "edgepack"],
+        capture_output=True, text=True, timeout=300)
+    assert resolved.returncode == 0, resolved.stderr[-2000:]
+    assert {p.name.split("-")[0] for p in out.glob("*.whl")} >= {"tomli", "exceptiongroup", "llama_cpp_python"}
