@@ -1,4 +1,5 @@
-"""`edgepack deploy BUNDLE DEST`: install a bundle on a device over SSH, sending only the blobs it lacks, resumably.
+"""`edgepack deploy BUNDLE DEST`: install a bundle on a device over SSH, sending only the blobs it lacks, resumably;
+`edgepack delta` writes the same delta bundle for a transport of your own (the Ansible role, docs/fleet.md).
 
 The host asks the device which blobs its store holds (`edgepack blobs`), sends a delta bundle (the bundle's other
 members, byte for byte, and only the missing blobs) to DIR/.incoming/ with the system's OpenSSH client, appending
@@ -9,6 +10,7 @@ See docs/deploy.md.
 from __future__ import annotations
 
 import hashlib
+import json
 import shlex
 import subprocess
 import sys
@@ -36,6 +38,7 @@ _BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = bytes(2 * _BLOCK)  # two zero blocks end a tar archive
 _CHUNK = 1 << 20
 _INCOMING = ".incoming"
+ANSIBLE_ROLES = Path(__file__).parent / "ansible" / "roles"  # edgepack_deploy: docs/fleet.md
 _DEST_FORMS = "expected ssh://[user@]host[:port]/absolute/store/path or a local store directory"
 
 
@@ -270,7 +273,12 @@ def device_blobs(ssh: Ssh, edgepack: str) -> tuple[str, dict[Digest, int]]:
                             f"edgepack {__version__}")
     if result.returncode != 0:
         raise PackagerError(f"{where}: `edgepack blobs` failed: {_reason(result)}")
-    listing = decode_json(result.stdout, _DeviceBlobs, f"{where}: output of `edgepack blobs`")
+    return parse_blobs(result.stdout, f"{where}: output of `edgepack blobs`")
+
+
+def parse_blobs(text: str | bytes, where: str) -> tuple[str, dict[Digest, int]]:
+    """What `edgepack blobs` printed -> (the device's edgepack version, digest -> size)."""
+    listing = decode_json(text, _DeviceBlobs, where)
     return listing.edgepack, {Digest.parse(name): size for name, size in listing.blobs.items()}
 
 
@@ -413,3 +421,37 @@ def _install_locally(bundle: Path, store: Path, allow_downgrade: bool) -> None:
 
     extra = {"allow_downgrade": True} if allow_downgrade else {}
     click.get_current_context().invoke(install, bundle=bundle, store_dir=store, **extra)
+
+
+@click.command("delta")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--have", required=True, type=click.File("rb"),
+              help="What `edgepack blobs --store DIR` printed on the device: a file, or - for stdin.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The delta bundle to write; the device installs it with `edgepack install`.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout (the Ansible role reads it).")
+def delta_command(bundle: Path, have: BinaryIO, output: Path, as_json: bool) -> None:
+    """Write the delta of BUNDLE for one device: every non-blob member byte for byte and only the blobs the
+    device's store lacks (the bundle `edgepack deploy` would send it)."""
+    if output.exists() and output.resolve() == bundle.resolve():
+        raise PackagerError(f"-o {output}: that is the bundle itself; write the delta to another file")
+    version, present = parse_blobs(have.read(), f"--have {have.name}")
+    delta = plan_delta(bundle, present)
+    delta.write(output)
+    m, bundle_size = delta.manifest, bundle.stat().st_size
+    if as_json:
+        click.echo(json.dumps({
+            "output": str(output), "file_name": delta.name, "bundle": str(bundle), "name": m.name,
+            "bundle_version": m.bundle_version, "size": delta.size, "bundle_size": bundle_size,
+            "blobs_sent": len(delta.sent_blobs), "blobs_skipped": len(delta.skipped_blobs),
+            "device_edgepack": version}))
+        return
+    click.echo(f"wrote {output}: {m.name} v{m.bundle_version}, {delta.size:,} bytes of a {bundle_size:,}-byte "
+               f"bundle ({100 * delta.size / max(bundle_size, 1):.1f}%): {len(delta.sent_blobs)} blob(s) carried, "
+               f"{len(delta.skipped_blobs)} already on the device")
+
+
+@click.command("ansible-roles")
+def ansible_roles_command() -> None:
+    """Print the folder of edgepack's Ansible roles, for ANSIBLE_ROLES_PATH (docs/fleet.md)."""
+    click.echo(ANSIBLE_ROLES)
