@@ -28,6 +28,7 @@ import msgspec
 
 from edgepack.runtime import __version__
 from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Digest, Manifest
+from edgepack.runtime.errors import EdgepackError
 from edgepack.runtime.memory import format_mib
 from edgepack.runtime.schema import decode_json
 from edgepack.runtime.store import bundle_manifest
@@ -279,7 +280,10 @@ def device_blobs(ssh: Ssh, edgepack: str) -> tuple[str, dict[Digest, int]]:
 def parse_blobs(text: str | bytes, where: str) -> tuple[str, dict[Digest, int]]:
     """What `edgepack blobs` printed -> (the device's edgepack version, digest -> size)."""
     listing = decode_json(text, _DeviceBlobs, where)
-    return listing.edgepack, {Digest.parse(name): size for name, size in listing.blobs.items()}
+    try:
+        return listing.edgepack, {Digest.parse(name): size for name, size in listing.blobs.items()}
+    except EdgepackError as exc:
+        raise PackagerError(f"{where}: {exc}") from None
 
 
 def upload(ssh: Ssh, delta: Delta, remote: str, progress: bool = True) -> tuple[int, int]:

@@ -1,85 +1,35 @@
 """edgepack deploy against a real OpenSSH server on 127.0.0.1: full, delta and resumed uploads, a refused bundle
-leaving the device's store as it was, and destination errors. The "device" is this machine and this venv."""
+leaving the device's store as it was, and destination errors. The "device" is this machine and this venv (the
+server: tests/sshd.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import pwd
 import re
-import shutil
 import subprocess
-import sys
 import tarfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import build_bundle, run_cli
-from tiny_model import write_tiny_llama
+from conftest import run_cli
 
-from edgepack.packager.demo import free_port
 from edgepack.packager.deploy import SshTarget, parse_dest, plan_delta
 from edgepack.packager.errors import PackagerError
 from edgepack.runtime.blobs_command import present_blobs
 from edgepack.runtime.bundle_format import MANIFEST_NAME, Digest
 from edgepack.runtime.store import Store, bundle_manifest
 
-SSHD = Path("/usr/sbin/sshd")
-USER = pwd.getpwuid(os.getuid()).pw_name
-REMOTE_EDGEPACK = str(Path(sys.executable).parent / "edgepack")
+if TYPE_CHECKING:
+    from sshd import Sshd
 
-
-@dataclass(frozen=True)
-class Sshd:
-    port: int
-    options: tuple[str, ...]  # deploy's command-line ssh options: the client key and this server's host key
-
-    def url(self, store: Path) -> str:
-        return f"ssh://{USER}@127.0.0.1:{self.port}{store}"
-
-
-@pytest.fixture(scope="session")
-def sshd(tmp_path_factory) -> Iterator[Sshd]:
-    """sshd -D on an ephemeral port with an ephemeral host key, accepting one generated client key."""
-    if not SSHD.exists():
-        pytest.skip("OpenSSH server missing: install the Debian package openssh-server (.ci/run does)")
-    if os.geteuid() == 0:
-        Path("/run/sshd").mkdir(exist_ok=True)  # its privilege separation directory
-    root = tmp_path_factory.mktemp("sshd")
-    for key in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(root / key)], check=True)
-    shutil.copy(root / "client.pub", root / "authorized_keys")
-    port = free_port()
-    (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {(root / 'host.pub').read_text()}")
-    (root / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {root / 'host'}\nPidFile {root / 'sshd.pid'}\n"
-        f"AuthorizedKeysFile {root / 'authorized_keys'}\nStrictModes no\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
-    )
-    with open(root / "sshd.log", "wb") as log:  # a file, not a pipe nobody reads while it fills
-        server = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(root / "sshd_config")], stderr=log)
-    options = ("-o", f"UserKnownHostsFile={root / 'known_hosts'}", "-o", "StrictHostKeyChecking=yes",
-               "--identity", str(root / "client"))
-    try:
-        deadline = time.monotonic() + 20
-        while subprocess.run(["ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile="
-                              f"{root / 'known_hosts'}", "-i", str(root / "client"), "-p", str(port),
-                              f"{USER}@127.0.0.1", "true"], capture_output=True).returncode != 0:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                pytest.fail(f"sshd did not start: {(root / 'sshd.log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield Sshd(port, options)
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+pytest_plugins = ["sshd"]  # the fixtures sshd and two_versions
 
 
 def deploy(bundle: Path, dest: str, sshd: Sshd, *extra: str) -> subprocess.CompletedProcess:
-    return run_cli("deploy", str(bundle), dest, *sshd.options, "--remote-edgepack", REMOTE_EDGEPACK, *extra)
+    return run_cli("deploy", str(bundle), dest, *sshd.options, "--remote-edgepack", sshd.edgepack, *extra)
 
 
 def bytes_sent(result: subprocess.CompletedProcess) -> int:
@@ -103,17 +53,6 @@ def expected_delta_size(bundle: Path, present: set[Digest]) -> int:
     manifest = bundle_manifest(bundle)
     members = [len(manifest.to_json())] + [b.zsize for d, b in manifest.blobs.items() if d not in present]
     return sum(tarfile.BLOCKSIZE + padded(size) for size in members) + 2 * tarfile.BLOCKSIZE
-
-
-@pytest.fixture(scope="module")
-def two_versions(tmp_path_factory) -> tuple[Path, Path]:
-    """v1 and v2 of one model whose v2 retrained one block: one of its block segments differs."""
-    root = tmp_path_factory.mktemp("versions")
-    base = write_tiny_llama(root / "base.gguf", n_layer=8)
-    tuned = write_tiny_llama(root / "tuned.gguf", n_layer=8, changed_blocks={3})
-    options = {"quant": "Q8_0", "name": "tiny", "blocks_per_segment": 2, "no_eval": True}
-    return (build_bundle(base, root / "v1.edgepack", **options),
-            build_bundle(tuned, root / "v2.edgepack", bundle_version=2, **options))
 
 
 def test_first_deploy_sends_the_whole_bundle_and_installs_it(sshd, tiny_bundle, tmp_path):
@@ -193,9 +132,10 @@ def test_device_failures_are_one_line(sshd, tiny_bundle, tmp_path):
     assert "--remote-edgepack" in result.stderr
     result = run_cli("deploy", str(tiny_bundle), sshd.url(tmp_path / "s"), "-o", "BatchMode=yes",
                      "-o", "StrictHostKeyChecking=yes", "-o", "UserKnownHostsFile=/dev/null",
-                     "--remote-edgepack", REMOTE_EDGEPACK)
+                     "--remote-edgepack", sshd.edgepack)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
-    assert f"cannot connect to {USER}@127.0.0.1" in result.stderr and "Host key verification failed" in result.stderr
+    assert f"cannot connect to {sshd.user}@127.0.0.1" in result.stderr
+    assert "Host key verification failed" in result.stderr
 
 
 def test_blobs_lists_the_store_and_an_absent_store_holds_nothing(tiny_bundle, tmp_path):
