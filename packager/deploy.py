@@ -34,6 +34,7 @@ from edgepack.runtime.schema import decode_json
 from edgepack.runtime.store import bundle_manifest
 
 from .errors import PackagerError
+from .remote_runtime import DEFAULT_VENV, ensure_runtime
 
 _BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = bytes(2 * _BLOCK)  # two zero blocks end a tar archive
@@ -260,6 +261,7 @@ class DeployResult:
     device_version: str
     device_report: str  # what the device's `edgepack install` printed
     seconds: float
+    runtime_report: str | None = None  # with --wheels: what was done about the device's runtime
 
 
 def device_blobs(ssh: Ssh, edgepack: str) -> tuple[str, dict[Digest, int]]:
@@ -340,16 +342,21 @@ def remote_install(ssh: Ssh, edgepack: str, remote: str, allow_downgrade: bool) 
 
 
 def deploy_ssh(bundle: Path, target: SshTarget, *, identity: Path | None = None, ssh_options: tuple[str, ...] = (),
-               remote_edgepack: str = "edgepack", allow_downgrade: bool = False, progress: bool = True) -> DeployResult:
+               remote_edgepack: str = "edgepack", allow_downgrade: bool = False, progress: bool = True,
+               wheels: Path | None = None, remote_venv: str = DEFAULT_VENV) -> DeployResult:
     started = time.monotonic()
+    runtime = None
     with Ssh(target, identity, ssh_options) as ssh:
+        if wheels is not None:
+            runtime = ensure_runtime(ssh, wheels, remote_edgepack, remote_venv)
+            remote_edgepack = runtime.edgepack
         version, present = device_blobs(ssh, remote_edgepack)
         delta = plan_delta(bundle, present)
         remote = f"{target.path}/{_INCOMING}/{delta.name}"
         resumed_from, sent = upload(ssh, delta, remote, progress)
         report = remote_install(ssh, remote_edgepack, remote, allow_downgrade)
     return DeployResult(delta, bundle.stat().st_size, sent, resumed_from, version, report,
-                        time.monotonic() - started)
+                        time.monotonic() - started, runtime.report if runtime else None)
 
 
 class _Progress:
@@ -395,21 +402,32 @@ class _Progress:
 @click.option("--port", "-p", type=click.IntRange(1, 65535), help="SSH port (default: the URL's, else ssh's).")
 @click.option("--ssh-option", "-o", "ssh_options", multiple=True, envvar="EDGEPACK_SSH_OPTIONS",
               help="An ssh -o option (KEY=VALUE), repeatable; also EDGEPACK_SSH_OPTIONS, space-separated.")
+@click.option("--wheels", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="A wheelhouse (edgepack wheels) installed offline on the device first when it has no edgepack or "
+                   "an older one (into --remote-venv).")
+@click.option("--remote-venv", default=DEFAULT_VENV, show_default=True,
+              help="With --wheels: the device's venv for the runtime (relative: to the login's home).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def deploy_command(bundle: Path, dest: str, identity: Path | None, remote_edgepack: str, allow_downgrade: bool,
-                   port: int | None, ssh_options: tuple[str, ...], quiet: bool) -> None:
+                   port: int | None, ssh_options: tuple[str, ...], wheels: Path | None, remote_venv: str,
+                   quiet: bool) -> None:
     """Install BUNDLE on a device: DEST is ssh://[user@]host[:port]/store/dir or a local store directory.
 
     Only the blobs the device's store lacks are sent; an interrupted upload resumes where it stopped when the same
     command runs again. The device's edgepack verifies everything before switching releases."""
     target = parse_dest(dest, port)
     if isinstance(target, Path):
+        if wheels is not None:
+            raise PackagerError("--wheels installs a runtime on a device over ssh: with a local store, install the "
+                                "wheelhouse with pip")
         _install_locally(bundle, target, allow_downgrade)
         return
     result = deploy_ssh(bundle, target, identity=identity, ssh_options=ssh_options, remote_edgepack=remote_edgepack,
-                        allow_downgrade=allow_downgrade, progress=not quiet)
+                        allow_downgrade=allow_downgrade, progress=not quiet, wheels=wheels, remote_venv=remote_venv)
     delta, m = result.delta, result.delta.manifest
     click.echo(f"deployed {m.name} v{m.bundle_version} to {target} (device edgepack {result.device_version})")
+    if result.runtime_report:
+        click.echo(f"  {result.runtime_report}")
     click.echo(f"  sent {result.sent:,} bytes of a {result.bundle_size:,}-byte bundle "
                f"({100 * result.sent / max(result.bundle_size, 1):.1f}%): {len(delta.sent_blobs)} blob(s) sent, "
                f"{len(delta.skipped_blobs)} already on the device")
