@@ -64,19 +64,37 @@ def cli() -> None:
 @store_option
 @click.option("--allow-downgrade", is_flag=True,
               help="Install a bundle older than (or another build of the same version as) the installed release.")
-def install(bundle: Path, store_dir: Path, allow_downgrade: bool) -> None:
+@click.option("--activate", is_flag=True,
+              help="Keep the new release only if it proves healthy (models load within the budget, /health ok, every "
+                   "agent answers a short greedy request); else go back to the previous release and exit 1.")
+@click.option("--health-timeout", default=120.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds the new release has to become healthy (with --activate).")
+@click.option("--memory-budget", help="With --activate: the budget to check the release in (as serve's).")
+def install(bundle: Path, store_dir: Path, allow_downgrade: bool, activate: bool, health_timeout: float,
+            memory_budget: str | None) -> None:
     """Verify BUNDLE (digests, and its signature when the store trusts keys) and install it as the store's
     current release."""
-    result = Store(store_dir).install(bundle, allow_downgrade=allow_downgrade)
+    store = Store(store_dir)
+    result = store.install(bundle, allow_downgrade=allow_downgrade)
     m = result.manifest
     if result.already_current:
         click.echo(f"{m.name} v{m.bundle_version} is already the current release ({result.release})")
-        return
-    click.echo(
-        f"installed {m.name} v{m.bundle_version} as release {result.release}: "
-        f"{result.blobs_written} blob(s) written ({format_mib(result.bytes_written, 1)}), "
-        f"{result.blobs_skipped} already present, {result.seconds:.2f}s"
-    )
+    else:
+        click.echo(
+            f"installed {m.name} v{m.bundle_version} as release {result.release}: "
+            f"{result.blobs_written} blob(s) written ({format_mib(result.bytes_written, 1)}), "
+            f"{result.blobs_skipped} already present, {result.seconds:.2f}s"
+        )
+    if activate:
+        from .activation import activate as activate_release
+
+        outcome = activate_release(store, health_timeout, memory_budget)
+        if not outcome.healthy:
+            back = (f"rolled back to {outcome.rolled_back_to}" if outcome.rolled_back_to
+                    else "no previous release to go back to")
+            raise EdgepackError(f"release {outcome.release} ({m.name} v{m.bundle_version}) failed its health check "
+                                f"in {outcome.seconds:.1f}s: {outcome.reason}; {back}")
+        click.echo(f"activated {outcome.release}: healthy in {outcome.seconds:.1f}s ({outcome.reason})")
 
 
 @cli.command()

@@ -1,0 +1,121 @@
+"""install --activate: a new release is a trial until it proves healthy, else the store goes back.
+
+Healthy means: `edgepack serve` on the release, with this device's memory budget, loads every model (--preload),
+answers /health, and every agent (or model, in a bundle without agents) answers one short greedy chat request, all
+within the timeout. The check runs in a child server on a loopback port, so a release that crashes takes only the
+child down. A failed release is rolled back to the previous one and the failure recorded in DIR/activation.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+
+from .files import replace_atomically
+from .store import Store
+
+RECORD = "activation.json"
+
+
+@dataclass(frozen=True)
+class Activation:
+    release: str
+    healthy: bool
+    reason: str  # what failed, or what was checked
+    seconds: float
+    rolled_back_to: str | None = None
+    at: float = 0.0
+
+
+def health_check(store: Store, timeout: float, memory_budget: str | None) -> str | None:
+    """Run the current release in a child server and smoke-test it: None when healthy, else why not."""
+    manifest = store.manifest()
+    names = [a.name for a in manifest.agents] or [m.name for m in manifest.models]
+    port = _free_port()
+    command = [sys.executable, "-m", "edgepack.runtime.cli", "serve", "--store", str(store.root), "--host",
+               "127.0.0.1", "--port", str(port), "--preload", "--warmup", "none", "--no-warm-state", "--no-cache"]
+    if memory_budget:
+        command += ["--memory-budget", memory_budget]
+    deadline = time.monotonic() + timeout
+    with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True) as server:
+        try:
+            base = f"http://127.0.0.1:{port}"
+            failure = _wait_healthy(base, server, deadline)
+            for name in names if failure is None else ():
+                failure = _smoke(base, name, deadline)
+                if failure:
+                    break
+            return failure
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+
+def activate(store: Store, timeout: float, memory_budget: str | None) -> Activation:
+    """Health-check the current release; on failure roll back to the previous one. The outcome is recorded."""
+    started = time.monotonic()
+    release = store.release_id()
+    assert release is not None
+    failure = health_check(store, timeout, memory_budget)
+    rolled_back = None
+    if failure is not None and store.release_id("previous") is not None:
+        rolled_back, _ = store.rollback()
+    outcome = Activation(release, failure is None, failure or "models loaded, /health ok, every agent answered",
+                         time.monotonic() - started, rolled_back, time.time())
+    replace_atomically(store.root / RECORD, json.dumps(asdict(outcome), indent=2).encode() + b"\n")
+    return outcome
+
+
+def _wait_healthy(base: str, server: subprocess.Popen, deadline: float) -> str | None:
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            lines = (server.stderr.read() if server.stderr else "").strip().splitlines()
+            return f"the server exited ({_status(server.returncode)}): {lines[-1] if lines else 'no message'}"
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    return None
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    return "not healthy within the health timeout"
+
+
+def _smoke(base: str, name: str, deadline: float) -> str | None:
+    body = json.dumps({"model": name, "messages": [{"role": "user", "content": "Say OK."}], "max_tokens": 4,
+                       "temperature": 0}).encode()
+    request = urllib.request.Request(f"{base}/v1/chat/completions", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=max(1.0, deadline - time.monotonic())) as response:
+            doc = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            detail = json.loads(detail)["error"]["message"]
+        return f"{name} answered {exc.code}: {detail[:200]}"
+    except (urllib.error.URLError, OSError) as exc:
+        return f"{name} did not answer: {exc}"
+    if not doc.get("choices"):
+        return f"{name} answered without a choice"
+    return None
+
+
+def _status(code: int | None) -> str:
+    return f"signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,50 @@
+"""install --activate with real failing releases: the new release is checked in a child server (models load within
+the budget, /health, one greedy chat request per agent); a release that fails goes back to the previous one, with
+one line, exit 1, and the outcome recorded in DIR/activation.json."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import build_bundle, run_cli
+from test_store import members, write_tar
+
+from edgepack.runtime.store import Store
+
+
+def activate(bundle, store, *extra: str):
+    return run_cli("install", str(bundle), "--store", str(store), "--activate", "--health-timeout", "60", *extra)
+
+
+def test_a_healthy_release_is_activated_and_a_failing_one_rolled_back(tiny_gguf, tiny_bundle, tmp_path):
+    store = tmp_path / "store"
+    first = activate(tiny_bundle, store)
+    assert first.returncode == 0 and "healthy in" in first.stdout, first.stderr
+    good = Store(store).release_id()
+    assert json.loads((store / "activation.json").read_text())["healthy"] is True
+
+    v2 = build_bundle(tiny_gguf, tmp_path / "v2.edgepack", quant="Q8_0", name="tiny", bundle_version=2)
+    failed = activate(v2, store, "--memory-budget", "1MiB")
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert "failed its health check" in lines[0] and "does not fit the memory budget" in lines[0]
+    assert lines[0].endswith(f"rolled back to {good}")
+    assert Store(store).release_id() == good
+    record = json.loads((store / "activation.json").read_text())
+    assert record["healthy"] is False and record["rolled_back_to"] == good
+
+
+def test_a_release_whose_chat_template_breaks_is_rolled_back(tiny_bundle, tmp_path):
+    store = tmp_path / "store"
+    assert activate(tiny_bundle, store).returncode == 0
+    good = Store(store).release_id()
+    entries = members(tiny_bundle)
+    manifest = json.loads(entries[0][1])
+    manifest["bundle_version"] = 2
+    manifest["models"][0]["chat_template"] = "{% for m in messages %}{{ m.content | no_such_filter }}{% endfor %}"
+    entries[0] = (entries[0][0], json.dumps(manifest).encode())
+    broken = write_tar(tmp_path / "broken.edgepack", entries)
+    failed = activate(broken, store)
+    assert failed.returncode == 1 and "failed its health check" in failed.stderr, failed.stderr
+    assert "tiny answered 500" in failed.stderr or "tiny answered 400" in failed.stderr, failed.stderr
+    assert Store(store).release_id() == good
