@@ -191,3 +191,10 @@ def test_a_downgrade_needs_allow_downgrade_on_the_device_too(sshd, two_versions,
     assert bytes_sent(deploy(v1, sshd.url(store.root), sshd, "--allow-downgrade")) == expected_delta_size(
         v1, set(bundle_manifest(v2).blobs))
     assert store.manifest().bundle_version == 1
+
+
+def test_deploy_activate_has_the_device_health_check_the_release(sshd, tiny_bundle, tmp_path):
+    done = deploy(tiny_bundle, sshd.url(tmp_path / "store"), sshd, "--activate", "--health-timeout", "60")
+    assert done.returncode == 0, done.stderr
+    assert "device: activated r" in done.stdout and "healthy in" in done.stdout
+    assert json.loads((tmp_path / "store" / "activation.json").read_text())["healthy"] is True
