@@ -156,6 +156,11 @@ def gc(store_dir: Path) -> None:
 @click.option("--tpot-target", type=click.FloatRange(min=0.1),
               help="Milliseconds per output token the adaptive batch size keeps p95 under (default: from the "
                    "agents' latency_sla_ms / max_tokens; none: all slots always).")
+@click.option("--max-unstable-starts", default=3, show_default=True, type=click.IntRange(0),
+              help="Roll back to the previous release when the current one has started this many times in a row "
+                   "without running --stable-after seconds (a crash loop under systemd); 0: never.")
+@click.option("--stable-after", default=120.0, show_default=True, type=click.FloatRange(0.1),
+              help="Seconds after ready that count a start as stable (resets the count).")
 @click.option("--gpu-layers", type=click.IntRange(-1),
               help="Layers to offload to the GPU in a CUDA build (-1: all; default: the board's, all on a Jetson; "
                    "0: CPU only).")
@@ -166,10 +171,11 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
           repack: str, slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
           disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
           preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None,
-          gpu_layers: int | None, cors_origins: str) -> None:
+          max_unstable_starts: int, stable_after: float, gpu_layers: int | None, cors_origins: str) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
+    from . import boot_count
     from .memory import resolve_budget
     from .pool import ModelPool
     from .response_cache import ResponseCache
@@ -177,6 +183,11 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     from .server import Service
 
     store = Store(store_dir)
+    store.manifest()  # no release: the usual one-line error, before counting anything
+    if max_unstable_starts:
+        abandoned = boot_count.on_start(store, max_unstable_starts)
+        if abandoned:
+            click.echo(f"edgepack: warning: {abandoned}", err=True)
     manifest = store.manifest()
     notify(f"STATUS=loading {manifest.name} v{manifest.bundle_version}")
     local = read_local_config(store)
@@ -196,6 +207,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         status = f"ready on {urls} ({', '.join(names)}, {config.threads} threads)"
         click.echo(f"edgepack: {status}", err=True)
         notify(f"READY=1\nSTATUS={status}")
+        if max_unstable_starts:
+            boot_count.mark_stable_after(store, stable_after)
 
     def on_failure(message: str) -> None:
         click.echo(f"edgepack: error: {message}", err=True)
@@ -229,6 +242,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
         on_ready=on_ready, on_failure=on_failure,
         on_warning=lambda message: click.echo(f"edgepack: warning: {message}", err=True),
+        on_stopped=(lambda: boot_count.reset(store, store.release_id())) if max_unstable_starts else lambda: None,
     )
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on {urls}", err=True)
     click.echo(f"edgepack: memory budget {format_mib(budget.bytes)} ({budget.reason}); models load "

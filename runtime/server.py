@@ -102,6 +102,7 @@ class Service:
         on_ready: Callable[[], None] = lambda: None,
         on_failure: Callable[[str], None] = lambda message: None,
         on_warning: Callable[[str], None] = lambda message: None,
+        on_stopped: Callable[[], None] = lambda: None,
     ) -> None:
         self.metrics = Metrics()
         self.agents = {agent.name: agent for agent in agents}
@@ -117,7 +118,7 @@ class Service:
         self.alerts = AlertWindow({a.name: a.latency_sla_ms for a in agents if a.latency_sla_ms})
         self._started: dict[int, float] = {}
         self._make_pool, self._on_ready, self._on_failure = make_pool, on_ready, on_failure
-        self._on_warning = on_warning
+        self._on_warning, self._on_stopped = on_warning, on_stopped
         self.created = int(time.time())
         routes = [
             Route("/health", self.health),
@@ -164,6 +165,8 @@ class Service:
                     await asyncio.to_thread(service.pool.close)
                 if service.cache is not None:
                     service.cache.close()
+                if service.state != "failed":
+                    service._on_stopped()  # a clean stop (SIGTERM: uvicorn then re-raises it, ending the process)
 
         return _Lifespan()
 
