@@ -39,7 +39,7 @@ from .doctor_checks import (
 from .errors import EdgepackError
 from .local_config import read_local_config
 from .memory import format_mib
-from .store import Store
+from .store import INCOMING, Store
 from .systemd_unit import UNIT_NAME
 
 _UNIT_PROPERTIES = ("LoadState", "UnitFileState", "ActiveState", "SubState", "Result", "ExecMainStatus",
@@ -51,7 +51,24 @@ _UNIT_PROPERTIES = ("LoadState", "UnitFileState", "ActiveState", "SubState", "Re
 
 def check_store(store: Store) -> tuple[Check, list[Manifest]]:
     """Releases, current and previous, and whether each has every blob it needs at its size; with the readable
-    manifests of current and previous (current first)."""
+    manifests of current and previous (current first). What an interrupted command left is a warning: harmless,
+    and the next install, rollback or gc removes it (docs/bundle-format.md, crash safety)."""
+    check, kept = _check_releases(store)
+    debris = [p.name for p in store.debris()]
+    incoming = store.root / INCOMING
+    uploads = sorted(p.name for p in incoming.iterdir()) if incoming.is_dir() else []
+    notes = [f"left by an interrupted (or a running) install, rollback or gc: {', '.join(debris)}; the next one "
+             "removes it"] if debris else []
+    notes += [f"uploads of an interrupted (or a running) deploy in {INCOMING}/: {', '.join(uploads)}; the same "
+              f"deploy resumes them, rm them to drop them"] if uploads else []
+    if not notes:
+        return check, kept
+    details = {**check.details, "debris": debris, "uploads": uploads}
+    status = WARN if check.status == OK else check.status
+    return Check("store", status, "; ".join([check.summary, *notes]), details), kept
+
+
+def _check_releases(store: Store) -> tuple[Check, list[Manifest]]:
     if not store.root.is_dir():
         return Check("store", FAIL, f"{store.root} does not exist (edgepack install BUNDLE --store DIR)"), []
     releases = sorted(p.name for p in store.releases.iterdir()) if store.releases.is_dir() else []

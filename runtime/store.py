@@ -3,7 +3,8 @@
 Layout (docs/bundle-format.md):  DIR/blobs/sha256-<hex> (read-only), DIR/releases/<id>/manifest.json,
 DIR/current and DIR/previous (symlinks into releases/). An install stages everything in a private
 directory and only moves it into place once every byte is verified, so a refused bundle leaves the
-store exactly as it was.
+store exactly as it was; a killed command leaves the old state or the new one, and its debris is removed by the
+next (docs/bundle-format.md, "Crash and power-loss safety").
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fcntl
 import hashlib
 import os
 import shutil
+import signal
 import tarfile
 import tempfile
 import time
@@ -31,6 +33,9 @@ from .memory import format_mib
 from .signatures import MAX_SIGNATURE_BYTES
 
 _CHUNK = 1 << 20
+STAGING_PREFIX = ".staging-"  # a locked command's scratch directory in DIR: debris once no command holds the lock
+_LINK_TMP = ".{}.tmp"  # DIR/.current.tmp, DIR/.previous.tmp: a link being switched
+INCOMING = ".incoming"  # where deploy uploads a bundle, resumably (no lock): no command here touches it
 _MAX_ZSTD_WINDOW = 1 << 27  # 128 MiB: refuse frames that would make us allocate more
 
 
@@ -102,9 +107,28 @@ class Store:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise EdgepackError(f"store {self.root} is busy: another install or rollback runs") from None
+            self._clear_debris()
             yield
         finally:
             os.close(fd)
+
+    def debris(self) -> list[Path]:
+        """What a killed command leaves in DIR: staging directories and half-switched links. Only safe to remove
+        while holding the lock (a running command owns its own)."""
+        if not self.root.is_dir():
+            return []
+        links = {_LINK_TMP.format(link) for link in ("current", "previous")}
+        return sorted(p for p in self.root.iterdir() if p.name.startswith(STAGING_PREFIX) or p.name in links)
+
+    def _clear_debris(self) -> None:
+        for path in self.debris():
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def _staging(self) -> Path:
+        return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
 
     def install(self, bundle: Path | str, *, allow_downgrade: bool = False) -> InstallResult:
         bundle = Path(bundle)
@@ -115,6 +139,8 @@ class Store:
         created_root = not self.root.exists()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
+            if created_root:
+                fsync_dir(self.root.parent)
         except OSError as exc:
             raise EdgepackError(f"store {self.root}: cannot create: {exc.strerror}") from None
         try:
@@ -127,13 +153,15 @@ class Store:
 
     def _install_locked(self, bundle: Path, handle: BinaryIO, allow_downgrade: bool) -> InstallResult:
         started = time.monotonic()
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        staging = self._staging()
         try:
             manifest, staged, skipped = _read_bundle(bundle, handle, staging, self, allow_downgrade)
             release = "r" + Digest.of_bytes(manifest.to_json()).short
             already_current = self.release_id("current") == release
             written = sum(manifest.blobs[d].size for d in staged)
+            _fault("staged")
             self._commit(manifest, release, staging, staged)
+            _fault("committed")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return InstallResult(
@@ -141,31 +169,41 @@ class Store:
         )
 
     def _commit(self, manifest: Manifest, release: str, staging: Path, staged: list[Digest]) -> None:
-        self.blobs.mkdir(exist_ok=True)
-        self.releases.mkdir(exist_ok=True)
-        for digest in staged:
+        if not (self.blobs.is_dir() and self.releases.is_dir()):
+            self.blobs.mkdir(exist_ok=True)
+            self.releases.mkdir(exist_ok=True)
+            fsync_dir(self.root)
+        for i, digest in enumerate(staged):
             os.replace(staging / str(digest), self.blob_path(digest))
+            _fault(f"blob-{i}")
         fsync_dir(self.blobs)
         release_dir = self.releases / release
-        if not release_dir.exists():
+        if not _holds(release_dir / MANIFEST_NAME, manifest.to_json()):
+            if release_dir.exists():  # damaged (a store an older edgepack's gc was killed in): set it aside
+                os.replace(release_dir, staging / "damaged")
             tmp = staging / "release"
             tmp.mkdir()
             _write_synced(tmp / MANIFEST_NAME, manifest.to_json())
+            fsync_dir(tmp)
             os.replace(tmp, release_dir)
             fsync_dir(self.releases)
+            _fault("release-written")
         current = self.release_id("current")
         if current == release:
             return
         if current is not None:
             self._point("previous", current)
+            _fault("previous-switched")
         self._point("current", release)
 
     def _point(self, link: str, release: str) -> None:
         """Atomically make DIR/<link> point at releases/<release>."""
-        tmp = self.root / f".{link}.tmp"
+        tmp = self.root / _LINK_TMP.format(link)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         os.symlink(Path("releases") / release, tmp)
+        fsync_dir(self.root)  # the new link durable before the rename publishes it
+        _fault(f"{link}-tmp")
         os.replace(tmp, self.root / link)
         fsync_dir(self.root)
 
@@ -183,9 +221,15 @@ class Store:
                                                                 "previous").blobs)
             removed_releases = []
             if self.releases.is_dir():
+                # Renamed out of releases/ whole before deletion: a kill midway never leaves half a release
+                # there (an install of it again would trust the directory).
+                trash = self._staging()
                 for release in sorted(p for p in self.releases.iterdir() if p.name not in kept):
-                    shutil.rmtree(release)
+                    os.replace(release, trash / release.name)
                     removed_releases.append(release.name)
+                fsync_dir(self.releases)
+                _fault("gc-releases-moved")
+                shutil.rmtree(trash)
             removed, freed = 0, 0
             if self.blobs.is_dir():
                 for blob in sorted(self.blobs.iterdir()):
@@ -193,6 +237,8 @@ class Store:
                         freed += blob.stat().st_size
                         blob.unlink()
                         removed += 1
+                        _fault(f"gc-blob-{removed - 1}")
+                fsync_dir(self.blobs)
             return removed_releases, removed, freed
 
     def rollback(self) -> tuple[str, str]:
@@ -205,6 +251,7 @@ class Store:
                 raise EdgepackError(f"store {self.root}: no previous release to roll back to")
             assert current is not None
             self._point("current", previous)
+            _fault("rollback-current-switched")
             self._point("previous", current)
             return previous, current
 
@@ -351,12 +398,19 @@ def _stage_blob(source: BinaryIO, digest: Digest, blob: BlobInfo, target: Path, 
         except zstandard.ZstdError as exc:
             raise EdgepackError(f"{where}: blob {digest} is corrupt ({exc})") from None
         out.flush()
+        os.fchmod(out.fileno(), 0o444)  # synced with the content, so a power cut cannot leave it writable
         os.fsync(out.fileno())
     if written != blob.size:
         raise EdgepackError(f"{where}: blob {digest} is {written} bytes, manifest declares {blob.size}")
     if hasher.hexdigest() != digest.hex:
         raise EdgepackError(f"{where}: blob {digest} is corrupt (sha256 {hasher.hexdigest()[:12]}...)")
-    os.chmod(target, 0o444)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        return path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -366,3 +420,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(out.fileno())
 
 
+def _fault(point: str) -> None:
+    """Test hook (tests/test_crash_safety.py): with EDGEPACK_FAULT=<point> in the environment, the process kills
+    itself with SIGKILL here, as a power cut or the OOM killer would, so a test can stop it at an exact moment."""
+    if os.environ.get("EDGEPACK_FAULT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
