@@ -6,6 +6,7 @@ import contextlib
 import json
 import subprocess
 import sys
+import tarfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ from edgepack.packager.build import BuildOptions, build  # noqa: E402
 from edgepack.packager.demo import free_port, wait_ready  # noqa: E402
 from edgepack.packager.demo import stop as stop_server  # noqa: E402
 from edgepack.runtime.boards import load_board  # noqa: E402
-from edgepack.runtime.store import Store  # noqa: E402
+from edgepack.runtime.bundle_format import Digest  # noqa: E402
+from edgepack.runtime.store import Store, bundle_manifest  # noqa: E402
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -127,3 +129,16 @@ def stops_recorded(monkeypatch: pytest.MonkeyPatch, collector: type) -> Iterator
     with monkeypatch.context() as patch:
         patch.setattr(collector, "observe", watched)
         yield stops
+
+
+def corrupt_new_blob(old: Path, new: Path, out: Path) -> Digest:
+    """Write `new` to `out` with one byte flipped inside a blob that `old` lacks (a device with `old` installed has
+    to read it); return that blob's digest."""
+    missing = next(iter(set(bundle_manifest(new).blobs) - set(bundle_manifest(old).blobs)))
+    with tarfile.open(new) as archive:
+        member = archive.getmember(missing.member_name)
+    hostile = bytearray(new.read_bytes())
+    hostile[member.offset_data + member.size // 2] ^= 0x01
+    out.write_bytes(hostile)
+    return missing
+

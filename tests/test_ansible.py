@@ -12,13 +12,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import run_cli
+from conftest import corrupt_new_blob, run_cli
 
 from edgepack.packager.deploy import ANSIBLE_ROLES, plan_delta
 from edgepack.runtime.store import Store, bundle_manifest
@@ -127,13 +126,7 @@ def test_a_refused_bundle_stops_the_rollout_before_the_next_host(ansible_playboo
     stores = {host: Store(tmp_path / host / "store") for host in HOSTS}
     for store in stores.values():
         store.install(v1)
-    # Flip a byte inside the blob the devices lack, so the first device's own install has to read it.
-    missing = next(iter(set(bundle_manifest(v2).blobs) - set(bundle_manifest(v1).blobs)))
-    with tarfile.open(v2) as archive:
-        member = archive.getmember(missing.member_name)
-    hostile = bytearray(v2.read_bytes())
-    hostile[member.offset_data + member.size // 2] ^= 0x01
-    (tmp_path / "hostile.edgepack").write_bytes(hostile)
+    missing = corrupt_new_blob(v1, v2, tmp_path / "hostile.edgepack")
     before = {host: snapshot(store.root) for host, store in stores.items()}
     inventory = write_inventory(tmp_path / "inventory.yml", sshd, {h: s.root for h, s in stores.items()})
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
-from conftest import run_cli
+from conftest import corrupt_new_blob, run_cli
 
 from edgepack.packager.deploy import SshTarget, parse_dest, plan_delta
 from edgepack.packager.errors import PackagerError
@@ -110,13 +110,7 @@ def test_a_corrupted_bundle_is_refused_by_the_device_and_its_store_is_unchanged(
     v1, v2 = two_versions
     store = Store(tmp_path / "store")
     store.install(v1)
-    # Flip a byte inside a blob the device lacks, so its own install has to read it.
-    missing = next(iter(set(bundle_manifest(v2).blobs) - set(bundle_manifest(v1).blobs)))
-    with tarfile.open(v2) as archive:
-        member = archive.getmember(missing.member_name)
-    hostile = bytearray(v2.read_bytes())
-    hostile[member.offset_data + member.size // 2] ^= 0x01
-    (tmp_path / "hostile.edgepack").write_bytes(hostile)
+    missing = corrupt_new_blob(v1, v2, tmp_path / "hostile.edgepack")
     before = snapshot(store.root)
     result = deploy(tmp_path / "hostile.edgepack", sshd.url(store.root), sshd)
     assert result.returncode == 1
