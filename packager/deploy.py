@@ -31,7 +31,7 @@ from edgepack.runtime.bundle_format import BUNDLE_SUFFIX, Digest, Manifest
 from edgepack.runtime.errors import EdgepackError
 from edgepack.runtime.memory import format_mib
 from edgepack.runtime.schema import decode_json
-from edgepack.runtime.store import bundle_manifest
+from edgepack.runtime.store import INCOMING, bundle_manifest
 
 from .errors import PackagerError
 from .remote_runtime import DEFAULT_VENV, ensure_runtime
@@ -39,7 +39,6 @@ from .remote_runtime import DEFAULT_VENV, ensure_runtime
 _BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = bytes(2 * _BLOCK)  # two zero blocks end a tar archive
 _CHUNK = 1 << 20
-_INCOMING = ".incoming"
 ANSIBLE_ROLES = Path(__file__).parent / "ansible" / "roles"  # edgepack_deploy: docs/fleet.md
 _DEST_FORMS = "expected ssh://[user@]host[:port]/absolute/store/path or a local store directory"
 
@@ -356,7 +355,7 @@ def deploy_ssh(bundle: Path, target: SshTarget, *, identity: Path | None = None,
             remote_edgepack = runtime.edgepack
         version, present = device_blobs(ssh, remote_edgepack)
         delta = plan_delta(bundle, present)
-        remote = f"{target.path}/{_INCOMING}/{delta.name}"
+        remote = f"{target.path}/{INCOMING}/{delta.name}"
         resumed_from, sent = upload(ssh, delta, remote, progress)
         report = remote_install(ssh, remote_edgepack, remote, allow_downgrade, activate)
     return DeployResult(delta, bundle.stat().st_size, sent, resumed_from, version, report,

@@ -106,7 +106,7 @@ class Store:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise EdgepackError(f"store {self.root} is busy: another install or rollback runs") from None
+                raise EdgepackError(f"store {self.root} is busy: another install, rollback or gc runs") from None
             self._clear_debris()
             yield
         finally:
