@@ -12,10 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from edgepack.runtime.store import INCOMING, bundle_manifest
 
 from .errors import PackagerError
 from .remote_runtime import DEFAULT_VENV, ensure_runtime
+from .ssh import Ssh, SshTarget, last_line, reason
 
 _BLOCK = tarfile.BLOCKSIZE
 _END_OF_ARCHIVE = bytes(2 * _BLOCK)  # two zero blocks end a tar archive
@@ -44,23 +43,6 @@ _DEST_FORMS = "expected ssh://[user@]host[:port]/absolute/store/path or a local 
 
 
 # -- the destination ---------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SshTarget:
-    host: str
-    path: str  # the store directory on the device, absolute
-    user: str | None = None
-    port: int | None = None
-
-    @property
-    def destination(self) -> str:
-        return f"{self.user}@{self.host}" if self.user else self.host
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        port = f":{self.port}" if self.port else ""
-        return f"ssh://{self.user + '@' if self.user else ''}{host}{port}{self.path}"
-
 
 def parse_dest(text: str, port: int | None = None) -> SshTarget | Path:
     """`ssh://[user@]host[:port]/path` -> SshTarget; anything without a scheme is a local store directory."""
@@ -172,81 +154,13 @@ def _read_range(handle: BinaryIO, offset: int, length: int) -> Iterator[bytes]:
         yield chunk
 
 
-# -- ssh ---------------------------------------------------------------------------------------------------------
+# -- what the device holds ---------------------------------------------------------------------------------------
 
 class _DeviceBlobs(msgspec.Struct):
     """What `edgepack blobs` prints (runtime/blobs_command.py)."""
 
     edgepack: str
     blobs: dict[str, Annotated[int, msgspec.Meta(ge=0)]]
-
-
-class Ssh:
-    """Commands on one device through the system's `ssh`, over one multiplexed connection (ControlMaster): one
-    handshake per deploy, whatever the user's ssh config, agent, jump hosts and known_hosts say otherwise."""
-
-    def __init__(self, target: SshTarget, identity: Path | None, options: tuple[str, ...]) -> None:
-        self.target = target
-        # ssh takes the first value it sees for an option: the user's -o first, our defaults after.
-        args = ["ssh"]
-        for option in options:
-            args += ["-o", option]
-        args += ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ServerAliveInterval=15",
-                 "-o", "ServerAliveCountMax=4"]
-        if identity is not None:
-            args += ["-i", str(identity)]
-        if target.port is not None:
-            args += ["-p", str(target.port)]
-        self._args = args
-        self._control: tempfile.TemporaryDirectory[str] | None = None
-
-    def _command(self, *extra: str) -> list[str]:
-        assert self._control is not None, "use Ssh as a context manager"
-        return [*self._args, "-o", f"ControlPath={self._control.name}/c", *extra]
-
-    def __enter__(self) -> Ssh:
-        self._control = tempfile.TemporaryDirectory(prefix="edgepack-ssh-")
-        # -f: background once authenticated, holding the connection for the commands that follow. Its output goes
-        # to a file: a pipe would stay open as long as the master lives.
-        log = Path(self._control.name) / "master.log"
-        with open(log, "wb") as out:
-            code = subprocess.run(self._command("-o", "ControlMaster=yes", "-f", "-N", "--", self.target.destination),
-                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out).returncode
-        if code != 0:
-            reason = _last_line(log.read_text(errors="replace")) or f"ssh exited with status {code}"
-            self._control.cleanup()
-            raise PackagerError(f"cannot connect to {self.target.destination}: {reason}")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._control is not None
-        subprocess.run(self._command("-O", "exit", "--", self.target.destination), stdin=subprocess.DEVNULL,
-                       capture_output=True)
-        self._control.cleanup()
-
-    def run(self, command: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self._command("-o", "ControlMaster=no", "--", self.target.destination, command),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
-
-    def popen(self, command: str, stderr: BinaryIO) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self._command("-o", "ControlMaster=no", "--", self.target.destination, command),
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr)
-
-    def checked(self, command: str, what: str) -> str:
-        """Run `command`; its stdout, or PackagerError with the device's one-line reason."""
-        result = self.run(command)
-        if result.returncode != 0:
-            raise PackagerError(f"{self.target.destination}: {what} failed: {_reason(result)}")
-        return result.stdout
-
-
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1].removeprefix("Error: ") if lines else ""
-
-
-def _reason(result: subprocess.CompletedProcess[str]) -> str:
-    return _last_line(result.stderr) or _last_line(result.stdout) or f"exit status {result.returncode}"
 
 
 # -- the protocol ------------------------------------------------------------------------------------------------
@@ -274,7 +188,7 @@ def device_blobs(ssh: Ssh, edgepack: str) -> tuple[str, dict[Digest, int]]:
         raise PackagerError(f"{where}: the device's edgepack ({edgepack}) has no `blobs` command: upgrade it to "
                             f"edgepack {__version__}")
     if result.returncode != 0:
-        raise PackagerError(f"{where}: `edgepack blobs` failed: {_reason(result)}")
+        raise PackagerError(f"{where}: `edgepack blobs` failed: {reason(result)}")
     return parse_blobs(result.stdout, f"{where}: output of `edgepack blobs`")
 
 
@@ -304,24 +218,20 @@ def upload(ssh: Ssh, delta: Delta, remote: str, progress: bool = True) -> tuple[
         return offset, 0
     meter = _Progress(delta.size, offset, progress)
     sent = 0
-    with tempfile.TemporaryFile() as errors:
-        process = ssh.popen(f"cat >> {quoted}", errors)
-        assert process.stdin is not None
-        try:
-            for chunk in delta.chunks(offset):
-                process.stdin.write(chunk)
-                sent += len(chunk)
-                meter.update(sent)
-            process.stdin.close()
-        except BrokenPipeError:
-            pass
-        code = process.wait()
-        meter.done()
-        if code != 0 or offset + sent != delta.size:
-            errors.seek(0)
-            reason = _last_line(errors.read().decode(errors="replace")) or f"exit status {code}"
-            raise PackagerError(f"{ssh.target.destination}: upload interrupted after {sent:,} bytes ({reason}): run "
-                                f"the same command again to send the remaining {delta.size - offset - sent:,} bytes")
+
+    def write(stdin: BinaryIO) -> None:
+        nonlocal sent
+        for chunk in delta.chunks(offset):
+            stdin.write(chunk)
+            sent += len(chunk)
+            meter.update(sent)
+
+    failure = ssh.feed(f"cat >> {quoted}", write)
+    meter.done()
+    if failure is not None or offset + sent != delta.size:
+        raise PackagerError(f"{ssh.target.destination}: upload interrupted after {sent:,} bytes "
+                            f"({failure or 'connection closed'}): run the same command again to send the remaining "
+                            f"{delta.size - offset - sent:,} bytes")
     return offset, sent
 
 
@@ -339,8 +249,8 @@ def remote_install(ssh: Ssh, edgepack: str, remote: str, allow_downgrade: bool,
     result = ssh.run(f"{install}; code=$?; rm -f {quoted}; rmdir {shlex.quote(str(Path(remote).parent))} "
                      f"2>/dev/null; exit $code")
     if result.returncode != 0:
-        raise PackagerError(f"{ssh.target.destination}: the device refused the bundle: {_reason(result)}")
-    return _last_line(result.stdout)  # with --activate: the activation's line
+        raise PackagerError(f"{ssh.target.destination}: the device refused the bundle: {reason(result)}")
+    return last_line(result.stdout)  # with --activate: the activation's line
 
 
 def deploy_ssh(bundle: Path, target: SshTarget, *, identity: Path | None = None, ssh_options: tuple[str, ...] = (),

@@ -10,18 +10,14 @@ from __future__ import annotations
 import re
 import shlex
 import tarfile
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import BinaryIO
 
 from packaging.version import InvalidVersion, Version
 
 from .errors import PackagerError
-
-if TYPE_CHECKING:
-    from .deploy import Ssh
-
+from .ssh import Ssh
 
 DEFAULT_VENV = ".edgepack/venv"
 
@@ -79,19 +75,13 @@ def ensure_runtime(ssh: Ssh, wheels: Path, edgepack: str, venv: str) -> RuntimeR
 def _send_wheelhouse(ssh: Ssh, wheels: Path, remote: str) -> None:
     """The wheelhouse's wheels and record, as one tar stream unpacked on the device."""
     quoted = shlex.quote(remote)
-    with tempfile.TemporaryFile() as errors:
-        process = ssh.popen(f"rm -rf {quoted} && mkdir -p {quoted} && tar -x -C {quoted}", errors)
-        assert process.stdin is not None
-        try:
-            with tarfile.open(fileobj=process.stdin, mode="w|") as archive:
-                for path in sorted(wheels.iterdir()):
-                    if path.is_file() and (path.suffix == ".whl" or path.suffix == ".json"):
-                        archive.add(path, arcname=path.name)
-            process.stdin.close()
-        except BrokenPipeError:
-            pass
-        if process.wait() != 0:
-            errors.seek(0)
-            lines = errors.read().decode(errors="replace").strip().splitlines() or ["no message"]
-            raise PackagerError(f"{ssh.target.destination}: sending the wheelhouse failed: {lines[-1]}")
 
+    def write(stdin: BinaryIO) -> None:
+        with tarfile.open(fileobj=stdin, mode="w|") as archive:
+            for path in sorted(wheels.iterdir()):
+                if path.is_file() and path.suffix in (".whl", ".json"):
+                    archive.add(path, arcname=path.name)
+
+    failure = ssh.feed(f"rm -rf {quoted} && mkdir -p {quoted} && tar -x -C {quoted}", write)
+    if failure is not None:
+        raise PackagerError(f"{ssh.target.destination}: sending the wheelhouse failed: {failure}")
