@@ -24,6 +24,7 @@ from .tool_spec import Tool
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"  # optional, right after the manifest: runtime/signatures.py
+MAX_SIGNATURE_BYTES = 4096
 BLOB_DIR = "blobs"
 BLOB_SUFFIX = ".zst"
 BUNDLE_SUFFIX = ".edgepack"

@@ -22,8 +22,6 @@ from .errors import EdgepackError
 from .files import replace_atomically
 from .schema import SchemaError, Strict, decode_json
 
-MAX_SIGNATURE_BYTES = 4096
-
 
 class Signature(Strict):
     """The content of `manifest.sig`."""

@@ -25,12 +25,18 @@ from typing import BinaryIO
 
 import zstandard
 
-from . import signatures
-from .bundle_format import MANIFEST_NAME, MAX_MANIFEST_BYTES, SIGNATURE_NAME, BlobInfo, Digest, Manifest
+from .bundle_format import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    MAX_SIGNATURE_BYTES,
+    SIGNATURE_NAME,
+    BlobInfo,
+    Digest,
+    Manifest,
+)
 from .errors import EdgepackError
 from .files import fsync_dir
 from .memory import format_mib
-from .signatures import MAX_SIGNATURE_BYTES
 
 _CHUNK = 1 << 20
 STAGING_PREFIX = ".staging-"  # a locked command's scratch directory in DIR: debris once no command holds the lock
@@ -284,6 +290,8 @@ def _read_bundle(
         if after is not None and after.name == SIGNATURE_NAME:
             signature = _read_member(archive, after, where, MAX_SIGNATURE_BYTES)
             after = archive.next()
+        from . import signatures  # here: cryptography loads for installs, not for every command that opens a store
+
         signatures.verify(manifest_bytes, signature, signatures.trusted_keys(store.root), where)
         _check_version(manifest, store, allow_downgrade, where)
         _check_disk_space(manifest, store)
