@@ -101,6 +101,7 @@ class BuildResult:
     blobs_shipped: int
     shared_bytes: int  # bytes of segments used by more than one model, counted once per extra use
     seconds: float
+    signed_by: str | None = None  # the signing key's id
 
     @property
     def first(self) -> ModelResult:
@@ -173,7 +174,7 @@ def build(opts: BuildOptions) -> BuildResult:
     uses = Counter(d for r in results for d in r.info.segments)
     shared = sum(manifest.blobs[d].size * (n - 1) for d, n in uses.items() if n > 1)
     return BuildResult(opts.output, manifest, tuple(results), bundle_size, len(shipped), shared,
-                       time.monotonic() - started)
+                       time.monotonic() - started, signatures.key_id(key.public_key()) if key else None)
 
 
 def _jobs(opts: BuildOptions) -> list[_ModelJob]:

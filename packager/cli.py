@@ -104,7 +104,7 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
             f"{len(result.manifest.blobs)} blobs)" if result.manifest.delta_since else ""
     click.echo(f"bundle: {format_mib(result.bundle_size, 1)}, {result.bundle_size / result.source_size:.0%} of the "
                f"sources{delta}")
-    signed = f", signed by {signatures.key_id(signatures.load_private(sign_key).public_key())}" if sign_key else ""
+    signed = f", signed by {result.signed_by}" if result.signed_by else ""
     click.echo(f"wrote {result.output} ({result.manifest.name}, board {result.manifest.board}{signed}) "
                f"in {result.seconds:.1f}s")
 
