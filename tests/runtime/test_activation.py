@@ -4,9 +4,12 @@ one line, exit 1, and the outcome recorded in DIR/activation.json."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
+import zstandard
 from conftest import build_bundle, run_cli
+from gguf import GGUFReader
 from test_store import members, write_tar
 
 from edgepack.runtime.store import Store
@@ -48,3 +51,39 @@ def test_a_release_whose_chat_template_breaks_is_rolled_back(tiny_bundle, tmp_pa
     assert failed.returncode == 1 and "failed its health check" in failed.stderr, failed.stderr
     assert "tiny answered 500" in failed.stderr or "tiny answered 400" in failed.stderr, failed.stderr
     assert Store(store).release_id() == good
+
+
+def test_a_release_with_a_segment_built_broken_dies_at_load_and_is_rolled_back(tiny_bundle, tmp_path):
+    """The segment's digest is right (it was built broken, not damaged on the way): only loading it shows the
+    fault. One tensor's type is set to one ggml does not have; llama.cpp refuses the file and serve exits."""
+    store = tmp_path / "store"
+    assert activate(tiny_bundle, store).returncode == 0
+    good = Store(store).release_id()
+    entries = members(tiny_bundle)
+    manifest = json.loads(entries[0][1])
+    model = manifest["models"][0]
+    old = model["segments"][1]
+    index = next(i for i, (info, _) in enumerate(entries) if info.name == f"blobs/{old}.zst")
+    segment = tmp_path / "segment.gguf"
+    segment.write_bytes(zstandard.ZstdDecompressor().decompress(entries[index][1], max_output_size=1 << 28))
+    reader = GGUFReader(segment, "r+")
+    reader.tensors[0].field.parts[-2][0] = 200  # the tensor's ggml type: no such type
+    del reader
+    raw = segment.read_bytes()
+    new = "sha256-" + hashlib.sha256(raw).hexdigest()
+    packed = zstandard.ZstdCompressor().compress(raw)
+    model["segments"][1] = new
+    manifest["blobs"][new] = {**manifest["blobs"].pop(old), "size": len(raw), "zsize": len(packed)}
+    manifest["bundle_version"] = 2
+    entries[0] = (entries[0][0], json.dumps(manifest).encode())
+    entries[index] = (f"blobs/{new}.zst", packed)
+    broken = write_tar(tmp_path / "broken.edgepack", entries)
+
+    failed = activate(broken, store)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert "failed its health check" in lines[0] and "the server exited" in lines[0], lines[0]
+    assert lines[0].endswith(f"rolled back to {good}")
+    assert Store(store).release_id() == good
+    record = json.loads((store / "activation.json").read_text())
+    assert record["healthy"] is False and record["rolled_back_to"] == good

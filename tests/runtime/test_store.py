@@ -41,7 +41,7 @@ def members(bundle: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
 def write_tar(path: Path, entries: list[tuple[tarfile.TarInfo, bytes]]) -> Path:
     with tarfile.open(path, "w") as archive:
         for info, data in entries:
-            info = tarfile.TarInfo(info.name) if isinstance(info, str) else info
+            info = tarfile.TarInfo(info) if isinstance(info, str) else info
             if info.isreg():
                 info.size = len(data)
                 archive.addfile(info, io.BytesIO(data))
