@@ -311,11 +311,15 @@ def _sha256(path: Path) -> str:
 
 
 def _copy_image(source: Path, destination: Path) -> None:
-    """Copy (or decompress .xz / unzip a one-image .zip) the stock image; a damaged archive is one line."""
+    """Copy (or decompress .xz / unzip a one-image .zip) the stock image, sparse; a damaged archive is one line."""
     try:
         with _open_image(source) as reader, open(destination, "wb") as writer:
             while chunk := reader.read(_CHUNK):
-                writer.write(chunk)
+                if chunk.count(0) == len(chunk):
+                    writer.seek(len(chunk), 1)  # sparse: an OS image is mostly empty space
+                else:
+                    writer.write(chunk)
+            writer.truncate()
     except (lzma.LZMAError, zipfile.BadZipFile, EOFError) as exc:
         raise PackagerError(f"--image {source}: damaged archive ({exc})") from None
     except OSError as exc:

@@ -19,73 +19,15 @@ from pathlib import Path
 
 import pytest
 from conftest import corrupt_new_blob, post_json, run_cli, serving
+from disk_images import BOOT_START, MiB, make_jetson_image, make_pi_image, run_tool, tool
 
 from edgepack.packager.disk_image import missing_tools
 
 pytestmark = pytest.mark.skipif(bool(missing_tools()), reason="edgepack flash needs " + ", ".join(missing_tools())
                                 + ": apt-get install mtools dosfstools fdisk e2fsprogs")
 
-MiB = 1 << 20
-BOOT_START, BOOT_SECTORS = 8192, 65536 * 2  # Raspberry Pi OS: bootfs from 4 MiB (here 64 MiB long)
-
-
-def _tool(name: str) -> str:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin") or name
-
-
-def _run(*args: str, stdin: str | None = None) -> str:
-    done = subprocess.run([_tool(args[0]), *args[1:]], input=stdin, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, f"{args}: {done.stderr}"
-    return done.stdout
-
-
-def _os_tree(where: Path) -> Path:
-    """The slice of a Debian root file system that first boot touches."""
-    etc = where / "etc"
-    (etc / "systemd/system/multi-user.target.wants").mkdir(parents=True)
-    for folder in ("var/lib", "opt", "home"):
-        (where / folder).mkdir(parents=True)
-    (etc / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
-    (etc / "group").write_text("root:x:0:\n")
-    (etc / "shadow").write_text("root:*:19000:0:99999:7:::\n")
-    (etc / "gshadow").write_text("root:*::\n")
-    (etc / "hostname").write_text("raspberrypi\n")
-    (etc / "hosts").write_text("127.0.0.1\tlocalhost\n::1\t\tlocalhost\n127.0.1.1\traspberrypi\n")
-    return where
-
-
-def make_pi_image(path: Path, root_mib: int) -> int:
-    """A Raspberry Pi OS-shaped image; returns the root partition's byte offset."""
-    root_start = BOOT_START + BOOT_SECTORS
-    size = root_start * 512 + root_mib * MiB
-    with open(path, "wb") as f:
-        f.truncate(size)
-    table = f"label: dos\nunit: sectors\n{BOOT_START},{BOOT_SECTORS},c\n{root_start},,83\n"
-    _run("sfdisk", "-q", str(path), stdin=table)
-    _run("mkfs.vfat", "-F", "32", "-n", "BOOTFS", "--offset", str(BOOT_START), str(path), str(BOOT_SECTORS // 2))
-    _run("mkfs.ext4", "-q", "-b", "4096", "-L", "rootfs", "-d", str(_os_tree(path.parent / f"{path.name}.tree")),
-         "-E", f"offset={root_start * 512}", str(path), str(root_mib * MiB // 4096))
-    return root_start * 512
-
-
-def make_jetson_image(path: Path, root_mib: int) -> int:
-    """A Jetson SD image's shape: GPT, small raw partitions first, the ext4 root named APP last."""
-    root_start = 2048 + 3 * 2048
-    with open(path, "wb") as f:
-        f.truncate(root_start * 512 + root_mib * MiB + MiB)
-    linux = "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-    rows = [(2048 + i * 2048, 2048, name) for i, name in enumerate(("mb1", "cpu-bootloader", "esp"))]
-    rows.append((root_start, root_mib * 2048, "APP"))
-    table = "label: gpt\nunit: sectors\n" + "".join(
-        f"start={start}, size={size}, type={linux}, name={name}\n" for start, size, name in rows)
-    _run("sfdisk", "-q", str(path), stdin=table)
-    _run("mkfs.ext4", "-q", "-b", "4096", "-L", "APP", "-d", str(_os_tree(path.parent / f"{path.name}.tree")),
-         "-E", f"offset={root_start * 512}", str(path), str(root_mib * MiB // 4096))
-    return root_start * 512
-
-
 def debugfs(image: Path, offset: int, command: str) -> subprocess.CompletedProcess:
-    return subprocess.run([_tool("debugfs"), "-R", command, f"{image}?offset={offset}"], capture_output=True,
+    return subprocess.run([tool("debugfs"), "-R", command, f"{image}?offset={offset}"], capture_output=True,
                           timeout=60)
 
 
@@ -97,7 +39,7 @@ def image_file(image: Path, offset: int, path: str) -> bytes:
 
 def partitions(image: Path) -> list[dict]:
     """sfdisk's rows without the file name (`node`)."""
-    rows = json.loads(_run("sfdisk", "--json", str(image)))["partitiontable"]["partitions"]
+    rows = json.loads(run_tool("sfdisk", "--json", str(image)))["partitiontable"]["partitions"]
     return [{key: value for key, value in row.items() if key != "node"} for row in rows]
 
 
@@ -133,7 +75,7 @@ def flashed(tiny_bundle, host_wheelhouse, ssh_key, tmp_path_factory) -> dict:
 def test_the_flashed_image_holds_the_store_the_wheelhouse_and_the_units(flashed, tiny_bundle, host_wheelhouse):
     out, offset = flashed["out"], flashed["offset"]
     assert sha256(flashed["stock"]) == flashed["stock_digest"], "the stock image was changed"
-    _run("e2fsck", "-fn", f"{out}?offset={offset}")
+    run_tool("e2fsck", "-fn", f"{out}?offset={offset}")
     # the root was too small: the partition and its file system grew, the boot partition did not move
     before, after = partitions(flashed["stock"]), partitions(out)
     assert after[0] == before[0] and after[1]["start"] == before[1]["start"] and after[1]["size"] > before[1]["size"]
@@ -159,7 +101,7 @@ def test_the_flashed_image_holds_the_store_the_wheelhouse_and_the_units(flashed,
     assert image_file(out, offset, "/etc/hostname") == b"agent-7\n"
     hosts = image_file(out, offset, "/etc/hosts").decode()
     assert "127.0.1.1\tagent-7" in hosts and "raspberrypi" not in hosts and "::1\t\tlocalhost" in hosts
-    boot = subprocess.run([_tool("mcopy"), "-n", "-i", f"{out}@@{BOOT_START * 512}", "::/ssh", "-"],
+    boot = subprocess.run([tool("mcopy"), "-n", "-i", f"{out}@@{BOOT_START * 512}", "::/ssh", "-"],
                           capture_output=True, timeout=60)
     assert boot.returncode == 0 and boot.stdout == b"", "Raspberry Pi OS enables sshd when bootfs has 'ssh'"
     record = json.loads(image_file(out, offset, "/opt/edgepack/flash.json"))
@@ -225,11 +167,11 @@ def test_a_jetson_shaped_gpt_image_grows_its_app_partition(tiny_bundle, host_whe
                  host_wheelhouse, "-o", tmp_path / "out.img")
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out.img"
-    _run("sfdisk", "--verify", str(out))  # the backup GPT moved to the new end
+    run_tool("sfdisk", "--verify", str(out))  # the backup GPT moved to the new end
     after = partitions(out)
     assert [p["name"] for p in after] == ["mb1", "cpu-bootloader", "esp", "APP"]
     assert after[:3] == partitions(stock)[:3] and after[3]["size"] > partitions(stock)[3]["size"]
-    _run("e2fsck", "-fn", f"{out}?offset={offset}")
+    run_tool("e2fsck", "-fn", f"{out}?offset={offset}")
     assert "--board jetson-orin-nano" in image_file(out, offset, "/etc/systemd/system/edgepack.service").decode()
 
 
@@ -326,13 +268,13 @@ def test_writing_a_card_asks_for_yes_then_writes_and_reads_it_back(flashed, tiny
     offset = flashed["offset"]
     copy = backing.parent / "copy.img"
     copy.write_bytes(written)
-    _run("e2fsck", "-fn", f"{copy}?offset={offset}")
+    run_tool("e2fsck", "-fn", f"{copy}?offset={offset}")
     assert image_file(copy, offset, "/opt/edgepack/flash.json")
 
 
 def test_a_mounted_device_is_refused(flashed, tiny_bundle, host_wheelhouse, loop_device, tmp_path):
     device, backing = loop_device
-    _run("mkfs.ext4", "-q", str(device))
+    run_tool("mkfs.ext4", "-q", str(device))
     (tmp_path / "mnt").mkdir()
     mounted = subprocess.run(["mount", str(device), str(tmp_path / "mnt")], capture_output=True, text=True)
     if mounted.returncode != 0:
