@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import logging.handlers
+import os
 import socket
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from .files import replace_atomically
 from .store import Store
 
 RECORD = "activation.json"
+_SYSLOG = "/dev/log"
 
 
 @dataclass(frozen=True)
@@ -62,19 +66,65 @@ def health_check(store: Store, timeout: float, memory_budget: str | None) -> str
                 server.kill()
 
 
-def activate(store: Store, timeout: float, memory_budget: str | None) -> Activation:
-    """Health-check the current release; on failure roll back to the previous one. The outcome is recorded."""
+def activate(store: Store, timeout: float, memory_budget: str | None, service: str | None = None,
+             service_url: str = "http://127.0.0.1:8080") -> Activation:
+    """Health-check the current release; with `service` (a systemd unit), then restart it on the release and wait
+    until it is healthy at `service_url`. On failure roll back to the previous release (and restart the service on
+    it). The outcome is recorded in DIR/activation.json and the system log (the journal)."""
     started = time.monotonic()
+    deadline = started + timeout
     release = store.release_id()
     assert release is not None
     failure = health_check(store, timeout, memory_budget)
+    if failure is None and service:
+        failure = restart_service(service, service_url, deadline)
     rolled_back = None
     if failure is not None and store.release_id("previous") is not None:
         rolled_back, _ = store.rollback()
-    outcome = Activation(release, failure is None, failure or "models loaded, /health ok, every agent answered",
-                         time.monotonic() - started, rolled_back, time.time())
+        if service:
+            again = restart_service(service, service_url, time.monotonic() + timeout)
+            failure += f"; {service} back on {rolled_back}" if again is None else f"; {again} on {rolled_back} too"
+    checked = "models loaded, /health ok, every agent answered" + (f", {service} restarted on it" if service else "")
+    outcome = Activation(release, failure is None, failure or checked, time.monotonic() - started, rolled_back,
+                         time.time())
     replace_atomically(store.root / RECORD, json.dumps(asdict(outcome), indent=2).encode() + b"\n")
+    _journal(outcome)
     return outcome
+
+
+def restart_service(unit: str, url: str, deadline: float) -> str | None:
+    """`systemctl restart UNIT`, then wait until systemd calls it active and its /health answers: None, else why
+    not. (Not run by the suite: this machine has no systemd as PID 1; docs/operations.md.)"""
+    done = subprocess.run(["systemctl", "restart", unit], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        return f"systemctl restart {unit} failed: {lines[-1] if lines else f'exit status {done.returncode}'}"
+    while time.monotonic() < deadline:
+        state = subprocess.run(["systemctl", "is-active", unit], capture_output=True, text=True).stdout.strip()
+        if state == "failed":
+            return f"{unit} failed after its restart"
+        if state == "active":
+            with contextlib.suppress(urllib.error.URLError, OSError), \
+                    urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return None
+        time.sleep(0.5)
+    return f"{unit} was not healthy at {url} within the health timeout"
+
+
+def _journal(outcome: Activation) -> None:
+    """One line in the system log (journald reads /dev/log), for a board's operator: `journalctl -t edgepack`."""
+    if not os.path.exists(_SYSLOG):
+        return
+    handler = logging.handlers.SysLogHandler(_SYSLOG)
+    handler.ident = "edgepack: "
+    level = logging.INFO if outcome.healthy else logging.ERROR
+    text = (f"activated {outcome.release}: healthy in {outcome.seconds:.1f}s" if outcome.healthy else
+            f"release {outcome.release} failed its health check: {outcome.reason}; "
+            f"rolled back to {outcome.rolled_back_to}")
+    with contextlib.suppress(OSError):
+        handler.emit(logging.LogRecord("edgepack", level, __file__, 0, text, None, None))
+    handler.close()
 
 
 def _wait_healthy(base: str, server: subprocess.Popen, deadline: float) -> str | None:
