@@ -40,25 +40,25 @@ def test_a_healthy_release_is_activated_and_a_failing_one_rolled_back(tiny_gguf,
     assert record["healthy"] is False and record["rolled_back_to"] == good
 
 
-def rewritten(bundle: Path, out: Path, change) -> Path:  # noqa: ANN001 - change(manifest, entries)
-    """`bundle` as bundle_version 2, with `change` applied to its manifest (a dict) and members."""
+def rewritten(bundle: Path, out: Path, change, version: int = 2) -> Path:  # noqa: ANN001 - change(manifest, entries)
+    """`bundle` as `version`, with `change` applied to its manifest (a dict) and members."""
     entries = members(bundle)
     manifest = json.loads(entries[0][1])
-    manifest["bundle_version"] = 2
+    manifest["bundle_version"] = version
     change(manifest, entries)
     entries[0] = (entries[0][0], json.dumps(manifest).encode())
     return write_tar(out, entries)
 
 
-def break_the_template(bundle: Path, out: Path) -> Path:
+def break_the_template(bundle: Path, out: Path, version: int = 2) -> Path:
     """A release whose chat template fails when rendered."""
     def change(manifest: dict, _entries: list) -> None:
         for model in manifest["models"]:
             model["chat_template"] = "{% for m in messages %}{{ m.content | no_such_filter }}{% endfor %}"
-    return rewritten(bundle, out, change)
+    return rewritten(bundle, out, change, version)
 
 
-def break_a_segment(bundle: Path, out: Path) -> Path:
+def break_a_segment(bundle: Path, out: Path, version: int = 2) -> Path:
     """A release with a segment built broken: its digest is right (it was built broken, not damaged on the way), so
     only loading it shows the fault. One tensor's type is set to one ggml does not have."""
     def change(manifest: dict, entries: list) -> None:
@@ -77,7 +77,7 @@ def break_a_segment(bundle: Path, out: Path) -> Path:
         model["segments"][1] = new
         manifest["blobs"][new] = {**manifest["blobs"].pop(old), "size": len(raw), "zsize": len(packed)}
         entries[index] = (f"blobs/{new}.zst", packed)
-    return rewritten(bundle, out, change)
+    return rewritten(bundle, out, change, version)
 
 
 def test_a_release_whose_chat_template_breaks_is_rolled_back(tiny_bundle, tmp_path):
