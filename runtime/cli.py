@@ -70,12 +70,8 @@ def cli() -> None:
 @click.option("--health-timeout", default=120.0, show_default=True, type=click.FloatRange(1),
               help="Seconds the new release has to become healthy (with --activate).")
 @click.option("--memory-budget", help="With --activate: the budget to check the release in (as serve's).")
-@click.option("--service", help="With --activate: then restart this systemd unit (e.g. edgepack) on the release and "
-                                "wait for its /health; on failure it is restarted on the previous release.")
-@click.option("--service-url", default="http://127.0.0.1:8080", show_default=True,
-              help="Where --service answers /health.")
 def install(bundle: Path, store_dir: Path, allow_downgrade: bool, activate: bool, health_timeout: float,
-            memory_budget: str | None, service: str | None, service_url: str) -> None:
+            memory_budget: str | None) -> None:
     """Verify BUNDLE (digests, and its signature when the store trusts keys) and install it as the store's
     current release."""
     store = Store(store_dir)
@@ -92,7 +88,7 @@ def install(bundle: Path, store_dir: Path, allow_downgrade: bool, activate: bool
     if activate:
         from .activation import activate as activate_release
 
-        outcome = activate_release(store, health_timeout, memory_budget, service, service_url.rstrip("/"))
+        outcome = activate_release(store, health_timeout, memory_budget)
         if not outcome.healthy:
             back = (f"rolled back to {outcome.rolled_back_to}" if outcome.rolled_back_to
                     else "no previous release to go back to")
@@ -171,21 +167,42 @@ def gc(store_dir: Path) -> None:
 @click.option("--cors-origins", default="",
               help="Origins whose browser pages may call the API, comma-separated (https://app.example), or * for any "
                    "(default: none, no CORS headers).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Require 'Authorization: Bearer KEY' on every route but /health, KEY one of this file's lines "
+                   "(blank lines and # comments skipped). Keys are also read from the systemd credential "
+                   "edgepack-api-keys and from $EDGEPACK_API_KEYS; never from the command line.")
+@click.option("--metrics-open", is_flag=True, help="Keep /metrics reachable without a key (when keys are set).")
+@click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1),
+              help="Open connections at most; a new one closes the longest idle, else its request gets 503.")
+@click.option("--header-timeout", default=10.0, show_default=True, type=click.FloatRange(0.001),
+              help="Seconds a client has to send a request's whole head (from connecting, or from the last answer "
+                   "on a kept-alive connection); then the connection is closed.")
+@click.option("--body-timeout", default=30.0, show_default=True, type=click.FloatRange(0.001),
+              help="Seconds a client has to send a request's body once its head arrived; then it is closed.")
+@click.option("--idle-timeout", default=5.0, show_default=True, type=click.FloatRange(0.001),
+              help="Seconds an idle kept-alive connection stays open.")
 def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, threads_batch: int | None,
           repack: str, slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
           disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
           preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None,
-          max_unstable_starts: int, stable_after: float, gpu_layers: int | None, cors_origins: str) -> None:
+          max_unstable_starts: int, stable_after: float, gpu_layers: int | None, cors_origins: str,
+          api_key_file: Path | None, metrics_open: bool, max_connections: int, header_timeout: float,
+          body_timeout: float, idle_timeout: float) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
     from . import boot_count
+    from .auth import is_loopback, load_api_keys
+    from .http_guard import Limits, fit_open_files
     from .memory import resolve_budget
     from .pool import ModelPool
     from .response_cache import ResponseCache
     from .semantic_cache import DEFAULT_THRESHOLD, SemanticCache
     from .server import Service
 
+    api_keys = load_api_keys(api_key_file)  # a key file that fails ends here, before anything starts
+    max_connections, backlog, lowered = fit_open_files(max_connections)
+    limits = Limits(max_connections, header_timeout, body_timeout, idle_timeout, backlog)
     store = Store(store_dir)
     store.manifest()  # no release: the usual one-line error, before counting anything
     if max_unstable_starts:
@@ -244,11 +261,20 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         semantic_all=semantic_threshold is not None,
         agent_digests={a.name: manifest.agent_digest(a) for a in agents},
         cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()),
+        api_keys=api_keys, metrics_open=metrics_open,
         on_ready=on_ready, on_failure=on_failure,
         on_warning=lambda message: click.echo(f"edgepack: warning: {message}", err=True),
         on_stopped=(lambda: boot_count.reset(store, store.release_id())) if max_unstable_starts else lambda: None,
     )
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on {urls}", err=True)
+    if api_keys:
+        click.echo(f"edgepack: {len(api_keys.keys)} API key(s) from {', '.join(api_keys.sources)}; /health "
+                   f"{'and /metrics are' if metrics_open else 'is'} open", err=True)
+    elif not all(is_loopback(address) for address in parse_hosts(host)):
+        click.echo(f"edgepack: warning: {urls} without an API key: anyone who reaches it may use it "
+                   "(--api-key-file, docs/operations.md)", err=True)
+    if lowered:
+        click.echo(f"edgepack: warning: {lowered}", err=True)
     click.echo(f"edgepack: memory budget {format_mib(budget.bytes)} ({budget.reason}); models load "
                f"{'now' if preload else 'on first request'}, idle ones are evicted after "
                f"{'never' if keep is None else f'{keep:g}s'}", err=True)
@@ -260,7 +286,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         plan = thread_plan()
         click.echo(f"edgepack: {config.threads} threads ({plan.reason}: CPUs {list(plan.cpus)})", err=True)
     server = uvicorn.Server(
-        uvicorn.Config(service.app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        uvicorn.Config(service.app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+                       **limits.uvicorn_settings())
     )
     server.run(sockets=sockets)
     if service.error:
@@ -284,6 +311,8 @@ def url(host: str, port: int) -> str:
 def listen(hosts: str, port: int) -> list[socket.socket]:
     """A listening socket on each of the comma-separated hosts (their first address), or EdgepackError naming
     the one that failed (the others are closed)."""
+    from .http_guard import BACKLOG
+
     sockets: list[socket.socket] = []
     try:
         for host in parse_hosts(hosts):
@@ -296,7 +325,7 @@ def listen(hosts: str, port: int) -> list[socket.socket]:
                 if family == socket.AF_INET6:  # '::' alone, not IPv4 too: '0.0.0.0,::' binds both
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(address)
-                sock.listen(2048)
+                sock.listen(BACKLOG)
             except OSError as exc:
                 raise EdgepackError(f"could not listen on {url(host, port)}: {exc.strerror or exc}") from None
     except EdgepackError:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as HttpRequest
 
 from .openai_api import ApiError
@@ -57,8 +58,11 @@ async def read_body(request: HttpRequest) -> bytes:
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise ApiError(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    except ClientDisconnect:  # gone, or closed for sending too slowly (http_guard.py): nobody reads this answer
+        raise ApiError(400, "the request body did not arrive whole", code="incomplete_body") from None
     return bytes(body)

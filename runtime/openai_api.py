@@ -206,13 +206,10 @@ def parse_completion(body: bytes) -> CompletionRequest:
 
 
 def _decode(body: bytes, kind: type[_Body]) -> Any:
-    if not body.lstrip().startswith(b"{"):
-        try:
-            msgspec.json.decode(body)
-        except msgspec.DecodeError as exc:
-            raise ApiError(400, f"request body is not valid JSON ({exc})") from None
-        raise ApiError(400, "request body must be a JSON object")
     try:
+        if not body.lstrip().startswith(b"{"):
+            decode_json(body, Any, "request body")  # valid JSON, but not an object: say so below
+            raise ApiError(400, "request body must be a JSON object")
         return decode_json(body, kind, "request body")
     except SchemaError as exc:
         raise ApiError(400, str(exc), param=exc.path or None) from None
@@ -291,10 +288,11 @@ def _check_conversation(messages: tuple[Message, ...]) -> None:
 def _message(message: _Message, index: int) -> Message:
     where = f"messages[{index}]"
     content = message.content
-    if content is None:
+    if not content and content != "":  # missing, null or [] (OpenAI: an array needs at least one part)
         if message.role != "assistant" or not message.tool_calls:  # as OpenAI: only a call may come without text
             raise ApiError(400, f"{where}.content: required for a {message.role!r} message"
-                                + (" without tool_calls" if message.role == "assistant" else ""),
+                                + (" without tool_calls" if message.role == "assistant" else "")
+                                + (" (an empty list has no text part)" if content == [] else ""),
                            param=f"{where}.content")
         content = ""
     elif isinstance(content, list):  # content parts: only text parts are understood

@@ -6,6 +6,7 @@ Errors name the input and the path of the bad field: `manifest.json: models[0].s
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, TypeVar
 
@@ -41,7 +42,9 @@ def decode_json(data: bytes | str, kind: type[T], where: str, dec_hook: Any = No
     except msgspec.ValidationError as exc:
         raise _schema_error(where, exc, "") from None
     except msgspec.DecodeError as exc:
-        raise SchemaError(where, "", f"not valid JSON ({_one_line(exc)})") from None
+        raise SchemaError(where, "", _malformed(data, exc)) from None
+    except UnicodeDecodeError as exc:  # msgspec lets this through for bytes that are not UTF-8 at all
+        raise SchemaError(where, "", f"not UTF-8 text ({exc.reason})") from None
 
 
 def convert(doc: Any, kind: type[T], where: str, prefix: str = "", dec_hook: Any = None) -> T:
@@ -56,6 +59,19 @@ def check_name(value: str, what: str) -> str:
     if not _NAME_RE.fullmatch(value):
         raise EdgepackError(f"{what} {value!r} is not a valid name: expected {_NAME_RULE}")
     return value
+
+
+def _malformed(data: bytes | str, exc: msgspec.DecodeError) -> str:
+    """The syntax error, in words. A lone surrogate escape (\\ud800) fits JSON's grammar but is no character
+    (RFC 8259 section 8.2); msgspec refuses it with a message that may not say so, Python's json reads it."""
+    try:
+        json.dumps(json.loads(data), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return ("a string holds a lone UTF-16 surrogate escape (\\ud800 to \\udfff), which is no character: send "
+                "the character itself or both halves of its surrogate pair")
+    except (ValueError, RecursionError):
+        pass
+    return f"not valid JSON ({_one_line(exc)})"
 
 
 _AT = re.compile(r"^(?P<message>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.DOTALL)

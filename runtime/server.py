@@ -31,12 +31,14 @@ from starlette.routing import Route
 
 from . import grammar, openai_api
 from .alerts import AlertWindow
+from .auth import NO_KEYS, ApiKeys, RequireApiKey
 from .bundle_format import AgentInfo
 from .chat_prompt import ChatPrompt, call_docs, chat_prompt, delta_docs
 from .engine import Engine, Generation, Sampling
 from .errors import ContextOverflow, EdgepackError
 from .grammar import SchemaNotSupported
 from .http_common import NO_HOOKS, Hooks, once, read_body, sse
+from .http_guard import CheckRequestHead
 from .llama_server_api import LlamaServerApi
 from .memory import process_memory
 from .metrics import Metrics
@@ -99,6 +101,8 @@ class Service:
         agent_digests: dict[str, str] | None = None,
         request_timeout: float = 300.0,
         cors_origins: tuple[str, ...] = (),
+        api_keys: ApiKeys = NO_KEYS,
+        metrics_open: bool = False,
         on_ready: Callable[[], None] = lambda: None,
         on_failure: Callable[[str], None] = lambda message: None,
         on_warning: Callable[[str], None] = lambda message: None,
@@ -130,11 +134,17 @@ class Service:
             Route("/chat/completions", self.chat, methods=["POST"]),
             *LlamaServerApi(self).routes(),
         ]
+        # Outermost first: CORS answers a browser's preflight (which carries no key) and marks refusals too, so a
+        # page can read them; a malformed head is refused before any key is compared.
+        middleware = [Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
+                                 allow_headers=["*"])] if cors_origins else []
+        middleware.append(Middleware(CheckRequestHead))
+        if api_keys:
+            middleware.append(Middleware(RequireApiKey, keys=api_keys, metrics_open=metrics_open))
         self.app = _MetricsMiddleware(
             Starlette(
                 routes=routes,
-                middleware=[Middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
-                                       allow_headers=["*"])] if cors_origins else None,
+                middleware=middleware,
                 exception_handlers={ApiError: _api_error, HTTPException: _http_error},
                 lifespan=self._lifespan,
             ),

@@ -6,7 +6,6 @@ Device side: stdlib, click and runtime/memory.py, no llama.cpp. docs/systemd.md 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .auth import CREDENTIAL_NAME, is_loopback
 from .cli_common import store_option
 from .errors import EdgepackError
 from .files import replace_atomically
@@ -92,16 +92,21 @@ def render_unit(
     start_timeout: float = DEFAULT_START_TIMEOUT,
     executable: Path | None = None,
     user_unit: bool = False,
+    api_key_file: Path | None = None,
 ) -> str:
     """A systemd service unit that runs `edgepack serve` for `store` (an absolute path).
 
     `user_unit` renders one for the per-user manager (`systemctl --user`): no User=, and only the
-    sandboxing that works without privileges. Raises EdgepackError on input systemd could not honour.
+    sandboxing that works without privileges. `api_key_file` is handed to serve as a systemd credential
+    (LoadCredential=): systemd reads it before dropping privileges, so it may stay readable by root alone.
+    Raises EdgepackError on input systemd could not honour.
     """
     executable = executable or default_executable()
     _check_unit_inputs(store, executable, user, user_unit, serve_args)
+    if api_key_file is not None:
+        _check_key_file(api_key_file)
     args = ["serve", "--store", str(store), "--host", host, "--port", str(port), *serve_args]
-    loopback = _is_loopback(host)
+    loopback = is_loopback(host)
     unit = _unit_section(store, host, loopback, user_unit)
     service = [
         "Type=notify",
@@ -109,6 +114,7 @@ def render_unit(
         "ExecStart=" + " ".join([_executable_word(executable), *map(_argument_word, args)]),
         "Environment=PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1",
         *([f"User={user}"] if user else []),
+        *([f"LoadCredential={CREDENTIAL_NAME}:{_escape_specifiers(str(api_key_file))}"] if api_key_file else []),
         "Restart=on-failure",
         f"RestartSec={_seconds(restart_sec)}",
         f"TimeoutStartSec={_seconds(start_timeout)}",
@@ -141,6 +147,12 @@ def _check_unit_inputs(store: Path, executable: Path, user: str | None, user_uni
     for arg in serve_args:
         if arg.split("=", 1)[0] in _OWN_SERVE_OPTIONS:
             raise EdgepackError(f"serve argument {arg}: set by the unit itself; use edgepack unit's own option")
+
+
+def _check_key_file(path: Path) -> None:
+    if not path.is_absolute() or re.search(r"[\s\"'\\\x00-\x1f\x7f]", str(path)):
+        raise EdgepackError(f"API key file {str(path)!r}: the unit needs an absolute path without spaces, quotes, "
+                            "backslashes or control characters")
 
 
 def _unit_section(store: Path, host: str, loopback: bool, user_unit: bool) -> list[str]:
@@ -225,15 +237,6 @@ def _shebang(executable: Path) -> Path | None:
     return Path(words[0]) if words and words[0].startswith("/") else None
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _seconds(value: float) -> str:
     return f"{value:g}" if float(value).is_integer() else f"{value:g}s"
 
@@ -307,12 +310,15 @@ def _memory_max(ctx: click.Context, param: click.Parameter, value: str | None) -
               help="Seconds loading and warm-up may take before systemd gives up.")
 @click.option("--executable", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The edgepack executable to run (default: this installation's).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Require API keys: systemd hands this file (one key a line) to serve as the credential "
+                   f"{CREDENTIAL_NAME} (LoadCredential=); it may be readable by root only.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True, path_type=Path),
               help="Write the unit to this file (atomically) instead of standard output.")
 @click.argument("serve_args", nargs=-1, type=click.UNPROCESSED)
 def unit_command(store_dir: Path, host: str, port: int, user: str | None, user_unit: bool, memory_max: str | None,
                  watchdog: float | None, restart_sec: float, start_timeout: float, executable: Path | None,
-                 output: Path | None, serve_args: tuple[str, ...]) -> None:
+                 api_key_file: Path | None, output: Path | None, serve_args: tuple[str, ...]) -> None:
     """Print a hardened systemd unit that runs `edgepack serve` for the store.
 
     Arguments after `--` go to serve (e.g. `-- --slots 4 --threads 3`). Then, as root:
@@ -323,7 +329,8 @@ def unit_command(store_dir: Path, host: str, port: int, user: str | None, user_u
     try:
         text = render_unit(store_dir, host=host, port=port, serve_args=serve_args, user=user, memory_max=memory_max,
                            watchdog=watchdog, restart_sec=restart_sec, start_timeout=start_timeout,
-                           executable=Path(os.path.abspath(executable)) if executable else None, user_unit=user_unit)
+                           executable=Path(os.path.abspath(executable)) if executable else None, user_unit=user_unit,
+                           api_key_file=api_key_file)
         if output is None:
             click.echo(text, nl=False)
             return
