@@ -235,17 +235,21 @@ def upload(ssh: Ssh, delta: Delta, remote: str, progress: bool = True) -> tuple[
     return offset, sent
 
 
-def remote_install(ssh: Ssh, edgepack: str, remote: str, allow_downgrade: bool,
-                   activate: float | None = None) -> str:
+def install_args(allow_downgrade: bool = False, activate: bool = False, health_timeout: float = 120.0,
+                 service: str | None = None) -> tuple[str, ...]:
+    """The device's `edgepack install` flags for these deploy options."""
+    args = ["--allow-downgrade"] if allow_downgrade else []
+    if activate:
+        args += ["--activate", "--health-timeout", f"{health_timeout:g}", *(["--service", service] if service else [])]
+    return tuple(args)
+
+
+def remote_install(ssh: Ssh, edgepack: str, remote: str, args: tuple[str, ...] = ()) -> str:
     """The device installs the uploaded delta, verifying every blob; the upload is removed either way (a refused
     file would be refused again), and so is .incoming/ once empty, leaving a refusing store as it was."""
     store = shlex.quote(ssh.target.path)
     quoted = shlex.quote(remote)
-    install = f"{shlex.quote(edgepack)} install {quoted} --store {store}"
-    if allow_downgrade:
-        install += " --allow-downgrade"
-    if activate is not None:
-        install += f" --activate --health-timeout {activate:g}"
+    install = " ".join([shlex.quote(edgepack), "install", quoted, "--store", store, *map(shlex.quote, args)])
     result = ssh.run(f"{install}; code=$?; rm -f {quoted}; rmdir {shlex.quote(str(Path(remote).parent))} "
                      f"2>/dev/null; exit $code")
     if result.returncode != 0:
@@ -254,9 +258,8 @@ def remote_install(ssh: Ssh, edgepack: str, remote: str, allow_downgrade: bool,
 
 
 def deploy_ssh(bundle: Path, target: SshTarget, *, identity: Path | None = None, ssh_options: tuple[str, ...] = (),
-               remote_edgepack: str = "edgepack", allow_downgrade: bool = False, progress: bool = True,
-               wheels: Path | None = None, remote_venv: str = DEFAULT_VENV,
-               activate: float | None = None) -> DeployResult:
+               remote_edgepack: str = "edgepack", install: tuple[str, ...] = (), progress: bool = True,
+               wheels: Path | None = None, remote_venv: str = DEFAULT_VENV) -> DeployResult:
     started = time.monotonic()
     runtime = None
     with Ssh(target, identity, ssh_options) as ssh:
@@ -267,7 +270,7 @@ def deploy_ssh(bundle: Path, target: SshTarget, *, identity: Path | None = None,
         delta = plan_delta(bundle, present)
         remote = f"{target.path}/{INCOMING}/{delta.name}"
         resumed_from, sent = upload(ssh, delta, remote, progress)
-        report = remote_install(ssh, remote_edgepack, remote, allow_downgrade, activate)
+        report = remote_install(ssh, remote_edgepack, remote, install)
     return DeployResult(delta, bundle.stat().st_size, sent, resumed_from, version, report,
                         time.monotonic() - started, runtime.report if runtime else None)
 
@@ -324,24 +327,26 @@ class _Progress:
               help="The device keeps the release only if it proves healthy (install --activate), else goes back.")
 @click.option("--health-timeout", default=120.0, show_default=True, type=click.FloatRange(1),
               help="With --activate: seconds the release has to become healthy on the device.")
+@click.option("--service", help="With --activate: the device then restarts this systemd unit on the release and "
+                                "waits for its /health (install --service).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def deploy_command(bundle: Path, dest: str, identity: Path | None, remote_edgepack: str, allow_downgrade: bool,
                    port: int | None, ssh_options: tuple[str, ...], wheels: Path | None, remote_venv: str,
-                   activate: bool, health_timeout: float, quiet: bool) -> None:
+                   activate: bool, health_timeout: float, service: str | None, quiet: bool) -> None:
     """Install BUNDLE on a device: DEST is ssh://[user@]host[:port]/store/dir or a local store directory.
 
     Only the blobs the device's store lacks are sent; an interrupted upload resumes where it stopped when the same
     command runs again. The device's edgepack verifies everything before switching releases."""
+    args = install_args(allow_downgrade, activate, health_timeout, service)
     target = parse_dest(dest, port)
     if isinstance(target, Path):
         if wheels is not None:
             raise PackagerError("--wheels installs a runtime on a device over ssh: with a local store, install the "
                                 "wheelhouse with pip")
-        _install_locally(bundle, target, allow_downgrade, health_timeout if activate else None)
+        _install_locally(bundle, target, args)
         return
     result = deploy_ssh(bundle, target, identity=identity, ssh_options=ssh_options, remote_edgepack=remote_edgepack,
-                        allow_downgrade=allow_downgrade, progress=not quiet, wheels=wheels, remote_venv=remote_venv,
-                        activate=health_timeout if activate else None)
+                        install=args, progress=not quiet, wheels=wheels, remote_venv=remote_venv)
     delta, m = result.delta, result.delta.manifest
     click.echo(f"deployed {m.name} v{m.bundle_version} to {target} (device edgepack {result.device_version})")
     if result.runtime_report:
@@ -355,13 +360,11 @@ def deploy_command(bundle: Path, dest: str, identity: Path | None, remote_edgepa
     click.echo(f"  {result.seconds:.2f}s")
 
 
-def _install_locally(bundle: Path, store: Path, allow_downgrade: bool, activate: float | None) -> None:
+def _install_locally(bundle: Path, store: Path, args: tuple[str, ...]) -> None:
     """The device's own `install` command, run here."""
     from edgepack.runtime.cli import install
 
-    extra = {"activate": True, "health_timeout": activate} if activate is not None else {}
-    click.get_current_context().invoke(install, bundle=bundle, store_dir=store, allow_downgrade=allow_downgrade,
-                                       **extra)
+    install.main([str(bundle), "--store", str(store), *args], standalone_mode=False)
 
 
 @click.command("delta")

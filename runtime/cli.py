@@ -70,8 +70,12 @@ def cli() -> None:
 @click.option("--health-timeout", default=120.0, show_default=True, type=click.FloatRange(1),
               help="Seconds the new release has to become healthy (with --activate).")
 @click.option("--memory-budget", help="With --activate: the budget to check the release in (as serve's).")
+@click.option("--service", help="With --activate: then restart this systemd unit (e.g. edgepack) on the release and "
+                                "wait for its /health; on failure it is restarted on the previous release.")
+@click.option("--service-url", default="http://127.0.0.1:8080", show_default=True,
+              help="Where --service answers /health.")
 def install(bundle: Path, store_dir: Path, allow_downgrade: bool, activate: bool, health_timeout: float,
-            memory_budget: str | None) -> None:
+            memory_budget: str | None, service: str | None, service_url: str) -> None:
     """Verify BUNDLE (digests, and its signature when the store trusts keys) and install it as the store's
     current release."""
     store = Store(store_dir)
@@ -88,7 +92,7 @@ def install(bundle: Path, store_dir: Path, allow_downgrade: bool, activate: bool
     if activate:
         from .activation import activate as activate_release
 
-        outcome = activate_release(store, health_timeout, memory_budget)
+        outcome = activate_release(store, health_timeout, memory_budget, service, service_url.rstrip("/"))
         if not outcome.healthy:
             back = (f"rolled back to {outcome.rolled_back_to}" if outcome.rolled_back_to
                     else "no previous release to go back to")

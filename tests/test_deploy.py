@@ -192,3 +192,15 @@ def test_deploy_activate_has_the_device_health_check_the_release(sshd, tiny_bund
     assert done.returncode == 0, done.stderr
     assert "device: activated r" in done.stdout and "healthy in" in done.stdout
     assert json.loads((tmp_path / "store" / "activation.json").read_text())["healthy"] is True
+
+
+def test_deploy_activate_with_a_service_the_device_cannot_restart_fails_in_one_line(sshd, tiny_bundle, tmp_path):
+    """--service reaches the device's install: its real systemctl cannot restart the unit here (no systemd as PID 1,
+    or no such unit), so the release fails its activation; with no earlier release there is nothing to go back to."""
+    done = deploy(tiny_bundle, sshd.url(tmp_path / "store"), sshd, "--activate", "--health-timeout", "60",
+                  "--service", "edgepack-no-such-unit")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert "the device refused the bundle" in lines[0] and "systemctl restart edgepack-no-such-unit" in lines[0]
+    assert "no previous release to go back to" in lines[0]
+    assert json.loads((tmp_path / "store" / "activation.json").read_text())["healthy"] is False
