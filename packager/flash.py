@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from edgepack.runtime.auth import load_api_keys
 from edgepack.runtime.boards import BoardProfile
 from edgepack.runtime.errors import EdgepackError
 from edgepack.runtime.store import Store
@@ -36,6 +37,7 @@ HOME = "/opt/edgepack"
 UNITS = "/etc/systemd/system"
 FIRSTBOOT_UNIT = "edgepack-firstboot.service"
 SERVICE_USER = "edgepack"
+API_KEYS = "/etc/edgepack/api-keys"
 _OURS = ("/var/lib/edgepack", HOME)  # the trees flash creates (refused when the image has them already)
 _MiB = 1 << 20
 _SLACK = 64 * _MiB  # kept free in the root file system beyond what is written (logs, the venv: ~100 MiB more)
@@ -56,6 +58,7 @@ class FlashOptions:
     trust: Path | None = None  # a public key the store trusts from now on (updates must be signed by it)
     host: str = "127.0.0.1"
     port: int = 8080
+    api_key_file: Path | None = None  # copied to API_KEYS (root only), handed to serve as a systemd credential
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,11 @@ def _check_inputs(options: FlashOptions) -> None:
                             "(not first or last)")
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", options.ssh_user):
         raise PackagerError(f"--ssh-user {options.ssh_user!r}: not a valid Linux user name")
+    if options.api_key_file is not None:
+        try:
+            load_api_keys(options.api_key_file, environ={})  # the server's own reading: a file it refuses, refused
+        except EdgepackError as exc:
+            raise PackagerError(f"--api-key-file: {exc}") from None
     if options.ssh_key is not None:
         try:
             text = options.ssh_key.read_text()
@@ -213,6 +221,9 @@ def _entries(options: FlashOptions, store: Store, release: str, scratch: Path, e
     if options.ssh_key:
         text(HOME + "/authorized_keys", options.ssh_key.read_bytes(), 0o600)
         text(HOME + "/ssh-user", options.ssh_user + "\n")
+    if options.api_key_file:
+        entries.append(_Entry("/etc/edgepack", 0o755))
+        text(API_KEYS, options.api_key_file.read_bytes(), 0o600)
     if options.hostname:
         text("/etc/hostname", options.hostname + "\n")
         hosts = ext4.read("/etc/hosts").decode(errors="replace") if ext4.exists("/etc/hosts") else ""
@@ -223,8 +234,8 @@ def _entries(options: FlashOptions, store: Store, release: str, scratch: Path, e
 def _service_unit(options: FlashOptions) -> str:
     try:
         return render_unit(Path(STORE), host=options.host, port=options.port, user=SERVICE_USER,
-                           executable=Path(HOME + "/venv/bin/edgepack"),
-                           serve_args=["--board", options.board.name])
+                           executable=Path(HOME + "/venv/bin/edgepack"), serve_args=["--board", options.board.name],
+                           api_key_file=Path(API_KEYS) if options.api_key_file else None)
     except EdgepackError as exc:
         raise PackagerError(f"the service unit: {exc}") from None
 

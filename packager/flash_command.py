@@ -35,9 +35,12 @@ _file = click.Path(dir_okay=False, path_type=Path)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the service listens on (0.0.0.0 for the LAN).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--api-key-file", type=_file,
+              help="API keys, one a line: the service then requires 'Authorization: Bearer KEY' "
+                   "(serve --api-key-file).")
 def flash_command(board: str, image: Path, bundle: Path, wheels_dir: Path | None, output: Path | None,
                   device: Path | None, yes: bool, ssh_key: Path | None, ssh_user: str, hostname: str | None,
-                  trust: Path | None, host: str, port: int) -> None:
+                  trust: Path | None, host: str, port: int, api_key_file: Path | None) -> None:
     """Make a stock OS image boot into a serving agent: the bundle installed in a store, the runtime's wheelhouse,
     edgepack.service and a first-boot step that installs the runtime offline and enables the service. Written
     without root or mounting, then read back and compared (docs/boards.md)."""
@@ -53,7 +56,8 @@ def flash_command(board: str, image: Path, bundle: Path, wheels_dir: Path | None
             wheels_dir = Path(scratch) / "wheels"
             click.echo(f"building the {profile.name} wheelhouse (cached after the first time)", err=True)
             wheels.build_wheelhouse(profile.name, wheels_dir, log=sys.stderr)
-        options = FlashOptions(profile, image, bundle, wheels_dir, ssh_key, ssh_user, hostname, trust, host, port)
+        options = FlashOptions(profile, image, bundle, wheels_dir, ssh_key, ssh_user, hostname, trust, host, port,
+                               api_key_file)
         target = output if output is not None else Path(scratch) / "flashed.img"
         result = flash_image(options, target, log=lambda line: click.echo(line, err=True))
         click.echo(f"image: {target if output else device} ({format_mib(result.image_bytes)}), release "

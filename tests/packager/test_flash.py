@@ -14,6 +14,7 @@ import lzma
 import os
 import shutil
 import subprocess
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -65,8 +66,11 @@ def flashed(tiny_bundle, host_wheelhouse, ssh_key, tmp_path_factory) -> dict:
     stock = work / "stock.img"
     offset = make_pi_image(stock, root_mib=64)
     stock_digest = sha256(stock)
+    keys = work / "api-keys"
+    keys.write_text("# the board's clients\nsk-board-7f3a\n")
     done = flash("--board", "rpi5", "--image", stock, "--bundle", tiny_bundle, "--wheels", host_wheelhouse,
-                 "-o", work / "out.img", "--ssh-key", ssh_key, "--hostname", "agent-7", "--host", "0.0.0.0")
+                 "-o", work / "out.img", "--ssh-key", ssh_key, "--hostname", "agent-7", "--host", "0.0.0.0",
+                 "--api-key-file", keys)
     assert done.returncode == 0, done.stderr
     return {"stock": stock, "stock_digest": stock_digest, "out": work / "out.img", "offset": offset,
             "stdout": done.stdout, "work": work}
@@ -95,7 +99,9 @@ def test_the_flashed_image_holds_the_store_the_wheelhouse_and_the_units(flashed,
 
     unit = image_file(out, offset, "/etc/systemd/system/edgepack.service").decode()
     assert "ExecStart=/opt/edgepack/venv/bin/edgepack serve --store /var/lib/edgepack/store --host 0.0.0.0" in unit
-    assert "User=edgepack" in unit
+    assert "User=edgepack" in unit and "LoadCredential=edgepack-api-keys:/etc/edgepack/api-keys" in unit
+    assert image_file(out, offset, "/etc/edgepack/api-keys") == b"# the board's clients\nsk-board-7f3a\n"
+    assert b"Mode:  0600" in debugfs(out, offset, "stat /etc/edgepack/api-keys").stdout
     link = debugfs(out, offset, "stat /etc/systemd/system/multi-user.target.wants/edgepack-firstboot.service")
     assert b'Fast link dest: "/etc/systemd/system/edgepack-firstboot.service"' in link.stdout
     assert image_file(out, offset, "/etc/hostname") == b"agent-7\n"
@@ -108,7 +114,7 @@ def test_the_flashed_image_holds_the_store_the_wheelhouse_and_the_units(flashed,
     assert record["board"] == "rpi5" and record["bundle"] == tiny_bundle.name
 
 
-def test_first_boot_installs_the_runtime_offline_and_the_store_serves(flashed, ssh_key):
+def test_first_boot_installs_the_runtime_offline_and_the_store_serves(flashed, ssh_key, monkeypatch):
     """firstboot.sh for real, against the image's tree: venv + offline pip install, users, ownership, units."""
     tree = flashed["work"] / "tree"
     tree.mkdir()
@@ -132,11 +138,21 @@ def test_first_boot_installs_the_runtime_offline_and_the_store_serves(flashed, s
         firstboot = subprocess.run(["systemctl", f"--root={tree}", "is-enabled", "edgepack-firstboot.service"],
                                    capture_output=True, text=True)
         assert firstboot.stdout.strip() == "disabled"
+    # as systemd would start it: the key file handed over as the credential (LoadCredential=)
+    credentials = flashed["work"] / "credentials"
+    credentials.mkdir()
+    shutil.copy(tree / "etc/edgepack/api-keys", credentials / "edgepack-api-keys")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
     python = tree / "opt/edgepack/venv/bin/python"
     with serving(tree / "var/lib/edgepack/store", "--threads", "2", python=python) as base:
-        status, doc = post_json(f"{base}/v1/chat/completions", {
-            "model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0})
-        assert status == 200 and doc["choices"][0]["message"]["content"] is not None
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                "temperature": 0}
+        assert post_json(f"{base}/v1/chat/completions", chat)[0] == 401
+        request = urllib.request.Request(f"{base}/v1/chat/completions", json.dumps(chat).encode(),
+                                         {"Content-Type": "application/json",
+                                          "Authorization": "Bearer sk-board-7f3a"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 200 and json.loads(response.read())["choices"][0]["message"]
 
 
 def test_an_image_with_room_is_not_grown_and_xz_and_zip_images_are_read(tiny_bundle, host_wheelhouse, tmp_path):
@@ -216,6 +232,8 @@ def test_bad_inputs_are_refused_in_one_line_and_nothing_is_written(flashed, tiny
     _refused(flash("--image", stock, "--board", "rpi5", "--bundle", tiny_bundle, "--wheels", no_pip, "-o", out),
              "built for rpi4")
     _refused(flash("--image", stock, *base, "--hostname", "Bad_Name"), "--hostname")
+    (tmp_path / "no-keys").write_text("# nobody yet\n")
+    _refused(flash("--image", stock, *base, "--api-key-file", tmp_path / "no-keys"), "--api-key-file")
     _refused(flash("--image", stock, *base, "--ssh-key", ssh_key.with_suffix("")), "not an OpenSSH public key")
     _refused(flash("--image", stock, *base, "--device", tmp_path / "x"), "one of")
 
