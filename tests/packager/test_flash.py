@@ -12,6 +12,7 @@ import hashlib
 import json
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import urllib.request
@@ -19,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import corrupt_new_blob, post_json, run_cli, serving
+from conftest import build_bundle, corrupt_new_blob, post_json, run_cli, serving
 from disk_images import BOOT_START, MiB, make_jetson_image, make_pi_image, run_tool, tool
 
 from edgepack.packager.disk_image import missing_tools
@@ -303,3 +304,21 @@ def test_a_mounted_device_is_refused(flashed, tiny_bundle, host_wheelhouse, loop
     finally:
         subprocess.run(["umount", str(tmp_path / "mnt")], check=False)
     assert backing.read_bytes()[:512] == bytes(512), "no partition table was written (ext4 leaves this zero)"
+
+
+def test_trust_makes_the_boards_store_demand_signed_bundles(tiny_gguf, tiny_bundle, host_wheelhouse, tmp_path):
+    assert run_cli("keygen", "-o", str(tmp_path / "signer")).returncode == 0
+    signed = build_bundle(tiny_gguf, tmp_path / "signed.edgepack", quant="Q8_0", name="tiny",
+                          sign=tmp_path / "signer")
+    stock = tmp_path / "stock.img"
+    offset = make_pi_image(stock, root_mib=400)
+    base = ["--board", "rpi5", "--image", stock, "--wheels", host_wheelhouse, "--trust", tmp_path / "signer.pub"]
+    _refused(flash(*base, "--bundle", tiny_bundle, "-o", tmp_path / "unsigned.img"), "unsigned bundle refused")
+    assert not (tmp_path / "unsigned.img").exists()
+    done = flash(*base, "--bundle", signed, "-o", tmp_path / "out.img")
+    assert done.returncode == 0, done.stderr
+    listing = debugfs(tmp_path / "out.img", offset, "ls -p /var/lib/edgepack/store/trust").stdout.decode()
+    trusted = re.findall(r"/([^/]+\.pub)/", listing)
+    assert len(trusted) == 1 and trusted[0].startswith("ed25519-"), listing
+    pub = image_file(tmp_path / "out.img", offset, f"/var/lib/edgepack/store/trust/{trusted[0]}")
+    assert pub == (tmp_path / "signer.pub").read_bytes()
