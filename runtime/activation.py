@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 
+from .auth import KEYS_VARIABLE
 from .files import replace_atomically
 from .store import Store
 
@@ -48,8 +49,10 @@ def health_check(store: Store, timeout: float, memory_budget: str | None) -> str
     if memory_budget:
         command += ["--memory-budget", memory_budget]
     deadline = time.monotonic() + timeout
+    # the child answers only this check, on loopback: no API keys (the shell's or a service's would lock it out)
+    env = {k: v for k, v in os.environ.items() if k not in (KEYS_VARIABLE, "CREDENTIALS_DIRECTORY")}
     with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True) as server:
+                          text=True, env=env) as server:
         try:
             base = f"http://127.0.0.1:{port}"
             failure = _wait_healthy(base, server, deadline)

@@ -137,3 +137,27 @@ def test_the_outcome_reaches_the_system_log(tiny_gguf, tiny_bundle, system_log, 
     line = system_log.recv(4096).decode()
     assert line.startswith("<11>edgepack: release r") and "does not fit the memory budget" in line  # user.err
     assert line.rstrip("\x00").endswith(f"rolled back to {good}")
+
+
+def test_a_service_that_cannot_be_restarted_on_the_release_sends_it_back(tiny_gguf, tiny_bundle, tmp_path):
+    """--service restarts the unit with the real systemctl. Here (no systemd as PID 1, or no such unit) that fails,
+    which is what a unit that will not start looks like: the release goes back, the command says why."""
+    store = tmp_path / "store"
+    assert activate(tiny_bundle, store).returncode == 0
+    good = Store(store).release_id()
+    v2 = build_bundle(tiny_gguf, tmp_path / "v2.edgepack", quant="Q8_0", name="tiny", bundle_version=2)
+    failed = activate(v2, store, "--service", "edgepack-no-such-unit")
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert "systemctl restart edgepack-no-such-unit failed" in lines[0], lines[0]
+    assert lines[0].endswith(f"rolled back to {good}") and Store(store).release_id() == good
+
+
+def test_api_keys_in_the_environment_do_not_lock_the_check_out(tiny_bundle, tmp_path, monkeypatch):
+    """A board whose shell or service sets keys: the child server of the check runs without them (loopback only)."""
+    monkeypatch.setenv("EDGEPACK_API_KEYS", "sk-board")
+    (tmp_path / "credentials").mkdir()
+    (tmp_path / "credentials" / "edgepack-api-keys").write_text("sk-service\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "credentials"))
+    done = activate(tiny_bundle, tmp_path / "store")
+    assert done.returncode == 0 and "healthy in" in done.stdout, done.stderr
