@@ -367,11 +367,16 @@ def parse_duration(text: str) -> float | None:
 
 @cli.command()
 @click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The server to ask.")
-def status(url: str) -> None:
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="A file of API keys (its first is sent) for a server that requires one; also $EDGEPACK_API_KEYS.")
+def status(url: str, api_key_file: Path | None) -> None:
     """Show a running server's state: requests, latency percentiles, slots, caches, memory, alerts."""
+    from .auth import load_api_keys
     from .status import summary
 
-    click.echo(format_table([("", "")] + summary(url.rstrip("/")))[1:].lstrip("\n"))
+    keys = load_api_keys(api_key_file).keys
+    key = keys[0].decode() if keys else None
+    click.echo(format_table([("", "")] + summary(url.rstrip("/"), key))[1:].lstrip("\n"))
 
 
 @cli.command()

@@ -15,11 +15,19 @@ from .errors import EdgepackError
 from .memory import format_mib
 
 
-def fetch(url: str) -> tuple[dict, dict]:
-    """(health document, {metric sample name: {labels tuple: value}})."""
+def fetch(url: str, key: str | None = None) -> tuple[dict, dict]:
+    """(health document, {metric sample name: {labels tuple: value}}); `key`: an API key for /metrics."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
     try:
-        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
-            text = response.read().decode()
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url + "/metrics", headers=headers),
+                                        timeout=5) as response:
+                text = response.read().decode()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 401:
+                raise
+            raise EdgepackError(f"the server at {url} wants an API key for /metrics: give --api-key-file or "
+                                "$EDGEPACK_API_KEYS" + (" (the key given was refused)" if key else "")) from None
         try:
             with urllib.request.urlopen(url + "/health", timeout=5) as response:
                 health = json.loads(response.read())
@@ -56,8 +64,8 @@ def quantile(samples: dict, name: str, q: float) -> float | None:
     return lower
 
 
-def summary(url: str) -> list[tuple[str, str]]:
-    health, samples = fetch(url)
+def summary(url: str, key: str | None = None) -> list[tuple[str, str]]:
+    health, samples = fetch(url, key)
 
     def total(name: str, **match: str) -> float:
         return sum(v for labels, v in samples.get(name, {}).items()

@@ -210,3 +210,11 @@ def test_unit_command_takes_the_key_file(served_store):
                      "--api-key-file", "/etc/edgepack/api-keys", timeout=60)
     assert result.returncode == 0, result.stderr
     assert "LoadCredential=edgepack-api-keys:/etc/edgepack/api-keys" in result.stdout
+
+
+def test_status_sends_a_key_to_a_locked_server_and_says_when_it_needs_one(locked, key_file):
+    without = run_cli("status", "--url", locked)
+    assert without.returncode == 1 and without.stderr.strip().splitlines() == [
+        f"Error: the server at {locked} wants an API key for /metrics: give --api-key-file or $EDGEPACK_API_KEYS"]
+    shown = run_cli("status", "--url", locked, "--api-key-file", str(key_file))
+    assert shown.returncode == 0 and "requests" in shown.stdout, shown.stderr
