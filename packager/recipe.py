@@ -134,10 +134,14 @@ def load(path: Path) -> Recipe:
         raise PackagerError(f"{path}: cannot read recipe: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PackagerError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise PackagerError(f"{path}: not valid TOML (nested too deeply)") from None
     try:
         return _recipe(path, convert(doc, _RecipeFile, str(path)))
     except SchemaError as exc:
         raise PackagerError(str(exc)) from None
+    except RecursionError:  # a tools JSON file that json.loads could still nest, msgspec could not follow
+        raise PackagerError(f"{path}: nested too deeply") from None
 
 
 def _recipe(path: Path, doc: _RecipeFile) -> Recipe:
@@ -187,6 +191,8 @@ def _json_file(path: Path, where: str, text: str) -> Any:
         return json.loads(source.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         _fail(path, where, f"{source}: not readable JSON ({exc})")
+    except RecursionError:
+        _fail(path, where, f"{source}: not readable JSON (nested too deeply)")
 
 
 def _source(path: Path, where: str, text: str, key: str = ".source") -> Path:

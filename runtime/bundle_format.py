@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SIGNATURE_NAME = "manifest.sig"  # optional, right after the manifest: runtime/signatures.py
 MAX_SIGNATURE_BYTES = 4096
+MAX_PAX_HEADER_BYTES = 4096  # a pax extended header (the writer needs one only for a blob over 8 GiB)
 BLOB_DIR = "blobs"
 BLOB_SUFFIX = ".zst"
 BUNDLE_SUFFIX = ".edgepack"
@@ -219,13 +220,16 @@ class Manifest(Strict, kw_only=True):
     def from_json(cls, data: bytes, origin: str = MANIFEST_NAME) -> Manifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise EdgepackError(f"{origin}: manifest is {len(data)} bytes, limit {MAX_MANIFEST_BYTES}")
-        # The version first: a newer format may have fields this reader would call unknown.
-        version = decode_json(data, _Versioned, origin).format_version
-        if version != FORMAT_VERSION:
-            raise EdgepackError(
-                f"{origin}: format_version {version} is not supported (this edgepack reads {FORMAT_VERSION})"
-            )
-        return decode_json(data, cls, origin, dec_hook=_decode_digest)
+        try:
+            # The version first: a newer format may have fields this reader would call unknown.
+            version = decode_json(data, _Versioned, origin).format_version
+            if version != FORMAT_VERSION:
+                raise EdgepackError(
+                    f"{origin}: format_version {version} is not supported (this edgepack reads {FORMAT_VERSION})"
+                )
+            return decode_json(data, cls, origin, dec_hook=_decode_digest)
+        except RecursionError:  # msgspec follows nesting on the C stack, up to Python's recursion limit
+            raise EdgepackError(f"{origin}: JSON nested too deeply") from None
 
 
 class _Versioned(msgspec.Struct):

@@ -7,7 +7,6 @@ Keys are PEM files (PKCS#8 private, SubjectPublicKeyInfo public) written and rea
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import os
 import re
@@ -92,7 +91,7 @@ def verify(manifest_bytes: bytes, signature: bytes | None, trusted: dict[str, Ed
     try:
         doc = decode_json(signature, Signature, f"{where}: manifest.sig")
         raw = base64.b64decode(doc.signature, validate=True)
-    except (SchemaError, binascii.Error) as exc:
+    except (SchemaError, ValueError) as exc:  # ValueError: binascii.Error, or a non-ASCII signature string
         raise EdgepackError(f"{where}: manifest.sig is not a signature ({exc})") from None
     public = trusted.get(doc.key)
     if public is None:

@@ -28,6 +28,7 @@ import zstandard
 from .bundle_format import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
+    MAX_PAX_HEADER_BYTES,
     MAX_SIGNATURE_BYTES,
     SIGNATURE_NAME,
     BlobInfo,
@@ -265,12 +266,12 @@ class Store:
 def bundle_manifest(bundle: Path | str) -> Manifest:
     """Read only the manifest of a bundle archive (for inspect), without installing anything."""
     try:
-        with open(bundle, "rb") as handle, tarfile.open(fileobj=handle, mode="r|") as archive:
+        with open(bundle, "rb") as handle, _open_archive(handle, str(bundle)) as archive:
             return _read_manifest(archive, str(bundle))[0]
     except OSError as exc:
         raise EdgepackError(f"{bundle}: cannot open bundle: {exc.strerror or exc}") from None
     except (tarfile.TarError, EOFError) as exc:
-        raise EdgepackError(f"{bundle}: not an edgepack bundle (unreadable archive: {exc})") from None
+        raise EdgepackError(f"{bundle}: archive is truncated or corrupt ({exc})") from None
 
 
 def _read_bundle(
@@ -279,17 +280,14 @@ def _read_bundle(
     """Stream the archive: manifest first, its signature when there is one (checked against the store's trusted
     keys) and the version rule, then only the blobs it declares, each verified."""
     where = str(bundle)
-    try:
-        archive = tarfile.open(fileobj=handle, mode="r|")
-    except tarfile.TarError as exc:
-        raise EdgepackError(f"{where}: not an edgepack bundle (unreadable archive: {exc})") from None
+    archive = _open_archive(handle, where)
     try:
         manifest, manifest_bytes = _read_manifest(archive, where)
-        after = archive.next()
+        after = _next_member(archive, where)
         signature = None
         if after is not None and after.name == SIGNATURE_NAME:
             signature = _read_member(archive, after, where, MAX_SIGNATURE_BYTES)
-            after = archive.next()
+            after = _next_member(archive, where)
         from . import signatures  # here: cryptography loads for installs, not for every command that opens a store
 
         signatures.verify(manifest_bytes, signature, signatures.trusted_keys(store.root), where)
@@ -299,7 +297,7 @@ def _read_bundle(
         staged: list[Digest] = []
         skipped = 0
         seen: set[str] = set()
-        for member in _members(archive, after):
+        for member in _members(archive, after, where):
             entry = expected.get(member.name)
             if entry is None or member.name in seen:
                 kind = "duplicate" if member.name in seen else "unexpected"
@@ -330,16 +328,67 @@ def _read_bundle(
     return manifest, staged, skipped
 
 
-def _members(archive: tarfile.TarFile, first: tarfile.TarInfo | None) -> Iterator[tarfile.TarInfo]:
+class _BundleTarInfo(tarfile.TarInfo):
+    """tarfile's header parser, held to what the bundle writer produces: ustar headers, a blob over 8 GiB with a
+    small pax header ahead. GNU long names and sparse files are refused, and a pax header above
+    MAX_PAX_HEADER_BYTES before tarfile reads it: CPython's parser lets a bad sparse map escape as ValueError,
+    holds a whole extended header in memory, and takes quadratic time over a large pax header (CVE-2024-6232,
+    fixed in Python 3.11.10 and 3.12.6; devices run older ones)."""
+
+    def _proc_gnulong(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        raise tarfile.SubsequentHeaderError("a GNU long name header, refused (bundles have none)")
+
+    def _proc_sparse(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        raise tarfile.SubsequentHeaderError("a GNU sparse member, refused (bundles have none)")
+
+    def _proc_pax(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.size > MAX_PAX_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(f"a pax header of {self.size} bytes, refused (limit "
+                                                f"{MAX_PAX_HEADER_BYTES})")
+        return super()._proc_pax(archive)
+
+    def _proc_gnusparse_00(self, *args: object) -> None:
+        raise tarfile.SubsequentHeaderError("a GNU sparse member, refused (bundles have none)")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+# What tarfile lets out of a hostile header besides its own errors: a pax header's undecodable charset
+# (UnicodeDecodeError), a chain of extended headers it parses recursively (RecursionError).
+_HEADER_ERRORS = (tarfile.TarError, EOFError, ValueError, RecursionError)
+
+
+def _open_archive(handle: BinaryIO, where: str) -> tarfile.TarFile:
+    """A streaming reader of the bundle at `handle` (it parses the first header at once)."""
+    try:
+        return tarfile.open(fileobj=handle, mode="r|", tarinfo=_BundleTarInfo)
+    except _HEADER_ERRORS as exc:
+        raise EdgepackError(f"{where}: not an edgepack bundle (unreadable archive: {_header_error(exc)})") from None
+
+
+def _next_member(archive: tarfile.TarFile, where: str) -> tarfile.TarInfo | None:
+    try:
+        return archive.next()
+    except _HEADER_ERRORS as exc:
+        raise EdgepackError(f"{where}: archive is truncated or corrupt ({_header_error(exc)})") from None
+
+
+def _header_error(exc: BaseException) -> str:
+    if isinstance(exc, RecursionError):
+        return "extended headers chained too deep"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _members(archive: tarfile.TarFile, first: tarfile.TarInfo | None, where: str) -> Iterator[tarfile.TarInfo]:
     member = first
     while member is not None:
         yield member
-        member = archive.next()
+        member = _next_member(archive, where)
 
 
 def _read_manifest(archive: tarfile.TarFile, where: str) -> tuple[Manifest, bytes]:
     """The manifest and its exact bytes (what a signature covers)."""
-    first = archive.next()
+    first = _next_member(archive, where)
     if first is None or first.name != MANIFEST_NAME:
         name = "nothing" if first is None else repr(first.name)
         raise EdgepackError(f"{where}: first archive member must be {MANIFEST_NAME}, found {name}")
