@@ -16,9 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .bundle_format import AgentInfo, Manifest
+from .bundle_format import AgentInfo, Digest, Manifest
 from .engine import Engine
 from .errors import EdgepackError
+from .files import sha256_file
 from .memory import HEADROOM, Budget, ModelShape, context_bytes, fit_context, format_mib, process_memory
 from .scheduler import BatchScheduler, Prefix, SlotCache
 from .serve_config import ServeConfig, repacked_models
@@ -76,6 +77,7 @@ class ModelPool:
         self.base = process_memory()[0]  # Python, libraries: what the process uses before any model
         self.evictions = 0
         self._shapes: dict[str, ModelShape] = {}  # of models loaded before: later loads decide up front
+        self._verified: set[Digest] = set()  # blobs re-hashed by this process (_check_blobs)
         release = store.release_id()
         self.warm_dir = store.releases / release / "warm" if release else None
 
@@ -157,6 +159,20 @@ class ModelPool:
 
     # ---- loading ----
 
+    def _check_blobs(self, name: str) -> None:
+        """Every blob the model maps is hashed again, once per process, before llama.cpp sees it: a blob damaged
+        on disk since its install (bit rot on an SD card) is refused by name and never served. The read also fills
+        the page cache that llama.cpp's mmap then uses."""
+        info = self.manifest.model(name)
+        for digest in [*info.segments, *(a.digest for a in self.manifest.adapters if a.base == name)]:
+            if digest in self._verified:
+                continue
+            if sha256_file(self.store.blob_path(digest)) != digest.hex:
+                raise EdgepackError(f"blob {digest} of model {name!r} is damaged on disk (its sha256 no longer "
+                                    "matches the manifest): install the release again; `edgepack doctor --store` "
+                                    "checks every blob")
+            self._verified.add(digest)
+
     def _load(self, name: str) -> Loaded:
         started = time.monotonic()
         segments = self._segments(name)
@@ -175,6 +191,7 @@ class ModelPool:
                 chosen["n_ctx"] = self._fit(name, shape, segments)
             return chosen["n_ctx"]
 
+        self._check_blobs(name)
         new_weights = self._new_weights(segments)
         before = process_memory()[0]
         info = self.manifest.model(name)
