@@ -315,6 +315,14 @@ def gguf_data_offset(data: bytes) -> int:
         return GGUFReader(file.name).data_offset
 
 
+# GGML_ASSERTs that llama.cpp (llama-cpp-python 0.3.36) aborts the process with on a malformed GGUF: reported
+# upstream, listed in docs/bundle-format.md ("Trust boundary"), kept in tests/fuzz/test_fuzz_gguf.py.
+KNOWN_UPSTREAM = {
+    "block count": "GGML_ASSERT(hparams.n_layer_all > 0 && hparams.n_layer_all <= LLAMA_MAX_LAYERS) failed",
+    "duplicate token": "GGML_ASSERT(id_to_token.size() == token_to_id.size()) failed",
+}
+
+
 class GgufCrash(AssertionError):
     """llama.cpp died or hung on a GGUF file: a finding for upstream (docs/bundle-format.md, "Trust boundary")."""
 
@@ -324,12 +332,16 @@ class GgufLoader:
 
     def __init__(self, work: Path, timeout: float = 20.0) -> None:
         self.work, self.timeout = work, timeout
+        self.log = work / "gguf_worker.log"
         self.process: subprocess.Popen | None = None
+        self.known_crashes: dict[str, int] = {}
 
     def _start(self) -> subprocess.Popen:
         if self.process is None or self.process.poll() is not None:
-            self.process = subprocess.Popen([sys.executable, str(HERE / "gguf_worker.py")], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            with open(self.log, "wb") as log:
+                self.process = subprocess.Popen([sys.executable, str(HERE / "gguf_worker.py")], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, stderr=log, text=True,
+                                                env={**os.environ, "GGML_NO_BACKTRACE": "1"})  # no gdb on abort
         return self.process
 
     def load(self, data: bytes) -> str:
@@ -348,10 +360,24 @@ class GgufLoader:
             self.close()
             raise GgufCrash(f"llama.cpp did not finish loading within {self.timeout:g}s")
         code = process.wait()
-        raise GgufCrash(f"llama.cpp died loading the file ({_exit(code)})")
+        raise GgufCrash(f"llama.cpp died loading the file ({_exit(code)}): {self._last_words()}")
+
+    def _last_words(self) -> str:
+        """llama.cpp's failed assertion or last log line, without the build's path."""
+        lines = [line.strip() for line in self.log.read_text(errors="replace").splitlines() if line.strip()]
+        line = next((x for x in reversed(lines) if "GGML_ASSERT" in x or "error" in x.lower()), lines[-1] if lines
+                    else "nothing logged")
+        return line.split("/vendor/llama.cpp/")[-1]
 
     def __call__(self, data: bytes) -> None:
-        self.load(data)
+        """The fuzz target: a crash already reported upstream (KNOWN_UPSTREAM) is counted, any other raised."""
+        try:
+            self.load(data)
+        except GgufCrash as crash:
+            known = next((k for k, text in KNOWN_UPSTREAM.items() if text in str(crash)), None)
+            if known is None:
+                raise
+            self.known_crashes[known] = self.known_crashes.get(known, 0) + 1
 
     def close(self) -> None:
         if self.process is not None:

@@ -7,6 +7,7 @@ kills this process, and its signal is the finding (fuzz_targets.GgufLoader).
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from pathlib import Path
 
@@ -44,10 +45,13 @@ def load_and_decode(path: Path) -> str:
 
 
 def main() -> None:
+    # Answers on a descriptor of their own: llama.cpp's abort path prints a backtrace to stdout.
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     llama.init()
     for line in sys.stdin:
         answer = load_and_decode(Path(line.rstrip("\n")))
-        print(" ".join(answer.split()), flush=True)
+        print(" ".join(answer.split()), file=answers, flush=True)
 
 
 if __name__ == "__main__":
