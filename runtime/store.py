@@ -153,6 +153,11 @@ class Store:
         try:
             with handle, self._locked():
                 return self._install_locked(bundle, handle, allow_downgrade)
+        except OSError as exc:  # the disk filled up (or failed) while writing: the release switch never happened
+            if created_root:
+                shutil.rmtree(self.root, ignore_errors=True)
+            raise EdgepackError(f"store {self.root}: install stopped: {exc.strerror or exc}; the store "
+                                "keeps the release it had") from None
         except BaseException:
             if created_root:
                 shutil.rmtree(self.root, ignore_errors=True)
