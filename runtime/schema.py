@@ -45,6 +45,8 @@ def decode_json(data: bytes | str, kind: type[T], where: str, dec_hook: Any = No
         raise SchemaError(where, "", _malformed(data, exc)) from None
     except UnicodeDecodeError as exc:  # msgspec lets this through for bytes that are not UTF-8 at all
         raise SchemaError(where, "", f"not UTF-8 text ({exc.reason})") from None
+    except RecursionError:  # msgspec follows nesting on the C stack, up to Python's recursion limit
+        raise SchemaError(where, "", "JSON nested too deeply") from None
 
 
 def convert(doc: Any, kind: type[T], where: str, prefix: str = "", dec_hook: Any = None) -> T:
@@ -53,6 +55,8 @@ def convert(doc: Any, kind: type[T], where: str, prefix: str = "", dec_hook: Any
         return msgspec.convert(doc, kind, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:
         raise _schema_error(where, exc, prefix) from None
+    except RecursionError:
+        raise SchemaError(where, prefix, "nested too deeply") from None
 
 
 def check_name(value: str, what: str) -> str:

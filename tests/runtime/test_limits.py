@@ -225,3 +225,13 @@ def test_when_every_connection_is_busy_a_new_request_gets_a_clean_503(served_sto
                 sock.close()
         time.sleep(0.5)
         assert _healthy(base)
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/apply-template"])
+def test_a_deeply_nested_body_is_a_400_not_a_500(quick, route):
+    """bench/soak.py's finding: about 1,000 levels of nesting made msgspec raise RecursionError, a 500."""
+    for body in (b"[" * 2000 + b"]" * 2000,
+                 b'{"model": "tiny", "messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function", '
+                 b'"function": {"name": "f", "parameters": {"a": ' + b"[" * 3000 + b"]" * 3000 + b"}}}]}"):
+        status, doc = post_json(quick + route, body)
+        assert status == 400 and "nested too deeply" in doc["error"]["message"], (status, doc)
