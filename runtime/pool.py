@@ -20,7 +20,16 @@ from .bundle_format import AgentInfo, Digest, Manifest
 from .engine import Engine
 from .errors import EdgepackError
 from .files import sha256_file
-from .memory import HEADROOM, Budget, ModelShape, context_bytes, fit_context, format_mib, process_memory
+from .memory import (
+    HEADROOM,
+    Budget,
+    ModelShape,
+    context_bytes,
+    fit_context,
+    format_mib,
+    process_memory,
+    return_freed_memory,
+)
 from .scheduler import BatchScheduler, Prefix, SlotCache
 from .serve_config import ServeConfig, repacked_models
 from .store import Store
@@ -46,6 +55,7 @@ class Loaded:
     load_seconds: float
     last_used: float  # by the pool's clock
     users: int = 0
+    reported: bool = False  # its load is in the metrics (every request that waited for it sees it loaded)
 
 
 class ModelPool:
@@ -278,6 +288,7 @@ class ModelPool:
             del self.loaded[name]
         model.scheduler.stop()
         model.engine.close()
+        return_freed_memory()
         if count:
             self.evictions += 1
         self._log(f"evicted {name} ({why})")

@@ -217,8 +217,9 @@ class Service:
         """Metrics of a model the pool has just loaded."""
         assert self.pool is not None
         model = self.pool.loaded.get(name)
-        if model is None:
+        if model is None or model.reported:  # the load another waiting request already counted
             return
+        model.reported = True
         m, report = self.metrics, model.warmup
         m.loads.labels(name).inc()
         m.load_seconds.labels(name).observe(model.load_seconds)

@@ -438,3 +438,25 @@ def test_warmup_stages_are_configurable(store):
         assert report.singles == [] and report.concurrent == [] and "helper" in report.prefixes
     finally:
         pool.close()
+
+
+def test_requests_that_wait_for_one_load_count_one_load(tiny_bundle, tmp_path):
+    """bench/soak.py's finding: every request that waited for a load was counted as a load of its own."""
+    from edgepack.runtime.store import Store
+
+    store = tmp_path / "store"
+    Store(store).install(tiny_bundle)
+    process, base = start_server(store, "--threads", "1", "--warmup", "none")
+    try:
+        wait_ready(base, process)
+        body = {"model": "tiny", "prompt": "a", "max_tokens": 2}
+        threads = [threading.Thread(target=post_json, args=(f"{base}/v1/completions", body)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        metrics = httpx.get(f"{base}/metrics", timeout=10).text
+        assert 'edgepack_model_loads_total{model="tiny"} 1.0' in metrics, metrics
+        assert 'edgepack_model_load_seconds_count{model="tiny"} 1.0' in metrics
+    finally:
+        stop_server(process)
