@@ -320,6 +320,8 @@ def gguf_data_offset(data: bytes) -> int:
 KNOWN_UPSTREAM = {
     "block count": "GGML_ASSERT(hparams.n_layer_all > 0 && hparams.n_layer_all <= LLAMA_MAX_LAYERS) failed",
     "duplicate token": "GGML_ASSERT(id_to_token.size() == token_to_id.size()) failed",
+    "negative norm epsilon": "GGML_ASSERT(eps >= 0.0f) failed",
+    "head count overflow": "GGML_ASSERT(ggml_nelements(a) == ne0*ne1*ne2) failed",
 }
 
 

@@ -7,6 +7,8 @@ mutation test tolerates the crashes already reported (fuzz_targets.KNOWN_UPSTREA
 
 from __future__ import annotations
 
+import struct
+
 import fuzz_targets as targets
 import pytest
 import zstandard
@@ -42,17 +44,28 @@ def test_mutated_ggufs_are_loaded_or_refused(loader, seed, data):
     loader(data.draw(mutated([seed], end=lambda _data: end)))  # raises on a crash not in KNOWN_UPSTREAM
 
 
-def _block_count_zero(seed: bytes) -> bytes:
-    key = b"llama.block_count"
-    at = seed.index(key) + len(key) + 4  # after the key: its value type (uint32), then the value
-    return seed[:at] + (0).to_bytes(4, "little") + seed[at + 4:]
+def _set_value(seed: bytes, key: str, value: bytes) -> bytes:
+    """The GGUF with the (4-byte) value of a metadata key replaced."""
+    name = len(key).to_bytes(8, "little") + key.encode()
+    at = seed.index(name) + len(name) + 4  # after the key: its value type, then the value
+    return seed[:at] + value + seed[at + len(value):]
 
 
 def _duplicate_token(seed: bytes) -> bytes:
     return seed.replace("\u2581the".encode(), "\u2581you".encode(), 1)  # "▁you" is a token already
 
 
-CRASHERS = {"block count": _block_count_zero, "duplicate token": _duplicate_token}
+CRASHERS = {
+    "block count": lambda seed: _set_value(seed, "llama.block_count", struct.pack("<I", 0)),
+    "duplicate token": _duplicate_token,
+    # Passes loading; the first decode's RMS norm asserts (NaN does the same).
+    "negative norm epsilon": lambda seed: _set_value(seed, "llama.attention.layer_norm_rms_epsilon",
+                                                     struct.pack("<f", -1e-5)),
+    # 2 + 2**27 KV heads of 32 dims: head_dim * n_head_kv wraps around 32 bits to the tensors' true 64, so the
+    # shapes check out, and a reshape by the real head count asserts.
+    "head count overflow": lambda seed: _set_value(seed, "llama.attention.head_count_kv",
+                                                   struct.pack("<I", 2 + 2**27)),
+}
 
 
 @pytest.mark.xfail(strict=True, raises=targets.GgufCrash,
