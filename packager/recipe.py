@@ -140,8 +140,6 @@ def load(path: Path) -> Recipe:
         return _recipe(path, convert(doc, _RecipeFile, str(path)))
     except SchemaError as exc:
         raise PackagerError(str(exc)) from None
-    except RecursionError:  # a tools JSON file that json.loads could still nest, msgspec could not follow
-        raise PackagerError(f"{path}: nested too deeply") from None
 
 
 def _recipe(path: Path, doc: _RecipeFile) -> Recipe:

@@ -220,16 +220,13 @@ class Manifest(Strict, kw_only=True):
     def from_json(cls, data: bytes, origin: str = MANIFEST_NAME) -> Manifest:
         if len(data) > MAX_MANIFEST_BYTES:
             raise EdgepackError(f"{origin}: manifest is {len(data)} bytes, limit {MAX_MANIFEST_BYTES}")
-        try:
-            # The version first: a newer format may have fields this reader would call unknown.
-            version = decode_json(data, _Versioned, origin).format_version
-            if version != FORMAT_VERSION:
-                raise EdgepackError(
-                    f"{origin}: format_version {version} is not supported (this edgepack reads {FORMAT_VERSION})"
-                )
-            return decode_json(data, cls, origin, dec_hook=_decode_digest)
-        except RecursionError:  # msgspec follows nesting on the C stack, up to Python's recursion limit
-            raise EdgepackError(f"{origin}: JSON nested too deeply") from None
+        # The version first: a newer format may have fields this reader would call unknown.
+        version = decode_json(data, _Versioned, origin).format_version
+        if version != FORMAT_VERSION:
+            raise EdgepackError(
+                f"{origin}: format_version {version} is not supported (this edgepack reads {FORMAT_VERSION})"
+            )
+        return decode_json(data, cls, origin, dec_hook=_decode_digest)
 
 
 class _Versioned(msgspec.Struct):

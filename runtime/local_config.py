@@ -71,8 +71,6 @@ def parse_local_config(data: bytes, where: str) -> dict[str, int]:
         config = decode_json(data, LocalConfig, where)
     except SchemaError as exc:
         raise EdgepackError(f"{exc}; {_HINT}") from None
-    except RecursionError:  # msgspec follows nesting (in "measured") up to Python's recursion limit
-        raise EdgepackError(f"{where}: JSON nested too deeply; {_HINT}") from None
     return {key: value for key in LIMITS if (value := getattr(config, key)) is not None}
 
 
