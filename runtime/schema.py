@@ -17,7 +17,7 @@ from .errors import EdgepackError
 T = TypeVar("T")
 
 # Names become file names and URL parts on the device: keep them boring.
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"  # \Z: "$" would let a final newline through (msgspec searches)
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 _NAME_RE = re.compile(NAME_PATTERN)
 _NAME_RULE = "a name of letters, digits, '.', '_' or '-' (max 64)"
@@ -92,7 +92,8 @@ def _schema_error(where: str, exc: msgspec.ValidationError, prefix: str) -> Sche
 
 def _readable(message: str) -> str:
     """msgspec's 'Expected `int`, got `float`' -> 'expected int, got float' (one line, plain words)."""
-    message = message.replace("`", "").replace(f"str matching regex '{NAME_PATTERN}'", _NAME_RULE)
+    escaped = NAME_PATTERN.replace("\\", "\\\\")  # msgspec shows the pattern with its backslash doubled
+    message = message.replace("`", "").replace(f"str matching regex '{escaped}'", _NAME_RULE)
     if message.startswith("Expected "):
         message = "e" + message[1:]
     if message.startswith("Object contains unknown field "):

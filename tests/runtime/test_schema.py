@@ -116,3 +116,19 @@ def test_board_profiles_parse_and_a_typo_is_refused(tmp_path):
         parse_profile(text)
     text.write_text(original)
     assert parse_profile(text) == rpi5
+
+
+def test_a_name_with_a_final_newline_is_refused():
+    """Found by the fuzzing: the pattern ended in "$", which lets "planner\\n" through (msgspec searches)."""
+    import msgspec
+    import pytest
+
+    from edgepack.runtime.errors import EdgepackError
+    from edgepack.runtime.schema import Name, convert
+
+    class Doc(msgspec.Struct):
+        name: Name
+
+    assert convert({"name": "planner"}, Doc, "recipe.toml").name == "planner"
+    with pytest.raises(EdgepackError, match=r"recipe.toml: name: expected a name of letters"):
+        convert({"name": "planner\n"}, Doc, "recipe.toml")
