@@ -24,6 +24,7 @@ from pathlib import Path
 import zstandard
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from store_snapshot import snapshot
 
 from edgepack.packager.recipe import EXAMPLE
 from edgepack.packager.recipe import load as load_recipe
@@ -147,20 +148,6 @@ def fix_header_checksums(data: bytes) -> bytes:
     return bytes(out)
 
 
-def snapshot(root: Path) -> dict[str, object]:
-    """Every path under root with its type, link target or content digest, and mode."""
-    if not root.exists():
-        return {}
-    state: dict[str, object] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            state[rel] = ("link", os.readlink(path))
-        elif path.is_dir():
-            state[rel] = ("dir",)
-        else:
-            state[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mode)
-    return state
 
 
 class BundleInstall:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import build_bundle, run_cli
-from test_store import snapshot
+from store_snapshot import snapshot
 
 from edgepack.runtime.store import Store
 

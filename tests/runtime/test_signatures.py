@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from conftest import build_bundle, run_cli
-from test_store import members, snapshot, write_tar
+from store_snapshot import snapshot
+from test_store import members, write_tar
 
 from edgepack.runtime.bundle_format import MANIFEST_NAME, SIGNATURE_NAME
 

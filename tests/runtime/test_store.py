@@ -11,26 +11,11 @@ from pathlib import Path
 import pytest
 import zstandard
 from conftest import build_bundle, run_cli
+from store_snapshot import snapshot
 
 from edgepack.runtime.bundle_format import Digest, Manifest
 from edgepack.runtime.errors import EdgepackError
 from edgepack.runtime.store import Store
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every path under root with its type, target or content digest and mode."""
-    if not root.exists():
-        return {}
-    state: dict[str, object] = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            state[rel] = ("link", os.readlink(path))
-        elif path.is_dir():
-            state[rel] = ("dir",)
-        else:
-            state[rel] = ("file", Digest.of_bytes(path.read_bytes()).hex, path.stat().st_mode)
-    return state
 
 
 def members(bundle: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
