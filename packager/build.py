@@ -1,7 +1,8 @@
 """`edgepack build`: source GGUF(s) -> quantized (by llama.cpp) -> GGUF splits -> one verifiable bundle.
 
-A bundle holds one model, or (from a recipe) several models, LoRA adapters and agents; segments that
-models share are stored once. With `since`, the archive carries only the blobs the old bundle lacks.
+A source is a GGUF or a Hugging Face checkpoint directory (converted by llama.cpp's own converter, cached). A
+bundle holds one model, or (from a recipe) several models, LoRA adapters (GGUF or PEFT directories) and agents;
+segments that models share are stored once. With `since`, the archive carries only the blobs the old bundle lacks.
 """
 
 from __future__ import annotations
@@ -37,9 +38,21 @@ from edgepack.runtime.files import sha256_file
 from edgepack.runtime.schema import check_name
 from edgepack.runtime.store import bundle_manifest
 
-from . import bundle_writer, chat_templates, compress, evaluate, gates, gguf_info, quant_types, report, segment
+from . import (
+    bundle_writer,
+    chat_templates,
+    compress,
+    convert_hf,
+    convert_lora,
+    evaluate,
+    gates,
+    gguf_info,
+    quant_types,
+    report,
+    segment,
+)
 from .errors import PackagerError
-from .recipe import Recipe
+from .recipe import AdapterSpec, Recipe
 
 
 @dataclass(frozen=True)
@@ -132,6 +145,7 @@ def build(opts: BuildOptions) -> BuildResult:
     old = bundle_manifest(opts.since) if opts.since is not None else None
     key = signatures.load_private(opts.sign) if opts.sign is not None else None  # a bad key fails before the work
     jobs = _jobs(opts)
+    _check_sources(jobs, opts.recipe)  # a bad checkpoint fails before the first model's work
     default = _default_name(Path(opts.output.stem)) if opts.recipe else jobs[0].name
     bundle_name = check_name(opts.name or default, "bundle name")
     with tempfile.TemporaryDirectory(prefix="edgepack-build-", dir=opts.output.parent) as tmp:
@@ -190,11 +204,33 @@ def _jobs(opts: BuildOptions) -> list[_ModelJob]:
     ]
 
 
+def _check_sources(jobs: list[_ModelJob], recipe: Recipe | None) -> None:
+    for job in jobs:
+        if job.source.is_dir():
+            convert_hf.check(job.source)
+    for spec in recipe.adapters if recipe else ():
+        if spec.source.is_dir():
+            convert_lora.check_inputs(spec.source, _adapter_base_dir(spec, recipe))
+
+
+def _source_gguf(job: _ModelJob, ui: _Ui) -> tuple[Path, dict]:
+    """The job's GGUF (a checkpoint directory's conversion, from the cache when it has one) and what the manifest
+    says of where it came from."""
+    if not job.source.is_dir():
+        return job.source, {"file": job.source.name}
+    converted = convert_hf.converted(job.source, ui.step)
+    if not converted.cached:
+        ui.note(f"converted in {converted.seconds:.1f}s, cached as {converted.gguf}")
+    return converted.gguf, {"checkpoint": job.source.name, "checkpoint_sha256": converted.digest,
+                            "converter": f"llama.cpp {convert_hf.SCRIPT}"}
+
+
 def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui,
                  imatrix_cache: dict) -> tuple[ModelResult, list]:
     work.mkdir(parents=True)
+    path, origin = _source_gguf(job, ui)
     ui.step(f"{job.name}: reading {job.source.name}")
-    source = gguf_info.read(job.source)
+    source = gguf_info.read(path)
     template, template_note = chat_templates.choose(source.architecture, source.chat_template, job.chat_template)
     qtype, quant_note = _choose_quant(source, job.quant, opts)
     for note in (quant_note, template_note):
@@ -223,7 +259,7 @@ def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui,
         segments=tuple(s.digest for s in segments),
         chat_template=template,
         context_length=model.context_length,
-        source={"file": job.source.name, "size": source.size, "file_type": source.file_type},
+        source={**origin, "size": source.size, "file_type": source.file_type},
         quality=result.quality,
         plan=result.plan,
     )
@@ -233,22 +269,38 @@ def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui,
 
 def _adapters(recipe: Recipe, results: list[ModelResult], blobs: dict, work: Path, level: int,
               ui: _Ui) -> tuple[AdapterInfo, ...]:
-    """LoRA adapters ship as they are, one blob each, after checking they fit their base's architecture."""
+    """LoRA adapters ship as they are, one blob each, after checking they fit their base's architecture; a PEFT
+    directory is converted first by llama.cpp's convert_lora_to_gguf.py."""
     arch = {r.info.name: r.info.architecture for r in results}
     out = []
     for spec in recipe.adapters:
         ui.step(f"adapter {spec.name}: {spec.source.name}")
-        adapter = gguf_info.read(spec.source)
+        path = spec.source
+        if path.is_dir():
+            path = work / f"adapter-{spec.name}.gguf"
+            convert_lora.convert(spec.source, _adapter_base_dir(spec, recipe), path)
+        adapter = gguf_info.read(path)
         if adapter.general_type != "adapter":
             raise PackagerError(f"{spec.source}: not a LoRA adapter GGUF (general.type is {adapter.general_type!r})")
         if adapter.architecture != arch[spec.base]:
             raise PackagerError(f"{spec.source}: adapter is for {adapter.architecture!r}, its base {spec.base!r} "
                                 f"is {arch[spec.base]!r}")
-        digest = Digest(sha256_file(spec.source))
+        digest = Digest(sha256_file(path))
         if digest not in blobs:
-            blobs[digest] = bundle_writer.compress(spec.source, digest, work, level, lambda n: None, MEDIA_GGUF_LORA)
+            blobs[digest] = bundle_writer.compress(path, digest, work, level, lambda n: None, MEDIA_GGUF_LORA)
         out.append(AdapterInfo(spec.name, spec.base, digest, spec.scale))
     return tuple(out)
+
+
+def _adapter_base_dir(spec: AdapterSpec, recipe: Recipe) -> Path:
+    """The Hugging Face directory a PEFT adapter's conversion reads its base's config.json from: its base model's
+    checkpoint."""
+    base = next(m for m in recipe.models if m.name == spec.base)
+    if not base.source.is_dir():
+        raise PackagerError(f"{recipe.path}: adapters.{spec.name}: a PEFT directory needs its base {spec.base!r} "
+                            f"built from its Hugging Face checkpoint directory, not {base.source.name}; or convert it "
+                            "first with edgepack convert-lora --base BASE_HF_DIR")
+    return base.source
 
 
 def parse_size(text: str) -> int:
@@ -294,7 +346,7 @@ def _write_report(directory: Path, job: _ModelJob, source: gguf_info.GGUFInfo, r
     verdict = result.verdict.message if result.verdict else ""
     report.write_report(directory, report.BuildReport(
         model=job.name,
-        reference=f"source {source.path.name} ({source.file_type})",
+        reference=f"source {job.source.name} ({source.file_type})",
         reference_ppl=result.quality.get("ppl_reference"),
         candidates=tuple(result.candidates),
         layers=tuple(result.layers),
@@ -332,7 +384,7 @@ def _choose_quant(source: gguf_info.GGUFInfo, requested: str | None,
 
 
 def _default_name(source: Path) -> str:
-    stem = source.name.removesuffix(".gguf")
+    stem = source.name.removesuffix(".gguf")  # a checkpoint directory: its own name
     return re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip(".-_")[:64] or "model"
 
 

@@ -28,7 +28,7 @@ from .gates import TIERS
 
 
 @click.command()
-@click.argument("source", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("source", required=False, type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help=f"The bundle to write (*{BUNDLE_SUFFIX}).")
 @click.option("--recipe", type=click.Path(dir_okay=False, path_type=Path),
@@ -69,8 +69,8 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
           target_size: str | None, target_bpw: float | None, prune: str | None, tier: str | None,
           eval_text: Path | None, tasks: Path | None, no_eval: bool, report: Path | None, threads: int,
           sign_key: Path | None, quiet: bool) -> None:
-    """Quantize SOURCE (a GGUF model), or the models of a --recipe, for a board and write one compressed,
-    verifiable bundle."""
+    """Quantize SOURCE (a GGUF model, or a Hugging Face checkpoint directory, converted by llama.cpp's
+    convert_hf_to_gguf.py), or the models of a --recipe, for a board and write one compressed, verifiable bundle."""
     if prune is not None and prune != "auto" and not prune.isdigit():
         raise PackagerError(f"--prune {prune!r}: expected 'auto' or a number of blocks")
     if (source is None) == (recipe is None):

@@ -6,11 +6,6 @@ installed llama-cpp-python, fetched once with pip into the user cache, and run b
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
-import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +19,11 @@ from edgepack.runtime.memory import format_mib
 from edgepack.runtime.schema import SchemaError, decode_json
 
 from .errors import PackagerError
-from .llama_source import last_line, llama_cpp_files
+from .llama_source import run_converter
 
 OUTTYPES = ("f16", "f32", "q8_0")
 SCRIPT = "convert_lora_to_gguf.py"
-CONVERTER_FILES = (SCRIPT, "convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")  # of vendor/llama.cpp/
 WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what the script reads, in its order
-SCRIPT_NEEDS = ("torch", "transformers", "safetensors")
 
 
 @dataclass(frozen=True)
@@ -41,33 +34,26 @@ class Converted:
     ranks: tuple[int, ...]
 
 
-def converter_dir() -> Path:
-    """llama.cpp's conversion scripts for the installed llama-cpp-python: the adapter is converted by the same
-    llama.cpp that will load it. Fetched and unpacked on first use; later calls find them in the cache."""
-    return llama_cpp_files(CONVERTER_FILES, check=SCRIPT)
+def is_adapter(path: Path) -> bool:
+    """Whether `path` is a PEFT adapter directory (what PEFT's save_pretrained writes)."""
+    return (path / "adapter_config.json").is_file()
 
 
 def convert(peft_dir: Path, base_dir: Path, output: Path, outtype: str = "f16") -> Converted:
     """Write `output`, llama.cpp's LoRA GGUF of the PEFT adapter in `peft_dir` for the HF model in `base_dir`
     (its config.json is enough: the base's weights are not read)."""
-    _check_inputs(peft_dir, base_dir, output, outtype)
-    missing = [name for name in SCRIPT_NEEDS if importlib.util.find_spec(name) is None]
-    if missing:
-        raise PackagerError(f"convert-lora needs {', '.join(missing)} in this Python: pip install 'edgepack[convert]'")
-    script = converter_dir() / SCRIPT
-    # The script's own gguf-py first: it may need keys newer than the installed gguf has.
-    pythonpath = os.pathsep.join(filter(None, [str(script.parent / "gguf-py"), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}  # the base is local: never ask the hub
+    check_inputs(peft_dir, base_dir)
+    if not output.parent.is_dir():
+        raise PackagerError(f"output directory {output.parent} does not exist")
+    if outtype not in OUTTYPES:
+        raise PackagerError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
     with tempfile.TemporaryDirectory(dir=output.parent) as work:
         # A fixed name: the script fills {ftype}-style templates in its output name; and no half file at `output`.
         partial = Path(work) / "adapter.gguf"
-        done = subprocess.run(
-            [sys.executable, str(script), str(peft_dir), "--base", str(base_dir), "--outfile", str(partial),
-             "--outtype", outtype],
-            capture_output=True, text=True, env=env,
-        )
-        if done.returncode != 0 or not partial.is_file():
-            raise PackagerError(f"{peft_dir}: llama.cpp's {SCRIPT} failed: {last_line(done.stderr)}")
+        run_converter(SCRIPT, [str(peft_dir), "--base", str(base_dir), "--outfile", str(partial),
+                               "--outtype", outtype], peft_dir)
+        if not partial.is_file():
+            raise PackagerError(f"{peft_dir}: llama.cpp's {SCRIPT} wrote nothing")
         partial.replace(output)
     converted = _read_converted(output)
     if not converted.ranks:
@@ -82,7 +68,8 @@ class _AdapterConfig(msgspec.Struct, frozen=True):
     peft_type: Literal["LORA"] = "LORA"
 
 
-def _check_inputs(peft_dir: Path, base_dir: Path, output: Path, outtype: str) -> None:
+def check_inputs(peft_dir: Path, base_dir: Path) -> None:
+    """Refuse, in one line, an adapter directory or a base that the script cannot read."""
     config_path = peft_dir / "adapter_config.json"
     if not config_path.is_file():
         raise PackagerError(f"{config_path}: no such file (a PEFT LoRA adapter directory has adapter_config.json "
@@ -98,10 +85,6 @@ def _check_inputs(peft_dir: Path, base_dir: Path, output: Path, outtype: str) ->
     if not (base_dir / "config.json").is_file():
         raise PackagerError(f"{base_dir / 'config.json'}: no such file (--base is the base model's Hugging Face "
                             "directory; its config.json is enough)")
-    if not output.parent.is_dir():
-        raise PackagerError(f"output directory {output.parent} does not exist")
-    if outtype not in OUTTYPES:
-        raise PackagerError(f"outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
 
 
 def _read_converted(path: Path) -> Converted:

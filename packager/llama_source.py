@@ -1,12 +1,13 @@
 """llama.cpp's own files, from the installed llama-cpp-python's sdist: the llama.cpp it was built from.
 
 Fetched with pip once into the user cache: the sdist itself (cross builds compile it) and unpacked parts of it
-(converters, chat templates). Later calls find them there.
+(converters, chat templates). Later calls find them there. Its Python converters run here, in a child process.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -18,6 +19,10 @@ from pathlib import Path, PurePosixPath
 import click
 
 from .errors import PackagerError
+
+# llama.cpp's Python converters (vendor/llama.cpp/ of the sdist): both scripts share conversion/ and gguf-py
+CONVERTER_FILES = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
+CONVERTER_NEEDS = ("torch", "transformers", "safetensors")  # what every converter imports (the convert extra)
 
 
 def cache_dir() -> Path:
@@ -87,6 +92,30 @@ def _unpack(sdist_path: Path, into: Path, members: tuple[str, ...], check: str) 
                 shutil.copyfileobj(source, out)
     if not (into / check).is_file():
         raise PackagerError(f"{sdist_path.name}: has no vendor/llama.cpp/{check}")
+
+
+def run_converter(script: str, args: list[str], subject: Path, needs: tuple[str, ...] = ()) -> None:
+    """Run llama.cpp's converter `script` (one of CONVERTER_FILES) with `args`, by this interpreter in a child
+    process: the model is converted by the same llama.cpp that will load it. A failure is one PackagerError that
+    names `subject` and the script's last error line."""
+    missing = [name for name in (*CONVERTER_NEEDS, *needs) if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PackagerError(f"{script} needs {', '.join(missing)} in this Python: pip install 'edgepack[convert]'")
+    path = llama_cpp_files(CONVERTER_FILES, check=CONVERTER_FILES[0]) / script
+    # The script's own gguf-py first: it may need keys newer than the installed gguf has.
+    pythonpath = os.pathsep.join(filter(None, [str(path.parent / "gguf-py"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath, "HF_HUB_OFFLINE": "1"}  # sources are local: never ask the hub
+    done = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise PackagerError(f"{subject}: llama.cpp's {script} failed: {_logged(last_line(done.stderr))}")
+
+
+def _logged(line: str) -> str:
+    """A converter's log line without its logging prefix ('ERROR:hf-to-gguf:Model X is not supported')."""
+    level, _, rest = line.partition(":")
+    if level in ("ERROR", "WARNING", "CRITICAL") and ":" in rest:
+        return rest.partition(":")[2].strip()
+    return line
 
 
 def last_line(text: str) -> str:

@@ -33,7 +33,9 @@ EXAMPLE = '''\
 board = "rpi5"                    # optional: a profile from `edgepack boards` (default: this machine)
 
 [models.base]
-source = "base.gguf"              # a GGUF model (f16/bf16/f32 or already quantized)
+source = "base.gguf"              # a GGUF model (f16/bf16/f32 or already quantized), or a Hugging Face
+                                  # checkpoint directory (config.json, tokenizer, safetensors): converted
+                                  # by llama.cpp's convert_hf_to_gguf.py and cached
 quant = "Q4_K_M"                  # a llama.cpp type, or "keep" (default: the board's type / keep)
 # target_size = "160MiB"          # or plan per-tensor types to fit a size instead of one type
 # tier = "general"                # refuse the build if quality degrades more (critical|general|low-risk)
@@ -43,8 +45,8 @@ quant = "Q4_K_M"                  # a llama.cpp type, or "keep" (default: the bo
 # source = "tuned.gguf"
 # quant = "keep"
 
-# [adapters.sql]                  # a LoRA adapter in GGUF (convert PEFT ones with llama.cpp's
-# source = "sql-lora.gguf"        # convert_lora_to_gguf.py), applied on top of its base model
+# [adapters.sql]                  # a LoRA adapter in GGUF, or a PEFT directory (adapter_config.json) over
+# source = "sql-lora.gguf"        # a base built from its checkpoint directory; applied on top of its base
 # base = "base"
 # scale = 1.0
 
@@ -149,8 +151,8 @@ def _recipe(path: Path, doc: _RecipeFile) -> Recipe:
     models = []
     for name, table in doc.models.items():
         t = convert(table, _ModelTable, str(path), f"models.{name}")
-        models.append(ModelSpec(name, _source(path, f"models.{name}", t.source), t.quant, t.target_size, t.tier,
-                                t.chat_template))
+        source = _source(path, f"models.{name}", t.source, directory=_CHECKPOINT)
+        models.append(ModelSpec(name, source, t.quant, t.target_size, t.tier, t.chat_template))
     adapters = []
     for name, table in doc.adapters.items():
         t = convert(table, _AdapterTable, str(path), f"adapters.{name}")
@@ -159,7 +161,8 @@ def _recipe(path: Path, doc: _RecipeFile) -> Recipe:
                                                  f"got {t.base!r}")
         if name in names:
             _fail(path, "adapters", f"expected names different from the models', got {name!r}")
-        adapters.append(AdapterSpec(name, _source(path, f"adapters.{name}", t.source), t.base, t.scale))
+        source = _source(path, f"adapters.{name}", t.source, directory=_PEFT)
+        adapters.append(AdapterSpec(name, source, t.base, t.scale))
     adapter_base = {a.name: a.base for a in adapters}
     agents = tuple(_agent(path, name, table, names, adapter_base) for name, table in doc.agents.items())
     return Recipe(path, doc.board, tuple(models), tuple(adapters), agents)
@@ -193,10 +196,22 @@ def _json_file(path: Path, where: str, text: str) -> Any:
         _fail(path, where, f"{source}: not readable JSON (nested too deeply)")
 
 
-def _source(path: Path, where: str, text: str, key: str = ".source") -> Path:
+# A source may be a directory holding this file: (its name, what such a directory is)
+_CHECKPOINT = ("config.json", "a Hugging Face checkpoint directory")
+_PEFT = ("adapter_config.json", "a PEFT LoRA adapter directory")
+
+
+def _source(path: Path, where: str, text: str, key: str = ".source",
+            directory: tuple[str, str] | None = None) -> Path:
     source = Path(text) if Path(text).is_absolute() else path.parent / text
+    if directory is not None and source.is_dir():
+        marker, kind = directory
+        if not (source / marker).is_file():
+            _fail(path, f"{where}{key}", f"expected {kind} (with {marker}), got {text!r}")
+        return source
     if not source.is_file():
-        _fail(path, f"{where}{key}", f"expected an existing file, got {text!r}")
+        expected = f"an existing file or {directory[1]}" if directory else "an existing file"
+        _fail(path, f"{where}{key}", f"expected {expected}, got {text!r}")
     return source
 
 
