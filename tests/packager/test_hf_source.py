@@ -191,6 +191,13 @@ def test_a_second_build_of_the_same_checkpoint_uses_the_cache(cli_built, llama_d
     assert bundle_manifest(tmp_path / "third.edgepack").blobs == bundle_manifest(cli_built[0]).blobs
 
 
+def test_eval_measures_a_bundle_against_its_checkpoint(cli_built, llama_dir):
+    done = run_cli("eval", str(llama_dir), str(cli_built[0]), "--json", "--chunks", "1", "--ctx", "64")
+    assert done.returncode == 0, done.stderr
+    assert "converted GGUF from the cache" in done.stderr
+    assert json.loads(done.stdout)["top1_agreement"] > 0.9
+
+
 def test_the_digest_covers_what_the_converter_reads(llama_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(llama_dir, copy)

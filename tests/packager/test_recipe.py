@@ -61,3 +61,31 @@ def test_a_bad_tool_declaration_is_refused_naming_it(project, text, message):
     with pytest.raises(PackagerError) as err:
         load(project, HEAD + text)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_model_or_adapter_source_may_be_a_directory_of_its_kind(project):
+    (project / "ckpt").mkdir()
+    (project / "ckpt" / "config.json").write_text("{}")
+    (project / "peft").mkdir()
+    (project / "peft" / "adapter_config.json").write_text("{}")
+    recipe = load(project, "[models.m]\nsource = 'ckpt'\n[adapters.x]\nsource = 'peft'\nbase = 'm'\n")
+    assert recipe.models[0].source == project / "ckpt"
+    assert recipe.adapters[0].source == project / "peft"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[models.m]\nsource = 'peft'\n", "models.m.source: expected a Hugging Face checkpoint directory (with "
+                                      "config.json), got 'peft'"),
+    ("[models.m]\nsource = 'base.gguf'\n[adapters.x]\nsource = 'ckpt'\nbase = 'm'\n",
+     "adapters.x.source: expected a PEFT LoRA adapter directory (with adapter_config.json), got 'ckpt'"),
+    ("[models.m]\nsource = 'nothing'\n", "models.m.source: expected an existing file or a Hugging Face checkpoint "
+                                         "directory, got 'nothing'"),
+])
+def test_a_directory_of_the_wrong_kind_is_refused_naming_the_key(project, text, message):
+    (project / "ckpt").mkdir()
+    (project / "ckpt" / "config.json").write_text("{}")
+    (project / "peft").mkdir()
+    (project / "peft" / "adapter_config.json").write_text("{}")
+    with pytest.raises(PackagerError) as refused:
+        load(project, text)
+    assert str(refused.value) == f"{project / 'edgepack.toml'}: {message}"
