@@ -327,3 +327,20 @@ def test_an_architecture_llama_cpp_cannot_convert_is_the_converters_refusal(llam
                                         "Model NoSuchForCausalLM is not supported")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     assert sorted(cache.rglob("*")) == before  # no half conversion in the cache
+
+
+def test_a_tokenizer_llama_cpp_does_not_know_is_the_converters_refusal(llama_dir, cache, tmp_path):
+    """A byte-level BPE tokenizer whose pre-tokenizer no model llama.cpp knows has: its converter says so."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    shutil.copytree(llama_dir, tmp_path / "ckpt")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (tmp_path / "ckpt" / name).unlink()
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(TEXT.splitlines(), trainers.BpeTrainer(
+        vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(tmp_path / "ckpt")
+    message = _refused(tmp_path / "ckpt", tmp_path)
+    assert message.startswith(f"{tmp_path / 'ckpt'}: llama.cpp's convert_hf_to_gguf.py failed: ")
+    assert message.endswith("BPE pre-tokenizer was not recognized - update get_vocab_base_pre()")
