@@ -287,8 +287,9 @@ def _show(value: object) -> str:
 def register(group: click.Group) -> None:
     from .demo import demo
     from .deploy import ansible_roles_command, delta_command, deploy_command
+    from .encoder_command import build_encoder_command
     from .flash_command import flash_command
 
     for command in (build, init, inspect, eval_command, calibrate, convert_lora, demo, deploy_command, keygen,
-                    wheels_command, delta_command, ansible_roles_command, flash_command):
+                    wheels_command, delta_command, ansible_roles_command, flash_command, build_encoder_command):
         group.add_command(command)

@@ -33,6 +33,9 @@ MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_BLOB_BYTES = 64 * 1024**3  # one segment; far above any split a board can hold
 MEDIA_GGUF_SEGMENT = "application/vnd.edgepack.gguf-split"
 MEDIA_GGUF_LORA = "application/vnd.edgepack.gguf-lora"
+MEDIA_ONNX_GRAPH = "application/vnd.edgepack.onnx-graph"  # an encoder's graph; its big tensors are external data
+MEDIA_ONNX_TENSOR = "application/vnd.edgepack.onnx-tensor"  # one external-data tensor's raw bytes
+MEDIA_TOKENIZER = "application/vnd.edgepack.tokenizer-json"  # Hugging Face tokenizers' tokenizer.json
 
 _DIGEST_RE = re.compile(r"sha256[-:]([0-9a-f]{64})")
 
@@ -116,6 +119,25 @@ class AdapterInfo(Strict):
     scale: float = 1.0
 
 
+class EncoderInfo(Strict):
+    """A sentence encoder run by ONNX Runtime (docs/encoders.md): a graph whose large tensors are external data, one
+    blob each, named by their digests (so encoders built from one base share them), and a tokenizer.json."""
+
+    name: Name  # what clients put in "model" of /v1/embeddings
+    architecture: str  # of the source checkpoint, e.g. bert
+    graph: Digest  # the ONNX graph; external data locations are `sha256-<hex>` of `segments`
+    segments: tuple[Digest, ...]  # the external-data tensors, in the graph's order of first use
+    tokenizer: Digest
+    dimensions: Annotated[int, msgspec.Meta(ge=1)]  # width of the graph's (pooled, normalised) output
+    pooling: Literal["mean", "cls"]  # done inside the graph; recorded for clients and reports
+    normalize: bool  # the graph's output is L2-normalised
+    max_tokens: Annotated[int, msgspec.Meta(ge=2)]  # longer inputs are cut to this many tokens
+    quant: Literal["int8", "fp32"]
+    parameters: Count = 0
+    source: dict[str, Any] = {}
+    quality: dict[str, Any] = {}  # measured against the source model (packager/encoder.py)
+
+
 class AgentInfo(Strict):
     """What clients name in "model": a model, optionally with an adapter, a system prompt, defaults."""
 
@@ -155,7 +177,8 @@ class Manifest(Strict, kw_only=True):
     builder: str
     llama_cpp_version: str
     board: str
-    models: Annotated[tuple[ModelInfo, ...], msgspec.Meta(min_length=1)]
+    models: tuple[ModelInfo, ...]  # empty only in a bundle of encoders
+    encoders: tuple[EncoderInfo, ...] = ()
     adapters: tuple[AdapterInfo, ...] = ()
     agents: tuple[AgentInfo, ...] = ()  # empty: every model is an agent of its own name
     delta_since: str | None = None  # a delta bundle: the blobs of this release are not in the archive
@@ -164,10 +187,19 @@ class Manifest(Strict, kw_only=True):
 
     def __post_init__(self) -> None:
         """What one field cannot say alone: names unique, references resolvable (raised as the schema's error)."""
+        if not self.models and not self.encoders:
+            raise ValueError("models: expected at least one model (or an encoder), got none")
         for kind, names in (("models", [m.name for m in self.models]), ("adapters", [a.name for a in self.adapters]),
-                            ("agents", [a.name for a in self.agents])):
-            if len(set(names)) != len(names):
+                            ("agents", [a.name for a in self.agents]),
+                            ("encoders", [e.name for e in self.encoders] + [a.name for a in self.agent_list()])):
+            if len(set(names)) != len(names):  # encoders: clients name both in "model", so none may be an agent's
                 raise ValueError(f"{kind}: expected unique names, got {names}")
+        for i, encoder in enumerate(self.encoders):
+            for field, digests in (("graph", [encoder.graph]), ("tokenizer", [encoder.tokenizer]),
+                                   ("segments", encoder.segments)):
+                for digest in digests:
+                    if digest not in self.blobs:
+                        raise ValueError(f"encoders[{i}].{field}: expected a digest listed in blobs, got {digest}")
         for i, model in enumerate(self.models):
             for j, digest in enumerate(model.segments):
                 if digest not in self.blobs:
@@ -202,6 +234,12 @@ class Manifest(Strict, kw_only=True):
             if adapter.name == name:
                 return adapter
         raise EdgepackError(f"bundle {self.name!r} has no adapter {name!r}")
+
+    def encoder(self, name: str) -> EncoderInfo:
+        for encoder in self.encoders:
+            if encoder.name == name:
+                return encoder
+        raise EdgepackError(f"bundle {self.name!r} has no encoder {name!r}")
 
     def model(self, name: str | None) -> ModelInfo:
         if name is None:

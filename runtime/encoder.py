@@ -1,0 +1,107 @@
+"""Sentence encoders on ONNX Runtime: a bundle's encoder (its graph, external-data tensors and tokenizer.json, all
+store blobs) as an InferenceSession, turning texts or token ids into embeddings (docs/encoders.md).
+
+onnxruntime and tokenizers are imported here, when an encoder is first loaded: a runtime without them still serves
+LLMs. The graph names its external tensors `sha256-<hex>`, so ONNX Runtime finds them beside the graph in the store's
+blobs/ directory and nothing is copied or reassembled.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .bundle_format import EncoderInfo
+from .errors import EdgepackError
+
+INPUTS = ("input_ids", "attention_mask")  # the graph's inputs, int64 [batch, tokens]
+OUTPUT = "embeddings"  # its output, float32 [batch, dimensions], pooled (and normalised if the manifest says so)
+BATCH = 32  # inputs per session run; similar lengths go together, so little is padding
+
+
+def _module(name: str) -> ModuleType:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise EdgepackError(f"encoders need the {name!r} package ({exc}); install edgepack with its runtime "
+                            f"dependencies (pip install edgepack) on this device") from None
+
+
+class Encoder:
+    """One loaded encoder. `embed` is safe to call from several threads (ONNX Runtime's run and the tokenizer's
+    encode are)."""
+
+    def __init__(self, info: EncoderInfo, graph: Path, tokenizer: Path, *, threads: int) -> None:
+        ort, tokenizers = _module("onnxruntime"), _module("tokenizers")
+        self.info, self.dimensions = info, info.dimensions
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # the LLMs' core choice (runtime/hardware.py), not ONNX Runtime's own
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: warnings about unused initializers are noise on a device
+        try:
+            self._session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a graph it cannot load
+            raise EdgepackError(f"ONNX Runtime could not load encoder {info.name!r}: {exc}") from None
+        inputs = {i.name for i in self._session.get_inputs()}
+        outputs = [o.name for o in self._session.get_outputs()]
+        if inputs != set(INPUTS) or outputs != [OUTPUT]:
+            raise EdgepackError(f"encoder {info.name!r}: expected inputs {list(INPUTS)} and output {OUTPUT!r}, got "
+                                f"{sorted(inputs)} and {outputs}")
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=info.max_tokens)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._head, self._tail = _special_tokens(self._tokenizer)
+        padding = self._tokenizer.token_to_id("[PAD]")
+        self._pad = 0 if padding is None else padding
+
+    def tokens(self, item: str | list[int]) -> list[int]:
+        """What the graph reads for one input: a text's tokens with the tokenizer's special tokens, or given token
+        ids (without special tokens) inside the same; cut to max_tokens, keeping the beginning as the tokenizer
+        does."""
+        if isinstance(item, str):
+            return self._tokenizer.encode(item).ids
+        bad = [t for t in item if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EdgepackError(f"token {bad[0]} is not in the vocabulary of {self.vocab_size} tokens")
+        room = self.info.max_tokens - len(self._head) - len(self._tail)
+        return self._head + list(item[:room]) + self._tail
+
+    def embed(self, items: list[str] | list[list[int]]) -> tuple[np.ndarray, int]:
+        """The inputs' embeddings, float32 [len(items), dimensions] in order, and the tokens read."""
+        sequences = [self.tokens(item) for item in items]
+        out = np.empty((len(sequences), self.dimensions), dtype=np.float32)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        for start in range(0, len(order), BATCH):
+            chosen = order[start:start + BATCH]
+            out[chosen] = self._run([sequences[i] for i in chosen])
+        return out, sum(map(len, sequences))
+
+    def _run(self, sequences: list[list[int]]) -> np.ndarray:
+        width = max(map(len, sequences))
+        ids = np.full((len(sequences), width), self._pad, dtype=np.int64)
+        mask = np.zeros((len(sequences), width), dtype=np.int64)
+        for row, tokens in enumerate(sequences):
+            ids[row, :len(tokens)] = tokens
+            mask[row, :len(tokens)] = 1
+        (vectors,) = self._session.run([OUTPUT], {"input_ids": ids, "attention_mask": mask})
+        if not np.all(np.isfinite(vectors)):
+            raise EdgepackError(f"encoder {self.info.name!r} produced a non-finite embedding")
+        return vectors
+
+    def close(self) -> None:
+        self._session = None
+
+
+def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer's post-processor puts before and after a text (BERT: [CLS], [SEP]), read
+    from the encoding of a one-token text, so token-id inputs get the same frame as texts."""
+    encoding = tokenizer.encode("a")
+    body = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
+    if len(body) != 1:
+        raise EdgepackError("the encoder's tokenizer does not frame a text with special tokens as expected")
+    return encoding.ids[:body[0]], encoding.ids[body[0] + 1:]
