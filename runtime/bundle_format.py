@@ -191,7 +191,8 @@ class Manifest(Strict, kw_only=True):
             raise ValueError("models: expected at least one model (or an encoder), got none")
         for kind, names in (("models", [m.name for m in self.models]), ("adapters", [a.name for a in self.adapters]),
                             ("agents", [a.name for a in self.agents]),
-                            ("encoders", [e.name for e in self.encoders] + [a.name for a in self.agent_list()])):
+                            ("encoders", [e.name for e in self.encoders]
+                             + sorted({a.name for a in self.agent_list()} | {m.name for m in self.models}))):
             if len(set(names)) != len(names):  # encoders: clients name both in "model", so none may be an agent's
                 raise ValueError(f"{kind}: expected unique names, got {names}")
         for i, encoder in enumerate(self.encoders):

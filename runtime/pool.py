@@ -6,7 +6,9 @@ checks the budget: weights not yet mapped by another loaded model (shared segmen
 its KV cache and compute buffers. When that does not fit, idle models (no request in flight) are
 evicted, least recently used first; then the context is shrunk (halving, down to 256 tokens per slot);
 when even that does not fit the request is refused (HTTP 503) and nothing is allocated. A model no
-request has used for `keep_alive` seconds is evicted by `evict_expired`.
+request has used for `keep_alive` seconds is evicted by `evict_expired`. Encoders (ONNX Runtime sessions for
+/v1/embeddings, runtime/encoder.py) live in the same budget: loaded on first use, counted at their measured size,
+evicted with the models, least recently used first.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .bundle_format import AgentInfo, Digest, Manifest
+from .encoder import Encoder
 from .engine import Engine
 from .errors import EdgepackError
 from .files import sha256_file
@@ -58,6 +61,19 @@ class Loaded:
     reported: bool = False  # its load is in the metrics (every request that waited for it sees it loaded)
 
 
+# ONNX Runtime copies external tensors into its own buffers and pre-packs the weights of its 8-bit kernels: room for
+# twice the blobs is asked before a load; what the load really took (measured) is counted after it.
+ENCODER_LOAD_FACTOR = 2
+
+
+@dataclass
+class LoadedEncoder:
+    encoder: Encoder
+    bytes: int  # measured growth of the process at load (at least its blobs)
+    last_used: float
+    users: int = 0
+
+
 class ModelPool:
     def __init__(
         self,
@@ -82,6 +98,7 @@ class ModelPool:
         self._adapters = store.adapter_paths(manifest)
         self._scales = {a.name: a.scale for a in manifest.adapters}
         self.loaded: dict[str, Loaded] = {}
+        self.encoders: dict[str, LoadedEncoder] = {}
         self._loading = threading.Lock()  # held while loading or evicting
         self._state = threading.Lock()  # guards `loaded` and the users counts
         self.base = process_memory()[0]  # Python, libraries: what the process uses before any model
@@ -95,7 +112,8 @@ class ModelPool:
 
     def usage(self) -> int:
         """Estimated bytes in use: the process before models, mapped weights (once), contexts."""
-        return self.base + self._weights(self.loaded.values()) + sum(m.context for m in self.loaded.values())
+        return self.base + self._weights(self.loaded.values()) + sum(m.context for m in self.loaded.values()) \
+            + sum(e.bytes for e in self.encoders.values())
 
     @staticmethod
     def _weights(models) -> int:  # noqa: ANN001 - an iterable of Loaded
@@ -150,21 +168,76 @@ class ModelPool:
                 model.users -= 1
                 model.last_used = self._clock()
 
+    def acquire_encoder(self, name: str) -> Encoder:
+        """The encoder, loading it first within the budget (raises DoesNotFit); the caller must `release_encoder`."""
+        with self._state:
+            loaded = self.encoders.get(name)
+            if loaded is not None:
+                loaded.users += 1
+                return loaded.encoder
+        with self._loading:
+            with self._state:
+                loaded = self.encoders.get(name)
+                if loaded is not None:
+                    loaded.users += 1
+                    return loaded.encoder
+            loaded = self._load_encoder(name)
+            with self._state:
+                self.encoders[name] = loaded
+                loaded.users += 1
+            return loaded.encoder
+
+    def release_encoder(self, name: str) -> None:
+        with self._state:
+            loaded = self.encoders.get(name)
+            if loaded is not None:
+                loaded.users -= 1
+                loaded.last_used = self._clock()
+
+    def _load_encoder(self, name: str) -> LoadedEncoder:
+        info = self.manifest.encoder(name)
+        digests = [info.graph, *info.segments, info.tokenizer]
+        need = ENCODER_LOAD_FACTOR * sum(self.manifest.blobs[d].size for d in digests)
+        while self.budget.bytes - HEADROOM - self.usage() < need:
+            idle = self._idle()
+            if not idle:
+                busy = self.base + HEADROOM + need <= self.budget.bytes
+                raise DoesNotFit(f"encoder {name!r} needs about {format_mib(need)} and does not fit the memory budget "
+                                 f"of {format_mib(self.budget.bytes)} ({self.budget.reason}) "
+                                 f"{'while models are busy; retry later' if busy else 'at all'}", busy=busy)
+            self._evict(idle[0][1], f"to make room for {name}")
+        self._verify(digests, f"encoder {name!r}")
+        before = process_memory()[0]
+        started = time.monotonic()
+        encoder = Encoder(info, self.store.blob_path(info.graph), self.store.blob_path(info.tokenizer),
+                          threads=self.config.threads)
+        grown = max(process_memory()[0] - before, need // ENCODER_LOAD_FACTOR)
+        self._log(f"loaded encoder {name} in {time.monotonic() - started:.1f}s ({format_mib(grown)}; in use "
+                  f"{format_mib(self.usage() + grown)} of {format_mib(self.budget.bytes)})")
+        return LoadedEncoder(encoder, grown, self._clock())
+
+    def _idle(self) -> list[tuple[float, str]]:
+        """Models and encoders no request is using, least recently used first."""
+        with self._state:
+            return sorted([(m.last_used, n) for n, m in self.loaded.items() if m.users == 0]
+                          + [(e.last_used, n) for n, e in self.encoders.items() if e.users == 0])
+
     def evict_expired(self) -> list[str]:
-        """Evict models idle for longer than keep_alive."""
+        """Evict models and encoders idle for longer than keep_alive."""
         if self.keep_alive is None:
             return []
         with self._loading:
             now = self._clock()
             with self._state:
-                expired = [n for n, m in self.loaded.items() if m.users == 0 and now - m.last_used >= self.keep_alive]
+                expired = [n for n, m in [*self.loaded.items(), *self.encoders.items()]
+                           if m.users == 0 and now - m.last_used >= self.keep_alive]
             for name in expired:
                 self._evict(name, f"idle for {self.keep_alive:g}s")
         return expired
 
     def close(self) -> None:
         with self._loading:
-            for name in list(self.loaded):
+            for name in [*self.loaded, *self.encoders]:
                 self._evict(name, "shutting down", count=False)
 
     # ---- loading ----
@@ -174,11 +247,14 @@ class ModelPool:
         on disk since its install (bit rot on an SD card) is refused by name and never served. The read also fills
         the page cache that llama.cpp's mmap then uses."""
         info = self.manifest.model(name)
-        for digest in [*info.segments, *(a.digest for a in self.manifest.adapters if a.base == name)]:
+        self._verify([*info.segments, *(a.digest for a in self.manifest.adapters if a.base == name)], f"model {name!r}")
+
+    def _verify(self, digests: list[Digest], what: str) -> None:
+        for digest in digests:
             if digest in self._verified:
                 continue
             if sha256_file(self.store.blob_path(digest)) != digest.hex:
-                raise EdgepackError(f"blob {digest} of model {name!r} is damaged on disk (its sha256 no longer "
+                raise EdgepackError(f"blob {digest} of {what} is damaged on disk (its sha256 no longer "
                                     "matches the manifest): install the release again; `edgepack doctor --store` "
                                     "checks every blob")
             self._verified.add(digest)
@@ -256,13 +332,12 @@ class ModelPool:
         embedder = context_bytes(shape, 512, 1, "f16", 512) if name in self.embedding_models else 0
         wanted = context_bytes(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch) + embedder
         while room() < wanted:
-            with self._state:
-                idle = sorted((m.last_used, n) for n, m in self.loaded.items() if m.users == 0)
+            idle = self._idle()
             if not idle:
                 break
-            before = len(self.loaded)
+            before = len(self.loaded) + len(self.encoders)
             self._evict(idle[0][1], f"to make room for {name}")
-            if len(self.loaded) == before:
+            if len(self.loaded) + len(self.encoders) == before:
                 break
         n_ctx = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, room() - embedder)
         if n_ctx is None:
@@ -281,6 +356,19 @@ class ModelPool:
         return n_ctx
 
     def _evict(self, name: str, why: str, count: bool = True) -> None:
+        with self._state:
+            encoder = self.encoders.get(name)
+            if encoder is not None:
+                if encoder.users and count:
+                    return  # in use again: keep it
+                del self.encoders[name]
+        if encoder is not None:
+            encoder.encoder.close()
+            return_freed_memory()
+            if count:
+                self.evictions += 1
+            self._log(f"evicted encoder {name} ({why})")
+            return
         with self._state:
             model = self.loaded.get(name)
             if model is None or (model.users and count):

@@ -34,6 +34,7 @@ from .alerts import AlertWindow
 from .auth import NO_KEYS, ApiKeys, RequireApiKey
 from .bundle_format import AgentInfo
 from .chat_prompt import ChatPrompt, call_docs, chat_prompt, delta_docs
+from .embeddings_api import EmbeddingsApi
 from .engine import Engine, Generation, Sampling
 from .errors import ContextOverflow, EdgepackError
 from .grammar import SchemaNotSupported
@@ -133,6 +134,7 @@ class Service:
             Route("/models", self.models),  # llama-server's paths: the same routes without /v1
             Route("/chat/completions", self.chat, methods=["POST"]),
             *LlamaServerApi(self).routes(),
+            *EmbeddingsApi(self).routes(),
         ]
         # Outermost first: CORS answers a browser's preflight (which carries no key) and marks refusals too, so a
         # page can read them; a malformed head is refused before any key is compared.
@@ -299,7 +301,9 @@ class Service:
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: HttpRequest) -> Response:
-        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "edgepack"} for n in self.agents]
+        encoders = [e.name for e in self.pool.manifest.encoders] if self.pool is not None else []
+        data = [{"id": n, "object": "model", "created": self.created, "owned_by": "edgepack"}
+                for n in [*self.agents, *encoders]]
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: HttpRequest) -> Response:
