@@ -190,7 +190,8 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def eval_command(reference: str, candidate: str, text_file: Path | None, tasks_file: Path | None, ctx: int,
                  scoring: str, max_chunks: int | None, threads: int, as_json: bool) -> None:
-    """Measure CANDIDATE against REFERENCE (each a .gguf, or a .edgepack[#model]): PPL, KLD, top-1, tasks."""
+    """Measure CANDIDATE against REFERENCE (each a .gguf, a checkpoint directory, or a .edgepack[#model]): PPL, KLD,
+    top-1, tasks."""
     started = time.monotonic()
     text = read_text(text_file) if text_file else evaluate.default_text("eval")
     with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as scratch:
