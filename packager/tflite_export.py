@@ -1,0 +1,248 @@
+"""A sentence encoder (an HF BERT checkpoint laid out as sentence-transformers saves it) to one .tflite for boards that
+run TFLite (tflite-runtime, ai-edge-litert) rather than ONNX Runtime: mean pooling and L2 normalisation are inside the
+graph, converted by litert-torch (no TensorFlow), made INT8 by ai-edge-quantizer, and measured against the torch model
+on encoder_eval's retrieval set. Why these tools and what they cost: docs/tflite.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from edgepack.runtime.memory import format_mib
+
+from .errors import PackagerError
+
+if TYPE_CHECKING:
+    from .encoder_eval import EncoderMetrics
+
+Quant = Literal["fp32", "int8", "int8-weights"]
+# int8: weights int8 per channel, activations quantized on the fly (integer matmuls: smaller and faster).
+# int8-weights: weights int8, dequantized to float before each op (smaller only; closest to fp32).
+# Full-integer (static) int8 was tried and is not offered: cosine to fp32 0.62 on MiniLM (docs/tflite.md).
+QUANTS: tuple[str, ...] = ("fp32", "int8", "int8-weights")
+# TFLite tensors have fixed shapes (litert-torch 0.10 cannot lower MiniLM with a dynamic batch or length), so the file
+# carries one signature per (batch, tokens); they share the weights, each costs about 1 MiB of graph.
+BATCHES = (1, 16)
+TOKEN_BUCKETS = (32, 128, 256)
+INPUTS = ("input_ids", "attention_mask")  # int32 [batch, tokens]; padding rows and columns have mask 0
+OUTPUT = "embeddings"  # float32 [batch, dimensions], pooled and L2-normalised
+
+# (module, pip requirement): the converter stack, imported only when an export runs.
+CONVERTER = (("torch", "torch==2.13.0"), ("transformers", "transformers==4.57.6"),
+             ("litert_torch", "litert-torch==0.10.0"), ("ai_edge_quantizer", "ai-edge-quantizer==0.10.0"),
+             ("ai_edge_litert.interpreter", "ai-edge-litert==2.3.0"), ("tokenizers", "tokenizers"))
+
+
+@dataclass(frozen=True)
+class TFLiteResult:
+    path: Path
+    quant: str
+    signatures: tuple[str, ...]
+    source_bytes: int  # the checkpoint's weights (safetensors)
+    fp32_bytes: int  # the converted fp32 .tflite, before quantization
+    bytes: int  # the written file
+    metrics: EncoderMetrics  # this file against the torch fp32 model
+    seconds: float
+
+    def summary(self) -> str:
+        m = self.metrics
+        return "\n".join((
+            f"{self.path.name}: {self.quant}, {len(self.signatures)} signatures ({', '.join(self.signatures)})",
+            f"  size: checkpoint {format_mib(self.source_bytes, 1)}, fp32 .tflite {format_mib(self.fp32_bytes, 1)}, "
+            f"written {format_mib(self.bytes, 1)}",
+            f"  vs torch fp32 on {m.sentences} sentences: cosine mean {m.cosine_mean:.5f} min {m.cosine_min:.5f}, "
+            f"nearest-neighbour agreement {m.top1_agreement:.1%}, retrieval {m.candidate_accuracy:.1%} "
+            f"(torch {m.reference_accuracy:.1%})",
+            f"  took {self.seconds:.0f} s"))
+
+
+def signature_name(batch: int, tokens: int) -> str:
+    return f"embed_{batch}x{tokens}"
+
+
+def export_tflite(model_dir: Path, out_path: Path, quant: str = "fp32", *,
+                  batches: tuple[int, ...] = BATCHES) -> TFLiteResult:
+    """Convert, quantize and measure; the .tflite is written only once it has been measured."""
+    if quant not in QUANTS:
+        raise PackagerError(f"unknown TFLite quantization {quant!r}: choose {', '.join(QUANTS)}")
+    if 1 not in batches:
+        raise PackagerError(f"TFLite batch sizes {batches}: 1 must be among them (it runs what is left over)")
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    started = time.monotonic()
+    max_tokens = _check_layout(model_dir)
+    modules = _converter_modules()
+    buckets = tuple(t for t in TOKEN_BUCKETS if t < max_tokens) + (max_tokens,)
+    shapes = [(b, t) for b in batches for t in buckets]
+    encoder = _torch_encoder(modules, model_dir)
+    with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as tmp:
+        fp32 = Path(tmp) / "fp32.tflite"
+        _convert(modules, encoder, shapes, fp32)
+        candidate = fp32 if quant == "fp32" else _quantize(modules, fp32, quant, Path(tmp) / "quant.tflite")
+        metrics = _measure(modules, encoder, model_dir, candidate, max_tokens)
+        fp32_bytes = fp32.stat().st_size
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(candidate, out_path)
+    return TFLiteResult(out_path, quant, tuple(signature_name(b, t) for b, t in shapes),
+                        sum(f.stat().st_size for f in model_dir.glob("*.safetensors")), fp32_bytes,
+                        out_path.stat().st_size, metrics, time.monotonic() - started)
+
+
+def _converter_modules() -> dict[str, ModuleType]:
+    modules, missing = {}, []
+    for name, requirement in CONVERTER:
+        try:
+            modules[name] = importlib.import_module(name)
+        except ImportError:
+            missing.append(requirement)
+    if missing:
+        raise PackagerError(f"TFLite export needs {', '.join(missing)} (about 1.4 GB with torch; docs/tflite.md): "
+                            f"pip install {' '.join(missing)}")
+    return modules
+
+
+def _check_layout(model_dir: Path) -> int:
+    """The checkpoint must be a BERT-style encoder with mean pooling, as sentence-transformers saves it; returns the
+    longest input it takes (its max_seq_length)."""
+    config = _read_json(model_dir / "config.json")
+    if not list(model_dir.glob("*.safetensors")):
+        raise PackagerError(f"{model_dir}: no .safetensors weights")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise PackagerError(f"{model_dir}: no tokenizer.json (the device tokenizes with the tokenizers library)")
+    pooling = model_dir / "1_Pooling" / "config.json"
+    if pooling.is_file() and not _read_json(pooling).get("pooling_mode_mean_tokens", False):
+        raise PackagerError(f"{pooling}: pooling_mode_mean_tokens is not true; only mean pooling is exported")
+    sbert = model_dir / "sentence_bert_config.json"
+    limit = _read_json(sbert).get("max_seq_length") if sbert.is_file() else None
+    positions = config.get("max_position_embeddings", 512)
+    if not isinstance(limit, int) or not 2 <= limit <= positions:
+        limit = min(positions, 512)
+    return limit
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PackagerError(f"{path}: missing") from None
+    except (OSError, ValueError) as exc:
+        raise PackagerError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise PackagerError(f"{path}: expected a JSON object")
+    return value
+
+
+def _torch_encoder(modules: dict[str, ModuleType], model_dir: Path) -> Any:
+    torch, transformers = modules["torch"], modules["transformers"]
+
+    class Encoder(torch.nn.Module):
+        """sentence-transformers' Transformer -> mean Pooling -> Normalize, as one module with named inputs."""
+
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> dict[str, Any]:
+            # one [1, 1] segment id broadcast over the batch: zeros_like(input_ids) would be folded into a constant
+            # [batch, tokens, hidden] per signature, 6 MiB for 16x256
+            segment = torch.zeros((1, 1), dtype=input_ids.dtype)
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                                token_type_ids=segment).last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return {OUTPUT: torch.nn.functional.normalize(pooled, p=2, dim=1)}
+
+    try:
+        # eager attention: sdpa's fused kernel has no TFLite lowering
+        model = transformers.AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
+    except (OSError, ValueError) as exc:
+        raise PackagerError(f"{model_dir}: transformers cannot load it: {exc}") from None
+    return Encoder(model).eval()
+
+
+def _convert(modules: dict[str, ModuleType], encoder: Any, shapes: list[tuple[int, int]], out: Path) -> None:
+    torch, litert_torch = modules["torch"], modules["litert_torch"]
+    converter: Any = litert_torch
+    for batch, tokens in shapes:
+        sample = {name: torch.ones((batch, tokens), dtype=torch.int32) for name in INPUTS}
+        converter = converter.signature(signature_name(batch, tokens), encoder, sample_kwargs=sample)
+    try:
+        converter.convert().export(str(out))
+    except Exception as exc:  # noqa: BLE001 - litert-torch raises torch, JAX and MLIR errors alike
+        raise PackagerError(f"litert-torch could not convert the encoder: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _quantize(modules: dict[str, ModuleType], fp32: Path, quant: str, out: Path) -> Path:
+    aeq = modules["ai_edge_quantizer"]
+    recipe = aeq.recipe.dynamic_wi8_afp32() if quant == "int8" else aeq.recipe.weight_only_wi8_afp32()
+    quantizer = aeq.quantizer.Quantizer(str(fp32))
+    quantizer.load_quantization_recipe(recipe)
+    quantizer.quantize(enable_progress_report=False).export_model(str(out), overwrite=True)
+    return out
+
+
+def _measure(modules: dict[str, ModuleType], encoder: Any, model_dir: Path, tflite: Path,
+             max_tokens: int) -> EncoderMetrics:
+    from . import encoder_eval
+
+    texts = encoder_eval.sentences()
+    tokenizer = modules["tokenizers"].Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_tokens)
+    ids, mask = _pad([e.ids for e in tokenizer.encode_batch(texts)], max_tokens)
+    torch = modules["torch"]
+    with torch.no_grad():
+        reference = encoder(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)))[OUTPUT]
+    interpreter = modules["ai_edge_litert.interpreter"].Interpreter(model_path=str(tflite), num_threads=2)
+    candidate = embed(interpreter, [e.ids for e in tokenizer.encode_batch(texts)])
+    encoder_eval.check_shapes(reference.numpy(), candidate)
+    return encoder_eval.compare(reference.numpy(), candidate)
+
+
+def embed(interpreter: Any, token_ids: list[list[int]]) -> np.ndarray:
+    """Embeddings of tokenized texts by one of the file's interpreters (tflite-runtime's or ai-edge-litert's): texts of
+    similar length run together in the largest batch signature they fill (a padding row costs as much as a text), each
+    through the shortest signature that holds its longest text, padded with mask 0."""
+    shapes = sorted(_signature_shape(name) for name in interpreter.get_signature_list())
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    out: list[np.ndarray | None] = [None] * len(token_ids)
+    start = 0
+    while start < len(order):
+        batch = max(b for b, _ in shapes if b <= len(order) - start)
+        chunk = order[start:start + batch]
+        longest = max(len(token_ids[i]) for i in chunk)
+        tokens = min((t for b, t in shapes if b == batch and t >= longest), default=None)
+        if tokens is None:
+            raise PackagerError(f"an input of {longest} tokens is longer than the .tflite's signatures take")
+        ids, mask = _pad([token_ids[i] for i in chunk], tokens, rows=batch)
+        runner = interpreter.get_signature_runner(signature_name(batch, tokens))
+        result = runner(input_ids=ids, attention_mask=mask)[OUTPUT]
+        for row, i in enumerate(chunk):
+            out[i] = result[row]
+        start += batch
+    return np.stack(out)  # type: ignore[arg-type]
+
+
+def _signature_shape(name: str) -> tuple[int, int]:
+    batch, _, tokens = name.removeprefix("embed_").partition("x")
+    return int(batch), int(tokens)
+
+
+def _pad(token_ids: list[list[int]], tokens: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.zeros((rows or len(token_ids), tokens), np.int32)
+    mask = np.zeros_like(ids)
+    for row, seq in enumerate(token_ids):
+        length = min(len(seq), tokens)
+        ids[row, :length] = seq[:length]
+        mask[row, :length] = 1
+    return ids, mask
