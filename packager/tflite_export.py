@@ -30,6 +30,10 @@ Quant = Literal["fp32", "int8", "int8-weights"]
 # int8-weights: weights int8, dequantized to float before each op (smaller only; closest to fp32).
 # Full-integer (static) int8 was tried and is not offered: cosine to fp32 0.62 on MiniLM (docs/tflite.md).
 QUANTS: tuple[str, ...] = ("fp32", "int8", "int8-weights")
+# The interpreter each file needs: tflite-runtime 2.14 runs the per-channel dynamic-range int8 file but its embeddings
+# are wrong (cosine 0.06 to fp32), so that one needs ai-edge-litert; measured in docs/tflite.md.
+RUNTIMES = {"fp32": "tflite-runtime>=2.14 or ai-edge-litert>=2.3", "int8": "ai-edge-litert>=2.3",
+            "int8-weights": "tflite-runtime>=2.14 or ai-edge-litert>=2.3"}
 # TFLite tensors have fixed shapes (litert-torch 0.10 cannot lower MiniLM with a dynamic batch or length), so the file
 # carries one signature per (batch, tokens); they share the weights, each costs about 1 MiB of graph.
 BATCHES = (1, 16)
@@ -54,10 +58,15 @@ class TFLiteResult:
     metrics: EncoderMetrics  # this file against the torch fp32 model
     seconds: float
 
+    @property
+    def runtime(self) -> str:
+        return RUNTIMES[self.quant]
+
     def summary(self) -> str:
         m = self.metrics
         return "\n".join((
-            f"{self.path.name}: {self.quant}, {len(self.signatures)} signatures ({', '.join(self.signatures)})",
+            f"{self.path.name}: {self.quant} for {self.runtime}, {len(self.signatures)} signatures "
+            f"({', '.join(self.signatures)})",
             f"  size: checkpoint {format_mib(self.source_bytes, 1)}, fp32 .tflite {format_mib(self.fp32_bytes, 1)}, "
             f"written {format_mib(self.bytes, 1)}",
             f"  vs torch fp32 on {m.sentences} sentences: cosine mean {m.cosine_mean:.5f} min {m.cosine_min:.5f}, "
@@ -92,6 +101,7 @@ def export_tflite(model_dir: Path, out_path: Path, quant: str = "fp32", *,
         fp32_bytes = fp32.stat().st_size
         out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(candidate, out_path)
+    out_path.chmod(0o644)  # ai-edge-quantizer writes its file executable
     return TFLiteResult(out_path, quant, tuple(signature_name(b, t) for b, t in shapes),
                         sum(f.stat().st_size for f in model_dir.glob("*.safetensors")), fp32_bytes,
                         out_path.stat().st_size, metrics, time.monotonic() - started)

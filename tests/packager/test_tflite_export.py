@@ -93,6 +93,7 @@ def test_int8_file_is_a_third_the_size_and_keeps_the_rankings(exported: dict[str
     assert result.metrics.cosine_mean > 0.995 and result.metrics.cosine_min > 0.99
     assert result.metrics.top1_agreement >= 0.975  # within the general tier (2%); measured 98.8%
     assert result.metrics.candidate_accuracy == result.metrics.reference_accuracy
+    assert result.runtime == "ai-edge-litert>=2.3"  # tflite-runtime 2.14 computes this file wrongly
 
 
 DEVICE_SIDE = """
