@@ -36,13 +36,13 @@ def build_encoder_command(source: Path, output: Path, name: str, quant: str, tie
                           bundle_version: int | None, sign_key: Path | None, threads: int, quiet: bool) -> None:
     """Export SOURCE (a sentence-transformers BERT checkpoint directory, e.g. all-MiniLM-L6-v2) to ONNX, quantize
     it, measure it against the source model and write a bundle that serves /v1/embeddings."""
+    started = time.monotonic()
+    parsed = encoder.read_source(source)  # a wrong directory is refused before torch is imported
     import torch
 
     from .build import _now  # the build time, SOURCE_DATE_EPOCH honoured, as `edgepack build` records it
 
     torch.set_num_threads(threads)
-    started = time.monotonic()
-    parsed = encoder.read_source(source)
     log = (lambda line: None) if quiet else (lambda line: click.echo(f"edgepack: {line}", err=True))
     key = signatures.load_private(sign_key) if sign_key else None
     with tempfile.TemporaryDirectory(prefix="edgepack-encoder-") as tmp:
