@@ -1,31 +1,32 @@
 """A sentence encoder (an HF BERT checkpoint laid out as sentence-transformers saves it) to one .tflite for boards that
-run TFLite (tflite-runtime, ai-edge-litert) rather than ONNX Runtime: mean pooling and L2 normalisation are inside the
-graph, converted by litert-torch (no TensorFlow), made INT8 by ai-edge-quantizer, and measured against the torch model
-on encoder_eval's retrieval set. Why these tools and what they cost: docs/tflite.md.
+run TFLite (tflite-runtime, ai-edge-litert) rather than ONNX Runtime: pooling and normalisation inside the graph, as
+the ONNX export has them (encoder.py reads the checkpoint and pools), converted by litert-torch (no TensorFlow), made
+INT8 by ai-edge-quantizer, measured against the torch model on encoder_eval's set. Why these tools: docs/tflite.md.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgepack.runtime.encoder import INPUTS, OUTPUT  # the ONNX encoder's names; here int32 in, float32 out
 from edgepack.runtime.memory import format_mib
 
+from . import encoder_eval
+from .encoder import EncoderSource, _load_torch, _pooled, _torch_embeddings, read_source
 from .errors import PackagerError
 
 if TYPE_CHECKING:
     from .encoder_eval import EncoderMetrics
 
-Quant = Literal["fp32", "int8", "int8-weights"]
 # int8: weights int8 per channel, activations quantized on the fly (integer matmuls: smaller and faster).
 # int8-weights: weights int8, dequantized to float before each op (smaller only; closest to fp32).
 # Full-integer (static) int8 was tried and is not offered: cosine to fp32 0.62 on MiniLM (docs/tflite.md).
@@ -35,16 +36,14 @@ QUANTS: tuple[str, ...] = ("fp32", "int8", "int8-weights")
 RUNTIMES = {"fp32": "tflite-runtime>=2.14 or ai-edge-litert>=2.3", "int8": "ai-edge-litert>=2.3",
             "int8-weights": "tflite-runtime>=2.14 or ai-edge-litert>=2.3"}
 # TFLite tensors have fixed shapes (litert-torch 0.10 cannot lower MiniLM with a dynamic batch or length), so the file
-# carries one signature per (batch, tokens); they share the weights, each costs about 1 MiB of graph.
+# carries one signature per (batch, tokens); they share the weights (six add 1.1 MiB to MiniLM's 86.7 MiB).
 BATCHES = (1, 16)
-TOKEN_BUCKETS = (32, 128, 256)
-INPUTS = ("input_ids", "attention_mask")  # int32 [batch, tokens]; padding rows and columns have mask 0
-OUTPUT = "embeddings"  # float32 [batch, dimensions], pooled and L2-normalised
+TOKEN_BUCKETS = (32, 128, 256)  # and the model's max_seq_length, the last bucket
 
 # (module, pip requirement): the converter stack, imported only when an export runs.
 CONVERTER = (("torch", "torch==2.13.0"), ("transformers", "transformers==4.57.6"),
              ("litert_torch", "litert-torch==0.10.0"), ("ai_edge_quantizer", "ai-edge-quantizer==0.10.0"),
-             ("ai_edge_litert.interpreter", "ai-edge-litert==2.3.0"), ("tokenizers", "tokenizers"))
+             ("ai_edge_litert.interpreter", "ai-edge-litert==2.3.0"))
 
 
 @dataclass(frozen=True)
@@ -86,24 +85,24 @@ def export_tflite(model_dir: Path, out_path: Path, quant: str = "fp32", *,
         raise PackagerError(f"unknown TFLite quantization {quant!r}: choose {', '.join(QUANTS)}")
     if 1 not in batches:
         raise PackagerError(f"TFLite batch sizes {batches}: 1 must be among them (it runs what is left over)")
-    model_dir, out_path = Path(model_dir), Path(out_path)
+    out_path = Path(out_path)
     started = time.monotonic()
-    max_tokens = _check_layout(model_dir)
+    source = read_source(Path(model_dir))
     modules = _converter_modules()
-    buckets = tuple(t for t in TOKEN_BUCKETS if t < max_tokens) + (max_tokens,)
+    buckets = tuple(t for t in TOKEN_BUCKETS if t < source.max_tokens) + (source.max_tokens,)
     shapes = [(b, t) for b in batches for t in buckets]
-    encoder = _torch_encoder(modules, model_dir)
+    model = _load_torch(source)
     with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as tmp:
         fp32 = Path(tmp) / "fp32.tflite"
-        _convert(modules, encoder, shapes, fp32)
+        _convert(modules, _graph_module(modules["torch"], model, source), shapes, fp32)
         candidate = fp32 if quant == "fp32" else _quantize(modules, fp32, quant, Path(tmp) / "quant.tflite")
-        metrics = _measure(modules, encoder, model_dir, candidate, max_tokens)
+        metrics = _measure(modules, model, source, candidate)
         fp32_bytes = fp32.stat().st_size
         out_path.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(candidate, out_path)
     out_path.chmod(0o644)  # ai-edge-quantizer writes its file executable
     return TFLiteResult(out_path, quant, tuple(signature_name(b, t) for b, t in shapes),
-                        sum(f.stat().st_size for f in model_dir.glob("*.safetensors")), fp32_bytes,
+                        sum(f.stat().st_size for f in source.path.glob("*.safetensors")), fp32_bytes,
                         out_path.stat().st_size, metrics, time.monotonic() - started)
 
 
@@ -120,63 +119,31 @@ def _converter_modules() -> dict[str, ModuleType]:
     return modules
 
 
-def _check_layout(model_dir: Path) -> int:
-    """The checkpoint must be a BERT-style encoder with mean pooling, as sentence-transformers saves it; returns the
-    longest input it takes (its max_seq_length)."""
-    config = _read_json(model_dir / "config.json")
-    if not list(model_dir.glob("*.safetensors")):
-        raise PackagerError(f"{model_dir}: no .safetensors weights")
-    if not (model_dir / "tokenizer.json").is_file():
-        raise PackagerError(f"{model_dir}: no tokenizer.json (the device tokenizes with the tokenizers library)")
-    pooling = model_dir / "1_Pooling" / "config.json"
-    if pooling.is_file() and not _read_json(pooling).get("pooling_mode_mean_tokens", False):
-        raise PackagerError(f"{pooling}: pooling_mode_mean_tokens is not true; only mean pooling is exported")
-    sbert = model_dir / "sentence_bert_config.json"
-    limit = _read_json(sbert).get("max_seq_length") if sbert.is_file() else None
-    positions = config.get("max_position_embeddings", 512)
-    if not isinstance(limit, int) or not 2 <= limit <= positions:
-        limit = min(positions, 512)
-    return limit
+def _graph_module(torch: ModuleType, model: Any, source: EncoderSource) -> Any:
+    """encoder.py's pooled module with two changes for a fixed-shape graph: the output is named, and the segment id
+    is one [1, 1] zero broadcast over the batch (zeros_like(input_ids) folds into a constant [batch, tokens, hidden]
+    per signature: 10 MiB over six)."""
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PackagerError(f"{path}: missing") from None
-    except (OSError, ValueError) as exc:
-        raise PackagerError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise PackagerError(f"{path}: expected a JSON object")
-    return value
-
-
-def _torch_encoder(modules: dict[str, ModuleType], model_dir: Path) -> Any:
-    torch, transformers = modules["torch"], modules["transformers"]
-
-    class Encoder(torch.nn.Module):
-        """sentence-transformers' Transformer -> mean Pooling -> Normalize, as one module with named inputs."""
-
-        def __init__(self, model: Any) -> None:
+    class OneSegment(torch.nn.Module):
+        def __init__(self) -> None:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: Any, attention_mask: Any) -> dict[str, Any]:
-            # one [1, 1] segment id broadcast over the batch: zeros_like(input_ids) would be folded into a constant
-            # [batch, tokens, hidden] per signature, 6 MiB for 16x256
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any) -> Any:
             segment = torch.zeros((1, 1), dtype=input_ids.dtype)
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                                token_type_ids=segment).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            return {OUTPUT: torch.nn.functional.normalize(pooled, p=2, dim=1)}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=segment)
 
-    try:
-        # eager attention: sdpa's fused kernel has no TFLite lowering
-        model = transformers.AutoModel.from_pretrained(str(model_dir), attn_implementation="eager")
-    except (OSError, ValueError) as exc:
-        raise PackagerError(f"{model_dir}: transformers cannot load it: {exc}") from None
-    return Encoder(model).eval()
+    pooled = _pooled(OneSegment(), source)
+
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pooled = pooled
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> dict[str, Any]:
+            return {OUTPUT: self.pooled(input_ids, attention_mask)}
+
+    return Named().eval()
 
 
 def _convert(modules: dict[str, ModuleType], encoder: Any, shapes: list[tuple[int, int]], out: Path) -> None:
@@ -201,22 +168,18 @@ def _quantize(modules: dict[str, ModuleType], fp32: Path, quant: str, out: Path)
     return out
 
 
-def _measure(modules: dict[str, ModuleType], encoder: Any, model_dir: Path, tflite: Path,
-             max_tokens: int) -> EncoderMetrics:
-    from . import encoder_eval
+def _measure(modules: dict[str, ModuleType], model: Any, source: EncoderSource, tflite: Path) -> EncoderMetrics:
+    from tokenizers import Tokenizer  # comes with transformers
 
     texts = encoder_eval.sentences()
-    tokenizer = modules["tokenizers"].Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    reference = _torch_embeddings(model, source, texts)
+    tokenizer = Tokenizer.from_file(str(source.tokenizer))
     tokenizer.no_padding()
-    tokenizer.enable_truncation(max_length=max_tokens)
-    ids, mask = _pad([e.ids for e in tokenizer.encode_batch(texts)], max_tokens)
-    torch = modules["torch"]
-    with torch.no_grad():
-        reference = encoder(torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)))[OUTPUT]
+    tokenizer.enable_truncation(max_length=source.max_tokens)
     interpreter = modules["ai_edge_litert.interpreter"].Interpreter(model_path=str(tflite), num_threads=2)
     candidate = embed(interpreter, [e.ids for e in tokenizer.encode_batch(texts)])
-    encoder_eval.check_shapes(reference.numpy(), candidate)
-    return encoder_eval.compare(reference.numpy(), candidate)
+    encoder_eval.check_shapes(reference, candidate)
+    return encoder_eval.compare(reference, candidate)
 
 
 def embed(interpreter: Any, token_ids: list[list[int]]) -> np.ndarray:
