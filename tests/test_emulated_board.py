@@ -166,7 +166,10 @@ def test_a_wheelhouse_for_python_310_is_complete_for_a_real_python_310(wheelhous
     done = subprocess.run([sys.executable, "-m", "edgepack.runtime.cli", "wheels", "--board", "rpi5", "--python",
                            "3.10", "-o", str(out)], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-2000:]
+    # what a real pip on glibc 2.36 accepts: every manylinux_2_Y up to it, and the legacy alias of 2_17 (protobuf's
+    # aarch64 wheels carry only manylinux2014)
     glibc_236 = [arg for minor in range(17, 37) for arg in ("--platform", f"manylinux_2_{minor}_aarch64")]
+    glibc_236 += ["--platform", "manylinux2014_aarch64"]
     resolved = subprocess.run(
         [str(python310), "-m", "pip", "download", "--isolated", "--no-index", "--find-links", str(out),
          "--only-binary", ":all:", *glibc_236, "--implementation", "cp", "--abi", "cp310", "-d", str(tmp_path / "got"),
