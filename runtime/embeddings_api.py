@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import msgspec
 from starlette.requests import Request as HttpRequest
@@ -18,11 +18,16 @@ from starlette.routing import Route
 from .errors import EdgepackError
 from .http_common import read_body
 from .openai_api import ApiError
-from .pool import DoesNotFit
+from .pool import DoesNotFit, ModelPool
 from .schema import SchemaError, decode_json
 
-if TYPE_CHECKING:
-    from .server import Service
+
+class Service(Protocol):
+    """What the routes need of the server (runtime/server.py's Service): its state and its pool. A protocol, so
+    this module does not import the server that imports it."""
+
+    state: str
+    pool: ModelPool | None
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
