@@ -29,6 +29,7 @@ class Service(Protocol):
     state: str
     pool: ModelPool | None
 
+
 MAX_INPUTS = 2048  # OpenAI's limit per request
 
 
