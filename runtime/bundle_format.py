@@ -119,23 +119,55 @@ class AdapterInfo(Strict):
     scale: float = 1.0
 
 
+class TFLiteGraph(Strict):
+    """The same encoder as one .tflite file (docs/tflite.md): fixed-shape signatures `embed_{batch}x{tokens}`, int32
+    inputs named as the ONNX graph's, pooling and normalisation inside; the weights are in the file."""
+
+    digest: Digest
+    quant: Literal["fp32", "int8", "int8-weights"]
+    quality: dict[str, Any] = {}  # measured against the source model
+
+
 class EncoderInfo(Strict):
-    """A sentence encoder run by ONNX Runtime (docs/encoders.md): a graph whose large tensors are external data, one
-    blob each, named by their digests (so encoders built from one base share them), and a tokenizer.json."""
+    """A sentence encoder (docs/encoders.md): an ONNX graph run by ONNX Runtime, whose large tensors are external
+    data, one blob each, named by their digests (so encoders built from one base share them), and/or the same
+    encoder as a .tflite file; a tokenizer.json either way. The device picks the runtime (runtime/encoder.py)."""
 
     name: Name  # what clients put in "model" of /v1/embeddings
     architecture: str  # of the source checkpoint, e.g. bert
-    graph: Digest  # the ONNX graph; external data locations are `sha256-<hex>` of `segments`
+    graph: Digest | None  # the ONNX graph; external data locations are `sha256-<hex>` of `segments`
     segments: tuple[Digest, ...]  # the external-data tensors, in the graph's order of first use
     tokenizer: Digest
     dimensions: Annotated[int, msgspec.Meta(ge=1)]  # width of the graph's (pooled, normalised) output
     pooling: Literal["mean", "cls"]  # done inside the graph; recorded for clients and reports
     normalize: bool  # the graph's output is L2-normalised
     max_tokens: Annotated[int, msgspec.Meta(ge=2)]  # longer inputs are cut to this many tokens
-    quant: Literal["int8", "fp32"]
+    quant: Literal["int8", "fp32"]  # of the ONNX graph
     parameters: Count = 0
     source: dict[str, Any] = {}
-    quality: dict[str, Any] = {}  # measured against the source model (packager/encoder.py)
+    quality: dict[str, Any] = {}  # of the ONNX graph, measured against the source model (packager/encoder.py)
+    tflite: TFLiteGraph | None = None
+
+    def __post_init__(self) -> None:
+        if self.graph is None and self.tflite is None:
+            raise ValueError(f"encoder {self.name!r}: expected an ONNX graph, a tflite file or both, got neither")
+        if self.graph is None and self.segments:
+            raise ValueError(f"encoder {self.name!r}: segments belong to an ONNX graph, and it has none")
+
+    def runtimes(self) -> tuple[str, ...]:
+        """What can run it: "onnx", "tflite" or both, in that order."""
+        return tuple(r for r, present in (("onnx", self.graph), ("tflite", self.tflite)) if present is not None)
+
+
+Threshold = Annotated[float, msgspec.Meta(ge=0.5, le=1.0)]  # cosine similarity
+
+
+class SemanticCacheConfig(Strict):
+    """An agent's semantic cache: `threshold` alone (written as a bare number) embeds with the served model itself;
+    `embedder` names one of the bundle's encoders to embed with instead (docs/semantic-cache.md)."""
+
+    threshold: Threshold = 0.9
+    embedder: str | None = None
 
 
 class AgentInfo(Strict):
@@ -148,10 +180,20 @@ class AgentInfo(Strict):
     sampling: SamplingParams = SamplingParams()
     tier: Tier | None = None
     latency_sla_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    semantic_cache: Annotated[float, msgspec.Meta(ge=0.5, le=1.0)] | None = None  # answer by meaning (opt-in)
+    semantic_cache: Threshold | SemanticCacheConfig | None = None  # answer by meaning (opt-in)
     cache_sampled: bool = False  # cache answers to requests with temperature > 0 too
     tools: tuple[Tool, ...] = ()  # offered when a request sends none
     tool_choice: str | None = None  # auto, none, required or one of the tools' names; a request's own wins
+
+    @property
+    def semantic_threshold(self) -> float | None:
+        cache = self.semantic_cache
+        return cache.threshold if isinstance(cache, SemanticCacheConfig) else cache
+
+    @property
+    def semantic_embedder(self) -> str | None:
+        """The encoder this agent's semantic cache embeds with; None: the served model's own embedding."""
+        return self.semantic_cache.embedder if isinstance(self.semantic_cache, SemanticCacheConfig) else None
 
     def __post_init__(self) -> None:
         names = [t.function.name for t in self.tools]
@@ -196,8 +238,9 @@ class Manifest(Strict, kw_only=True):
             if len(set(names)) != len(names):  # encoders: clients name both in "model", so none may be an agent's
                 raise ValueError(f"{kind}: expected unique names, got {names}")
         for i, encoder in enumerate(self.encoders):
-            for field, digests in (("graph", [encoder.graph]), ("tokenizer", [encoder.tokenizer]),
-                                   ("segments", encoder.segments)):
+            for field, digests in (("graph", [encoder.graph] if encoder.graph else []),
+                                   ("tokenizer", [encoder.tokenizer]), ("segments", encoder.segments),
+                                   ("tflite.digest", [encoder.tflite.digest] if encoder.tflite else [])):
                 for digest in digests:
                     if digest not in self.blobs:
                         raise ValueError(f"encoders[{i}].{field}: expected a digest listed in blobs, got {digest}")
@@ -213,7 +256,11 @@ class Manifest(Strict, kw_only=True):
                 raise ValueError(f"adapters[{i}].base: expected the name of a model of this bundle, got "
                                  f"{adapter.base!r}")
         adapter_base = {a.name: a.base for a in self.adapters}
+        encoders = {e.name for e in self.encoders}
         for i, agent in enumerate(self.agents):
+            if agent.semantic_embedder is not None and agent.semantic_embedder not in encoders:
+                raise ValueError(f"agents[{i}].semantic_cache.embedder: expected the name of an encoder of this "
+                                 f"bundle, got {agent.semantic_embedder!r}")
             if agent.model not in models:
                 raise ValueError(f"agents[{i}].model: expected the name of a model of this bundle, got {agent.model!r}")
             if agent.adapter is not None and adapter_base.get(agent.adapter) != agent.model:

@@ -248,7 +248,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
 
     agents = list(manifest.agent_list())
     names = [a.name for a in agents]
-    by_meaning = [a for a in agents if semantic_threshold is not None or a.semantic_cache is not None]
+    by_meaning = [a for a in agents if semantic_threshold is not None or a.semantic_threshold is not None]
     responses = ResponseCache(store.root / "cache" / "responses.sqlite", l1_ttl=cache_ttl, l2_ttl=disk_cache_ttl) \
         if cache else None
     if responses is not None and responses.warning:

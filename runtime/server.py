@@ -495,7 +495,7 @@ class Service:
         """Deterministic requests (temperature 0; any, for agents with cache_sampled) are cached: exact match
         (L1, L2), then by meaning (for all agents with --semantic-cache, else for agents that opted in)."""
         keys = _CacheKeys()
-        semantic = self.semantic if by_meaning and (self.semantic_all or agent.semantic_cache is not None) else None
+        semantic = self.semantic if by_meaning and (self.semantic_all or agent.semantic_threshold is not None) else None
         if (sampling.temperature > 0 and not agent.cache_sampled) or (self.cache is None and semantic is None) \
                 or sampling.logprobs is not None:  # a cached answer has no log-probabilities to give
             return None, keys
@@ -514,7 +514,7 @@ class Service:
             vector = await asyncio.to_thread(engine.embedder().embed, messages[-1][1] if chat else req.prompt)
             self.metrics.embedding_seconds.observe(time.monotonic() - embedded)
             keys.semantic = (partition, vector)
-            found = semantic.lookup(partition, vector, agent.semantic_cache)
+            found = semantic.lookup(partition, vector, agent.semantic_threshold)
             if found is not None:
                 self.metrics.semantic_similarity.observe(found[1])
                 return self._hit("semantic", found[0], prompt_tokens), keys
