@@ -243,7 +243,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
 
     def make_pool(make_scheduler) -> ModelPool:  # noqa: ANN001 - see server.PoolFactory
         return ModelPool(store, manifest, config, budget, keep_alive=keep, warm_state=warm_state, warmup=stages,
-                         embedding_models=frozenset(a.model for a in by_meaning), make_scheduler=make_scheduler,
+                         embedding_models=frozenset(a.model for a in by_meaning if a.semantic_embedder is None),
+                         make_scheduler=make_scheduler,
                          log=lambda line: click.echo(f"edgepack: {line}", err=True))
 
     agents = list(manifest.agent_list())
