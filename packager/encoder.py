@@ -130,7 +130,7 @@ def write_bundle(builds: list[EncoderBuild], out: Path, *, name: str, board: str
         for digest, path in build.blobs.items():
             if digest not in compressed:
                 compressed[digest] = bundle_writer.compress(path, digest, work, level, lambda n: None,
-                                                            _media_type(build.info, digest))
+                                                            media_type(build.info, digest))
     manifest = Manifest(name=name, bundle_version=bundle_version, created=created, builder=builder,
                         llama_cpp_version=llama.version(), board=board, models=(),
                         encoders=tuple(b.info for b in builds),
@@ -145,7 +145,7 @@ def with_quality(build: EncoderBuild, **extra: Any) -> EncoderBuild:
     return dataclasses.replace(build, info=info)
 
 
-def _media_type(info: EncoderInfo, digest: Digest) -> str:
+def media_type(info: EncoderInfo, digest: Digest) -> str:
     if digest == info.graph:
         return MEDIA_ONNX_GRAPH
     return MEDIA_TOKENIZER if digest == info.tokenizer else MEDIA_ONNX_TENSOR
