@@ -29,6 +29,7 @@ from edgepack.runtime.bundle_format import (
     MEDIA_GGUF_LORA,
     AdapterInfo,
     Digest,
+    EncoderInfo,
     Manifest,
     ModelInfo,
     RuntimeDefaults,
@@ -44,6 +45,8 @@ from . import (
     compress,
     convert_hf,
     convert_lora,
+    encoder,
+    encoder_eval,
     evaluate,
     gates,
     gguf_info,
@@ -164,6 +167,7 @@ def build(opts: BuildOptions) -> BuildResult:
                     else:
                         bar.update(seg.size)
         adapters = _adapters(opts.recipe, results, blobs, work, opts.zstd_level, ui) if opts.recipe else ()
+        encoders = _encoders(opts.recipe, blobs, work, opts.zstd_level, opts.threads, ui) if opts.recipe else ()
         agents = opts.recipe.agents if opts.recipe else ()
         created = _now()
         context = min(r.info.context_length or opts.board.n_ctx for r in results)
@@ -178,6 +182,7 @@ def build(opts: BuildOptions) -> BuildResult:
             runtime=RuntimeDefaults(threads=opts.board.threads, n_ctx=min(opts.board.n_ctx, context)),
             blobs={d: b.info for d, b in blobs.items()},
             adapters=adapters,
+            encoders=encoders,
             agents=agents,
             delta_since=f"{old.name} v{old.bundle_version}" if old else None,
         )
@@ -211,6 +216,8 @@ def _check_sources(jobs: list[_ModelJob], recipe: Recipe | None) -> None:
     for spec in recipe.adapters if recipe else ():
         if spec.source.is_dir():
             convert_lora.check_inputs(spec.source, _adapter_base_dir(spec, recipe))
+    for enc in recipe.encoders if recipe else ():
+        encoder.read_source(enc.source)
 
 
 def _source_gguf(job: _ModelJob, ui: _Ui) -> tuple[Path, dict]:
@@ -289,6 +296,30 @@ def _adapters(recipe: Recipe, results: list[ModelResult], blobs: dict, work: Pat
         if digest not in blobs:
             blobs[digest] = bundle_writer.compress(path, digest, work, level, lambda n: None, MEDIA_GGUF_LORA)
         out.append(AdapterInfo(spec.name, spec.base, digest, spec.scale))
+    return tuple(out)
+
+
+def _encoders(recipe: Recipe, blobs: dict, work: Path, level: int, threads: int,
+              ui: _Ui) -> tuple[EncoderInfo, ...]:
+    """The recipe's sentence encoders, exported to ONNX and gated by their tier as `edgepack build-encoder` does;
+    their tensors join the bundle's blobs (a tensor two encoders share is stored once)."""
+    out = []
+    for spec in recipe.encoders:
+        ui.step(f"encoder {spec.name}: {spec.source.name} to ONNX ({spec.quant})")
+        folder = work / f"encoder-{spec.name}"
+        folder.mkdir()
+        built, _ = encoder.build_encoder(encoder.read_source(spec.source), spec.name, spec.quant, folder,
+                                         threads=threads, log=ui.note)
+        verdict = encoder_eval.judge(spec.tier, encoder_eval.EncoderMetrics(**built.info.quality))
+        ui.note(f"encoder {spec.name}: {verdict.message}")
+        if not verdict.passed:
+            raise PackagerError(f"quality gate (encoder {spec.name}): {verdict.message}; no bundle written")
+        built = encoder.with_quality(built, tier=spec.tier, verdict=verdict.message)
+        for digest, path in built.blobs.items():
+            if digest not in blobs:
+                blobs[digest] = bundle_writer.compress(path, digest, work, level, lambda n: None,
+                                                       encoder.media_type(built.info, digest))
+        out.append(built.info)
     return tuple(out)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -58,9 +58,15 @@ max_tokens = 256                  # frequency_penalty, presence_penalty, max_tok
 # tier = "critical"               # the strictest tier of a model's agents gates that model's build
 # latency_sla_ms = 800            # target time per answer (alerts; adaptive batching aims at sla / max_tokens)
 # semantic_cache = 0.9            # also answer requests that mean the same (docs/semantic-cache.md); off if absent
+# semantic_cache = { threshold = 0.85, embedder = "minilm" }   # ... embedded by one of the encoders
 # cache_sampled = false           # true: cache answers to temperature > 0 requests too
 # tools = "planner-tools.json"    # OpenAI tool definitions (a JSON list) offered when a request sends none
 # tool_choice = "auto"            # auto | none | required | a tool's name (a request's own wins)
+
+# [encoders.minilm]               # a sentence encoder for /v1/embeddings and semantic caches (docs/encoders.md):
+# source = "all-MiniLM-L6-v2"     # a sentence-transformers BERT checkpoint directory, exported to ONNX
+# quant = "int8"                  # int8 | fp32
+# tier = "general"                # refuse the build if its embeddings degrade more
 
 # [agents.sql]
 # model = "base"
@@ -89,12 +95,21 @@ class AdapterSpec:
 
 
 @dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    source: Path  # a sentence-transformers checkpoint directory
+    quant: str = "int8"
+    tier: str = "general"
+
+
+@dataclass(frozen=True)
 class Recipe:
     path: Path
     board: str | None
     models: tuple[ModelSpec, ...]
     adapters: tuple[AdapterSpec, ...]
     agents: tuple[AgentInfo, ...]
+    encoders: tuple[EncoderSpec, ...] = ()
 
     def model_tier(self, model: ModelSpec) -> str | None:
         """The model's own tier, else the strictest tier among its agents."""
@@ -120,12 +135,19 @@ class _AdapterTable(Strict):
     scale: float = 1.0
 
 
+class _EncoderTable(Strict):
+    source: str
+    quant: Literal["int8", "fp32"] = "int8"
+    tier: Tier = "general"
+
+
 class _RecipeFile(Strict):
     """The top level; each table is converted on its own (_table), so an error names its key."""
 
     board: str | None = None
     models: dict[Name, dict[str, Any]] = {}  # _ModelTable
     adapters: dict[Name, dict[str, Any]] = {}  # _AdapterTable
+    encoders: dict[Name, dict[str, Any]] = {}  # _EncoderTable
     agents: dict[Name, dict[str, Any]] = {}  # AgentInfo with the sampling keys flat (see _agent)
 
 
@@ -163,12 +185,24 @@ def _recipe(path: Path, doc: _RecipeFile) -> Recipe:
             _fail(path, "adapters", f"expected names different from the models', got {name!r}")
         source = _source(path, f"adapters.{name}", t.source, directory=_PEFT)
         adapters.append(AdapterSpec(name, source, t.base, t.scale))
+    encoders = []
+    for name, table in doc.encoders.items():
+        t = convert(table, _EncoderTable, str(path), f"encoders.{name}")
+        if name in names or name in doc.agents:
+            _fail(path, "encoders", f"expected names different from the models' and agents', got {name!r}")
+        source = _source(path, f"encoders.{name}", t.source, directory=_CHECKPOINT)
+        if not source.is_dir():
+            _fail(path, f"encoders.{name}.source", f"expected {_CHECKPOINT[1]}, got {t.source!r}")
+        encoders.append(EncoderSpec(name, source, t.quant, t.tier))
     adapter_base = {a.name: a.base for a in adapters}
-    agents = tuple(_agent(path, name, table, names, adapter_base) for name, table in doc.agents.items())
-    return Recipe(path, doc.board, tuple(models), tuple(adapters), agents)
+    encoder_names = {e.name for e in encoders}
+    agents = tuple(_agent(path, name, table, names, adapter_base, encoder_names)
+                   for name, table in doc.agents.items())
+    return Recipe(path, doc.board, tuple(models), tuple(adapters), agents, tuple(encoders))
 
 
-def _agent(path: Path, name: str, table: dict[str, Any], models: set[str], adapter_base: dict[str, str]) -> AgentInfo:
+def _agent(path: Path, name: str, table: dict[str, Any], models: set[str], adapter_base: dict[str, str],
+           encoders: set[str]) -> AgentInfo:
     where = f"agents.{name}"
     fields = {k: v for k, v in table.items() if k not in SAMPLING_KEYS}
     if "name" in fields or "sampling" in fields:
@@ -183,6 +217,10 @@ def _agent(path: Path, name: str, table: dict[str, Any], models: set[str], adapt
         _fail(path, f"{where}.model", f"expected one of the models ({', '.join(sorted(models))}), got {agent.model!r}")
     if agent.adapter is not None and adapter_base.get(agent.adapter) != agent.model:
         _fail(path, f"{where}.adapter", f"expected an adapter whose base is {agent.model!r}, got {agent.adapter!r}")
+    if agent.semantic_embedder is not None and agent.semantic_embedder not in encoders:
+        _fail(path, f"{where}.semantic_cache.embedder", f"expected one of the encoders "
+                                                        f"({', '.join(sorted(encoders)) or 'none declared'}), "
+                                                        f"got {agent.semantic_embedder!r}")
     return msgspec.structs.replace(agent, sampling=sampling)
 
 

@@ -509,18 +509,37 @@ class Service:
         if semantic is not None and (req.kind == "text" or messages[-1][0] == "user"):
             chat = req.kind == "chat"
             context = json.dumps(messages[:-1]) if chat else ""  # the system prompt and earlier turns: exact
-            partition = partition_key(digest, agent.name, req.kind, params, context)
+            embedder = agent.semantic_embedder  # an encoder of the bundle, else the model's own embedding
+            partition = partition_key(f"{digest}|{embedder or ''}", agent.name, req.kind, params, context)
             embedded = time.monotonic()
-            vector = await asyncio.to_thread(engine.embedder().embed, messages[-1][1] if chat else req.prompt)
-            self.metrics.embedding_seconds.observe(time.monotonic() - embedded)
-            keys.semantic = (partition, vector)
-            found = semantic.lookup(partition, vector, agent.semantic_threshold)
-            if found is not None:
-                self.metrics.semantic_similarity.observe(found[1])
-                return self._hit("semantic", found[0], prompt_tokens), keys
+            query = messages[-1][1] if chat else req.prompt
+            vector = await asyncio.to_thread(engine.embedder().embed, query) if embedder is None \
+                else await asyncio.to_thread(self._encode, embedder, query)
+            if vector is not None:
+                self.metrics.embedding_seconds.observe(time.monotonic() - embedded)
+                keys.semantic = (partition, vector)
+                found = semantic.lookup(partition, vector, agent.semantic_threshold)
+                if found is not None:
+                    self.metrics.semantic_similarity.observe(found[1])
+                    return self._hit("semantic", found[0], prompt_tokens), keys
         self.metrics.cache_requests.labels("miss").inc()
         self.alerts.cache_lookup(False)
         return None, keys
+
+    def _encode(self, name: str, text: str) -> Any:
+        """`text` embedded by the bundle's encoder `name`, loaded in the budget; None (the request goes on without
+        the semantic cache, and a warning says why) when the encoder cannot load."""
+        assert self.pool is not None
+        try:
+            encoder = self.pool.acquire_encoder(name)
+        except EdgepackError as exc:  # DoesNotFit included: answering matters more than caching
+            self._on_warning(f"semantic cache skipped: encoder {name!r} is not available ({exc})")
+            return None
+        try:
+            vectors, _ = encoder.embed([text])
+            return vectors[0]
+        finally:
+            self.pool.release_encoder(name)
 
     def _hit(self, level: str, hit: CachedAnswer, prompt_tokens: int) -> _Answer:
         self.metrics.cache_requests.labels(level).inc()
