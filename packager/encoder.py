@@ -24,12 +24,16 @@ from edgepack.runtime.bundle_format import (
     Digest,
     EncoderInfo,
     Manifest,
+    TFLiteGraph,
 )
 from edgepack.runtime.encoder import INPUTS, OUTPUT, Encoder
+from edgepack.runtime.files import sha256_file
 
 from . import bundle_writer, encoder_eval
 from .errors import PackagerError
 
+# The .tflite file of an encoder (its weights inside). Here until runtime/bundle_format.py names it beside the others.
+MEDIA_TFLITE = "application/vnd.edgepack.tflite"
 EXTERNAL_MIN_BYTES = 16 * 1024  # tensors from this size are blobs of their own; smaller ones stay in the graph
 OPSET = 17
 QUANTS = ("int8", "fp32")
@@ -145,9 +149,29 @@ def with_quality(build: EncoderBuild, **extra: Any) -> EncoderBuild:
     return dataclasses.replace(build, info=info)
 
 
+def with_tflite(build: EncoderBuild | None, source: EncoderSource, name: str, tflite: Path, quant: str,
+                quality: dict[str, Any]) -> EncoderBuild:
+    """The encoder with its .tflite file (packager/tflite_export.py) as one more blob: beside the ONNX build, or, with
+    `build` None, alone (no graph, no segments: the tokenizer and the file)."""
+    digest = Digest(sha256_file(tflite))
+    graph = TFLiteGraph(digest=digest, quant=quant, quality=quality)
+    if build is not None:
+        info = msgspec.structs.replace(build.info, tflite=graph)
+        return EncoderBuild(info, {**build.blobs, digest: tflite}, build.bytes, build.seconds)
+    tokenizer = Digest(sha256_file(source.tokenizer))
+    info = EncoderInfo(name=name, architecture=source.architecture, graph=None, segments=(), tokenizer=tokenizer,
+                       dimensions=source.hidden_size,  # mean or CLS pooling keeps the hidden width
+                       pooling=source.pooling, normalize=source.normalize, max_tokens=source.max_tokens,
+                       quant="fp32" if quant == "fp32" else "int8",  # required by the format; no ONNX graph here
+                       parameters=source.parameters, source={"dir": source.path.name}, tflite=graph)
+    return EncoderBuild(info, {digest: tflite, tokenizer: source.tokenizer}, tflite.stat().st_size, {})
+
+
 def media_type(info: EncoderInfo, digest: Digest) -> str:
     if digest == info.graph:
         return MEDIA_ONNX_GRAPH
+    if info.tflite is not None and digest == info.tflite.digest:
+        return MEDIA_TFLITE
     return MEDIA_TOKENIZER if digest == info.tokenizer else MEDIA_ONNX_TENSOR
 
 

@@ -7,6 +7,7 @@ INT8 by ai-edge-quantizer, measured against the torch model on encoder_eval's se
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import shutil
 import tempfile
 import time
@@ -15,9 +16,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from edgepack.runtime.encoder import INPUTS, OUTPUT  # the ONNX encoder's names; here int32 in, float32 out
+from edgepack.runtime.encoder_tflite import embed, signature_name  # the device side, as the runtime runs it
 from edgepack.runtime.memory import format_mib
 
 from . import encoder_eval
@@ -74,10 +74,6 @@ class TFLiteResult:
             f"  took {self.seconds:.0f} s"))
 
 
-def signature_name(batch: int, tokens: int) -> str:
-    return f"embed_{batch}x{tokens}"
-
-
 def export_tflite(model_dir: Path, out_path: Path, quant: str = "fp32", *,
                   batches: tuple[int, ...] = BATCHES) -> TFLiteResult:
     """Convert, quantize and measure; the .tflite is written only once it has been measured."""
@@ -106,17 +102,27 @@ def export_tflite(model_dir: Path, out_path: Path, quant: str = "fp32", *,
                         out_path.stat().st_size, metrics, time.monotonic() - started)
 
 
-def _converter_modules() -> dict[str, ModuleType]:
-    modules, missing = {}, []
-    for name, requirement in CONVERTER:
-        try:
-            modules[name] = importlib.import_module(name)
-        except ImportError:
-            missing.append(requirement)
+def check_converter() -> None:
+    """One line naming the pip packages when the converter stack is not installed; imports nothing."""
+    missing = [requirement for name, requirement in CONVERTER if not _installed(name)]
     if missing:
         raise PackagerError(f"TFLite export needs {', '.join(missing)} (about 1 GiB on top of torch, no TensorFlow; "
                             f"docs/tflite.md): pip install {' '.join(missing)}")
-    return modules
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or set to None in sys.modules
+        return False
+
+
+def _converter_modules() -> dict[str, ModuleType]:
+    check_converter()
+    try:
+        return {name: importlib.import_module(name) for name, _ in CONVERTER}
+    except ImportError as exc:
+        raise PackagerError(f"TFLite export: the converter stack is installed but does not import: {exc}") from None
 
 
 def _graph_module(torch: ModuleType, model: Any, source: EncoderSource) -> Any:
@@ -180,42 +186,3 @@ def _measure(modules: dict[str, ModuleType], model: Any, source: EncoderSource, 
     candidate = embed(interpreter, [e.ids for e in tokenizer.encode_batch(texts)])
     encoder_eval.check_shapes(reference, candidate)
     return encoder_eval.compare(reference, candidate)
-
-
-def embed(interpreter: Any, token_ids: list[list[int]]) -> np.ndarray:
-    """Embeddings of tokenized texts by one of the file's interpreters (tflite-runtime's or ai-edge-litert's): texts of
-    similar length run together in the largest batch signature they fill (a padding row costs as much as a text), each
-    through the shortest signature that holds its longest text, padded with mask 0."""
-    shapes = sorted(_signature_shape(name) for name in interpreter.get_signature_list())
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    out: list[np.ndarray | None] = [None] * len(token_ids)
-    start = 0
-    while start < len(order):
-        batch = max(b for b, _ in shapes if b <= len(order) - start)
-        chunk = order[start:start + batch]
-        longest = max(len(token_ids[i]) for i in chunk)
-        tokens = min((t for b, t in shapes if b == batch and t >= longest), default=None)
-        if tokens is None:
-            raise PackagerError(f"an input of {longest} tokens is longer than the .tflite's signatures take")
-        ids, mask = _pad([token_ids[i] for i in chunk], tokens, rows=batch)
-        runner = interpreter.get_signature_runner(signature_name(batch, tokens))
-        result = runner(input_ids=ids, attention_mask=mask)[OUTPUT]
-        for row, i in enumerate(chunk):
-            out[i] = result[row]
-        start += batch
-    return np.stack(out)  # type: ignore[arg-type]
-
-
-def _signature_shape(name: str) -> tuple[int, int]:
-    batch, _, tokens = name.removeprefix("embed_").partition("x")
-    return int(batch), int(tokens)
-
-
-def _pad(token_ids: list[list[int]], tokens: int, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.zeros((rows or len(token_ids), tokens), np.int32)
-    mask = np.zeros_like(ids)
-    for row, seq in enumerate(token_ids):
-        length = min(len(seq), tokens)
-        ids[row, :length] = seq[:length]
-        mask[row, :length] = 1
-    return ids, mask

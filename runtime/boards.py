@@ -56,6 +56,7 @@ class BoardProfile(Strict):
     gpu: str | None = None
     gpu_layers: int = 0  # layers serve offloads to the GPU in a build that can (-1: all; the Jetson's memory is shared)
     build: BuildTarget | None = None  # None: this machine (the host profile)
+    embed_runtime: Literal["onnx", "tflite"] = "onnx"  # what serve runs an encoder that has both on (docs/boards.md)
 
     @property
     def core_summary(self) -> str:

@@ -15,7 +15,7 @@ import click
 import msgspec
 
 from . import __version__
-from .boards import board_memory_gib, host_profile, list_boards
+from .boards import board_memory_gib, host_profile, known_board, list_boards
 from .cli_common import format_table, store_option
 from .errors import EdgepackError
 from .local_config import read_local_config
@@ -185,13 +185,16 @@ def gc(store_dir: Path) -> None:
               help="Seconds a client has to send a request's body once its head arrived; then it is closed.")
 @click.option("--idle-timeout", default=5.0, show_default=True, type=click.FloatRange(0.001),
               help="Seconds an idle kept-alive connection stays open.")
+@click.option("--embed-runtime", type=click.Choice(["onnx", "tflite"]),
+              help="Run encoders that have both on ONNX Runtime or a TFLite interpreter (default: the board "
+                   "profile's embed_runtime, else onnx); one whose package is missing falls back to the other.")
 def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int | None, threads_batch: int | None,
           repack: str, slots: int | None, max_queue: int, request_timeout: float, cache: bool, cache_ttl: float,
           disk_cache_ttl: float, semantic_threshold: float | None, memory_budget: str | None, keep_alive: str,
           preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None,
           max_unstable_starts: int, stable_after: float, gpu_layers: int | None, cors_origins: str,
           api_key_file: Path | None, metrics_open: bool, max_connections: int, header_timeout: float,
-          body_timeout: float, idle_timeout: float) -> None:
+          body_timeout: float, idle_timeout: float, embed_runtime: str | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -244,6 +247,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     def make_pool(make_scheduler) -> ModelPool:  # noqa: ANN001 - see server.PoolFactory
         return ModelPool(store, manifest, config, budget, keep_alive=keep, warm_state=warm_state, warmup=stages,
                          embedding_models=frozenset(a.model for a in by_meaning if a.semantic_embedder is None),
+                         embed_runtime=embed_runtime or getattr(known_board(manifest.board), "embed_runtime", "onnx"),
                          make_scheduler=make_scheduler,
                          log=lambda line: click.echo(f"edgepack: {line}", err=True))
 

@@ -1,5 +1,6 @@
-"""Sentence encoders on ONNX Runtime: a bundle's encoder (its graph, external-data tensors and tokenizer.json, all
-store blobs) as an InferenceSession, turning texts or token ids into embeddings (docs/encoders.md).
+"""Sentence encoders: a bundle's encoder turned into embeddings on ONNX Runtime (this module: its graph, external-data
+tensors and tokenizer.json, all store blobs, as an InferenceSession) or on a TFLite interpreter
+(runtime/encoder_tflite.py), with one tokenizer side for both, and the choice between them (docs/encoders.md).
 
 onnxruntime and tokenizers are imported here, when an encoder is first loaded: a runtime without them still serves
 LLMs. The graph names its external tensors `sha256-<hex>`, so ONNX Runtime finds them beside the graph in the store's
@@ -9,16 +10,20 @@ blobs/ directory and nothing is copied or reassembled.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from .bundle_format import EncoderInfo
+from .bundle_format import Digest, EncoderInfo
 from .errors import EdgepackError
 
-INPUTS = ("input_ids", "attention_mask")  # the graph's inputs, int64 [batch, tokens]
+Runtime = Literal["onnx", "tflite"]
+RUNTIMES: tuple[Runtime, ...] = ("onnx", "tflite")
+INPUTS = ("input_ids", "attention_mask")  # the graph's inputs, int64 [batch, tokens] (int32 in a .tflite)
 OUTPUT = "embeddings"  # its output, float32 [batch, dimensions], pooled (and normalised if the manifest says so)
 BATCH = 32  # inputs per session run; similar lengths go together, so little is padding
 
@@ -31,12 +36,40 @@ def _module(name: str) -> ModuleType:
                             f"dependencies (pip install edgepack) on this device") from None
 
 
+class EncoderTokenizer:
+    """The encoder's tokenizer.json as both runtimes read it: texts and token-id inputs framed alike, cut to
+    max_tokens. Its encode is safe to call from several threads."""
+
+    def __init__(self, info: EncoderInfo, tokenizer: Path) -> None:
+        tokenizers = _module("tokenizers")
+        self.max_tokens = info.max_tokens
+        self._tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer))
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=info.max_tokens)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._head, self._tail = _special_tokens(self._tokenizer)
+        padding = self._tokenizer.token_to_id("[PAD]")
+        self.pad = 0 if padding is None else padding
+
+    def tokens(self, item: str | list[int]) -> list[int]:
+        """What the graph reads for one input: a text's tokens with the tokenizer's special tokens, or given token
+        ids (without special tokens) inside the same; cut to max_tokens, keeping the beginning as the tokenizer
+        does."""
+        if isinstance(item, str):
+            return self._tokenizer.encode(item).ids
+        bad = [t for t in item if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EdgepackError(f"token {bad[0]} is not in the vocabulary of {self.vocab_size} tokens")
+        room = self.max_tokens - len(self._head) - len(self._tail)
+        return self._head + list(item[:room]) + self._tail
+
+
 class Encoder:
-    """One loaded encoder. `embed` is safe to call from several threads (ONNX Runtime's run and the tokenizer's
+    """One loaded ONNX encoder. `embed` is safe to call from several threads (ONNX Runtime's run and the tokenizer's
     encode are)."""
 
     def __init__(self, info: EncoderInfo, graph: Path, tokenizer: Path, *, threads: int) -> None:
-        ort, tokenizers = _module("onnxruntime"), _module("tokenizers")
+        ort = _module("onnxruntime")
         self.info, self.dimensions = info, info.dimensions
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # the LLMs' core choice (runtime/hardware.py), not ONNX Runtime's own
@@ -51,25 +84,11 @@ class Encoder:
         if inputs != set(INPUTS) or outputs != [OUTPUT]:
             raise EdgepackError(f"encoder {info.name!r}: expected inputs {list(INPUTS)} and output {OUTPUT!r}, got "
                                 f"{sorted(inputs)} and {outputs}")
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=info.max_tokens)
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self._head, self._tail = _special_tokens(self._tokenizer)
-        padding = self._tokenizer.token_to_id("[PAD]")
-        self._pad = 0 if padding is None else padding
+        self._tokenizer = EncoderTokenizer(info, tokenizer)
+        self.vocab_size = self._tokenizer.vocab_size
 
     def tokens(self, item: str | list[int]) -> list[int]:
-        """What the graph reads for one input: a text's tokens with the tokenizer's special tokens, or given token
-        ids (without special tokens) inside the same; cut to max_tokens, keeping the beginning as the tokenizer
-        does."""
-        if isinstance(item, str):
-            return self._tokenizer.encode(item).ids
-        bad = [t for t in item if not 0 <= t < self.vocab_size]
-        if bad:
-            raise EdgepackError(f"token {bad[0]} is not in the vocabulary of {self.vocab_size} tokens")
-        room = self.info.max_tokens - len(self._head) - len(self._tail)
-        return self._head + list(item[:room]) + self._tail
+        return self._tokenizer.tokens(item)
 
     def embed(self, items: list[str] | list[list[int]]) -> tuple[np.ndarray, int]:
         """The inputs' embeddings, float32 [len(items), dimensions] in order, and the tokens read."""
@@ -83,7 +102,7 @@ class Encoder:
 
     def _run(self, sequences: list[list[int]]) -> np.ndarray:
         width = max(map(len, sequences))
-        ids = np.full((len(sequences), width), self._pad, dtype=np.int64)
+        ids = np.full((len(sequences), width), self._tokenizer.pad, dtype=np.int64)
         mask = np.zeros((len(sequences), width), dtype=np.int64)
         for row, tokens in enumerate(sequences):
             ids[row, :len(tokens)] = tokens
@@ -105,3 +124,71 @@ def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
     if len(body) != 1:
         raise EdgepackError("the encoder's tokenizer does not frame a text with special tokens as expected")
     return encoding.ids[:body[0]], encoding.ids[body[0] + 1:]
+
+
+# ---- which runtime ----
+
+_LABELS = {"onnx": "ONNX graph", "tflite": ".tflite file"}
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    runtime: Runtime
+    note: str | None = None  # why it is not the preferred runtime: for the log
+
+
+def choose_runtime(info: EncoderInfo, preferred: Runtime) -> RuntimeChoice:
+    """The runtime this device runs the encoder on: the preferred one (serve --embed-runtime, else the board
+    profile's embed_runtime) when the encoder has it and its package imports; the encoder's only one; or the other
+    one, when the preferred one's package is missing here. One line when neither can run."""
+    available = info.runtimes()
+    if len(available) == 1:
+        only: Runtime = available[0]  # type: ignore[assignment]
+        problem = runtime_missing(info, only)
+        if problem is not None:
+            raise EdgepackError(f"encoder {info.name!r} has only an {_LABELS[only]}: {problem}")
+        return RuntimeChoice(only, None if only == preferred else
+                             f"encoder {info.name} has no {_LABELS[preferred]}: running its {_LABELS[only]}")
+    problem = runtime_missing(info, preferred)
+    if problem is None:
+        return RuntimeChoice(preferred)
+    other: Runtime = "tflite" if preferred == "onnx" else "onnx"
+    fallback = runtime_missing(info, other)
+    if fallback is not None:
+        raise EdgepackError(f"encoder {info.name!r} cannot run here: {problem}; {fallback}")
+    return RuntimeChoice(other, f"encoder {info.name}: {problem}; running its {_LABELS[other]} instead")
+
+
+def runtime_missing(info: EncoderInfo, runtime: Runtime) -> str | None:
+    """Why this device cannot run the encoder on `runtime` (the package is not installed or cannot run this file),
+    or None. Imports the package: it is loaded next anyway."""
+    from . import encoder_tflite  # it builds on this module
+
+    try:
+        if runtime == "onnx":
+            _module("onnxruntime")
+        else:
+            assert info.tflite is not None
+            encoder_tflite.interpreter_class(info.tflite.quant)
+    except EdgepackError as exc:
+        return str(exc)
+    return None
+
+
+def encoder_blobs(info: EncoderInfo, runtime: Runtime) -> list[Digest]:
+    """The blobs the encoder reads on this runtime: what the pool counts and hashes again before a load."""
+    if runtime == "onnx":
+        assert info.graph is not None
+        return [info.graph, *info.segments, info.tokenizer]
+    assert info.tflite is not None
+    return [info.tflite.digest, info.tokenizer]
+
+
+def open_encoder(info: EncoderInfo, runtime: Runtime, blob_path: Callable[[Digest], Path], *,
+                 threads: int) -> Encoder | Any:
+    """The encoder loaded on `runtime` (Encoder or encoder_tflite.TFLiteEncoder: the same interface)."""
+    from . import encoder_tflite
+
+    model = encoder_blobs(info, runtime)[0]
+    cls = Encoder if runtime == "onnx" else encoder_tflite.TFLiteEncoder
+    return cls(info, blob_path(model), blob_path(info.tokenizer), threads=threads)

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .bundle_format import AgentInfo, Digest, Manifest
-from .encoder import Encoder
+from .encoder import Encoder, Runtime, choose_runtime, encoder_blobs, open_encoder
+from .encoder_tflite import MEMORY_FACTOR as TFLITE_MEMORY_FACTOR
 from .engine import Engine
 from .errors import EdgepackError
 from .files import sha256_file
@@ -86,6 +87,7 @@ class ModelPool:
         warm_state: bool = True,
         warmup: frozenset[str] = WARMUP_STAGES,
         embedding_models: frozenset[str] = frozenset(),
+        embed_runtime: Runtime = "onnx",
         make_scheduler: Callable[[Engine, SlotCache, list[Prefix]], BatchScheduler],
         log: Callable[[str], None] = lambda line: None,
         clock: Callable[[], float] = time.monotonic,
@@ -93,6 +95,7 @@ class ModelPool:
         self.store, self.manifest, self.config, self.budget = store, manifest, config, budget
         self.keep_alive, self.warm_state, self.warmup = keep_alive, warm_state, warmup
         self.embedding_models = embedding_models  # models whose agents use the semantic cache: an embedder each
+        self.embed_runtime = embed_runtime  # the encoders' preferred runtime (runtime/encoder.py choose_runtime)
         self._make_scheduler, self._log, self._clock = make_scheduler, log, clock
         self._repack = repacked_models(manifest, config.repack)
         self._adapters = store.adapter_paths(manifest)
@@ -196,8 +199,12 @@ class ModelPool:
 
     def _load_encoder(self, name: str) -> LoadedEncoder:
         info = self.manifest.encoder(name)
-        digests = [info.graph, *info.segments, info.tokenizer]
-        need = ENCODER_LOAD_FACTOR * sum(self.manifest.blobs[d].size for d in digests)
+        choice = choose_runtime(info, self.embed_runtime)  # one line when this device can run neither
+        if choice.note:
+            self._log(choice.note)
+        digests = encoder_blobs(info, choice.runtime)  # only what this runtime reads counts and is verified
+        factor = ENCODER_LOAD_FACTOR if choice.runtime == "onnx" else TFLITE_MEMORY_FACTOR[info.tflite.quant]
+        need = factor * sum(self.manifest.blobs[d].size for d in digests)
         while self.budget.bytes - HEADROOM - self.usage() < need:
             idle = self._idle()
             if not idle:
@@ -209,11 +216,10 @@ class ModelPool:
         self._verify(digests, f"encoder {name!r}")
         before = process_memory()[0]
         started = time.monotonic()
-        encoder = Encoder(info, self.store.blob_path(info.graph), self.store.blob_path(info.tokenizer),
-                          threads=self.config.threads)
-        grown = max(process_memory()[0] - before, need // ENCODER_LOAD_FACTOR)
-        self._log(f"loaded encoder {name} in {time.monotonic() - started:.1f}s ({format_mib(grown)}; in use "
-                  f"{format_mib(self.usage() + grown)} of {format_mib(self.budget.bytes)})")
+        encoder = open_encoder(info, choice.runtime, self.store.blob_path, threads=self.config.threads)
+        grown = max(process_memory()[0] - before, need // factor)
+        self._log(f"loaded encoder {name} ({choice.runtime}) in {time.monotonic() - started:.1f}s ({format_mib(grown)};"
+                  f" in use {format_mib(self.usage() + grown)} of {format_mib(self.budget.bytes)})")
         return LoadedEncoder(encoder, grown, self._clock())
 
     def _idle(self) -> list[tuple[float, str]]:

@@ -104,7 +104,7 @@ try:
 except ImportError:
     from ai_edge_litert.interpreter import Interpreter
 from tokenizers import Tokenizer
-from edgepack.packager.tflite_export import embed
+from edgepack.runtime.encoder_tflite import embed
 
 tokenizer = Tokenizer.from_file(sys.argv[2])
 tokenizer.no_padding()
@@ -129,3 +129,79 @@ def test_runs_on_a_tflite_interpreter_without_torch(exported: dict[str, TFLiteRe
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     similarity = vectors @ vectors.T
     assert similarity[0, 1] > 0.6 > similarity[0, 2]  # the question finds its answer, not the router
+
+
+# ---- build-encoder --runtime tflite|both: the bundle, with the converter replaced by a tiny file ----
+
+def fake_export(monkeypatch: pytest.MonkeyPatch, cosine: dict[str, float]) -> list[str]:
+    """export_tflite as a stand-in that writes the tiny .tflite (tests/encoder_bundle.py) and reports `cosine` per
+    quant (nearest neighbours agree fully): the command's choice and the bundle are under test, not the converter."""
+    from edgepack.packager import tflite_export
+    from edgepack.packager.encoder_eval import EncoderMetrics
+    from tests.encoder_bundle import TINY_SHAPES, tiny_table, tiny_tflite
+
+    calls: list[str] = []
+
+    def export(model_dir: Path, out: Path, quant: str) -> TFLiteResult:
+        calls.append(quant)
+        tiny_tflite(out, tiny_table(), TINY_SHAPES)
+        metrics = EncoderMetrics(cosine[quant], cosine[quant], 1.0, 1.0, 1.0, 80, 80)
+        return TFLiteResult(out, quant, ("embed_1x8",), 100, 5000, out.stat().st_size, metrics, 0.1)
+
+    monkeypatch.setattr(tflite_export, "check_converter", lambda: None)
+    monkeypatch.setattr(tflite_export, "export_tflite", export)
+    return calls
+
+
+def build_tflite(tmp_path: Path, *args: str) -> tuple[object, Path]:
+    from click.testing import CliRunner
+
+    from edgepack.packager.encoder_command import build_encoder_command
+
+    model = encoder_checkpoint(tmp_path / "model", **{"config.json": {
+        "architectures": ["BertModel"], "hidden_size": 8, "num_attention_heads": 1}})
+    out = tmp_path / "tiny.edgepack"
+    result = CliRunner().invoke(build_encoder_command, [str(model), "-o", str(out), "--name", "tiny", "-q", *args])
+    return result, out
+
+
+def test_build_encoder_without_the_converter_names_the_packages(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "litert_torch", None)
+    result, _ = build_tflite(tmp_path, "--runtime", "tflite")
+    assert result.exit_code != 0
+    assert str(result.exception).startswith("TFLite export needs ")
+    assert "pip install " in str(result.exception) and "litert-torch==0.10.0" in str(result.exception)
+
+
+def test_a_tflite_only_bundle_has_no_onnx_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepack.packager.encoder import MEDIA_TFLITE
+    from edgepack.runtime.bundle_format import MEDIA_TOKENIZER
+    from edgepack.runtime.store import Store, bundle_manifest
+
+    calls = fake_export(monkeypatch, {"int8": 0.999, "int8-weights": 0.9999})
+    result, out = build_tflite(tmp_path, "--runtime", "tflite")
+    assert result.exit_code == 0, result.output
+    assert calls == ["int8"]  # auto: int8 passes the general tier
+    manifest = bundle_manifest(out)
+    info = manifest.encoders[0]
+    assert info.graph is None and info.segments == () and info.runtimes() == ("tflite",)
+    assert info.tflite.quant == "int8" and info.tflite.quality["tier"] == "general"
+    assert info.tflite.quality["interpreter"] == "ai-edge-litert>=2.3"
+    assert {manifest.blobs[info.tflite.digest].media_type, manifest.blobs[info.tokenizer].media_type} == {
+        MEDIA_TFLITE, MEDIA_TOKENIZER}
+    assert len(manifest.blobs) == 2
+    assert "tflite" in result.output and "passes the general tier" in result.output
+    Store(tmp_path / "store").install(out)  # verified like any other blob
+
+
+def test_auto_falls_back_to_int8_weights_when_int8_exceeds_the_tier(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepack.runtime.store import bundle_manifest
+
+    calls = fake_export(monkeypatch, {"int8": 0.99, "int8-weights": 0.9999})  # 1% cosine distance: over critical
+    result, out = build_tflite(tmp_path, "--runtime", "tflite", "--tier", "critical")
+    assert result.exit_code == 0, result.output
+    assert calls == ["int8", "int8-weights"] and bundle_manifest(out).encoders[0].tflite.quant == "int8-weights"
+    result, _ = build_tflite(tmp_path, "--runtime", "tflite", "--tier", "critical", "--tflite-quant", "int8")
+    assert result.exit_code != 0 and "exceeds the critical tier" in str(result.exception)
