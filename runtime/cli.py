@@ -23,9 +23,11 @@ from .memory import format_mib
 from .sd_notify import notify
 from .serve_config import resolve_config, tpot_targets
 from .store import Store
+from .trial_command import promote, reject, start_trial
 
 # Commands whose modules load only when they run: `serve` imports neither the tuning sweep nor the unit writer.
 _LAZY_COMMANDS = {
+    "alerts": "edgepack.runtime.alerts_command:alerts_command",
     "blobs": "edgepack.runtime.blobs_command:blobs_command",
     "doctor": "edgepack.runtime.doctor:doctor_command",
     "trust": "edgepack.runtime.trust_command:trust_command",
@@ -74,13 +76,25 @@ def cli() -> None:
                                 "wait for its /health; on failure it is restarted on the previous release.")
 @click.option("--service-url", default="http://127.0.0.1:8080", show_default=True,
               help="Where --service answers /health.")
+@click.option("--candidate", is_flag=True,
+              help="Install beside the current release as a candidate, for serve to shadow and A/B test "
+                   "(docs/shadow.md); current and previous stay as they are.")
 def install(bundle: Path, store_dir: Path, allow_downgrade: bool, activate: bool, health_timeout: float,
-            memory_budget: str | None, service: str | None, service_url: str) -> None:
+            memory_budget: str | None, service: str | None, service_url: str, candidate: bool) -> None:
     """Verify BUNDLE (digests, and its signature when the store trusts keys) and install it as the store's
-    current release."""
+    current release (or, with --candidate, beside it)."""
+    if candidate and activate:
+        raise EdgepackError("--candidate and --activate do not go together: a candidate is judged by serve on live "
+                            "traffic (docs/shadow.md)")
     store = Store(store_dir)
-    result = store.install(bundle, allow_downgrade=allow_downgrade)
+    result = store.install(bundle, allow_downgrade=allow_downgrade, candidate=candidate)
     m = result.manifest
+    if candidate:
+        click.echo(f"installed {m.name} v{m.bundle_version} as candidate {result.release} beside "
+                   f"{store.release_id()}: {result.blobs_written} blob(s) written "
+                   f"({format_mib(result.bytes_written, 1)}), {result.blobs_skipped} shared; restart serve to "
+                   "start its trial")
+        return
     if result.already_current:
         click.echo(f"{m.name} v{m.bundle_version} is already the current release ({result.release})")
     else:
@@ -185,6 +199,15 @@ def gc(store_dir: Path) -> None:
               help="Seconds a client has to send a request's body once its head arrived; then it is closed.")
 @click.option("--idle-timeout", default=5.0, show_default=True, type=click.FloatRange(0.001),
               help="Seconds an idle kept-alive connection stays open.")
+@click.option("--shadow-rate", type=str,
+              help="With a candidate release in the store: the share of live requests replayed on it and compared, "
+                   "e.g. 20% (default 20%; 0 turns shadowing off). docs/shadow.md")
+@click.option("--ab", "ab_rate", default="0%", show_default=True,
+              help="With a candidate: the share of conversations it answers live (sticky per X-Session-Id).")
+@click.option("--auto-promote", is_flag=True,
+              help="Promote a candidate whose decisions agree within every agent's tier (else it is reported ready).")
+@click.option("--min-decisions", default=200, show_default=True, type=click.IntRange(1),
+              help="Compared decisions per agent before a candidate is judged.")
 @click.option("--embed-runtime", type=click.Choice(["onnx", "tflite"]),
               help="Run encoders that have both on ONNX Runtime or a TFLite interpreter (default: the board "
                    "profile's embed_runtime, else onnx); one whose package is missing falls back to the other.")
@@ -194,7 +217,8 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
           preload: bool, warm_state: bool, warmup: str, kv_type: str, tpot_target: float | None,
           max_unstable_starts: int, stable_after: float, gpu_layers: int | None, cors_origins: str,
           api_key_file: Path | None, metrics_open: bool, max_connections: int, header_timeout: float,
-          body_timeout: float, idle_timeout: float, embed_runtime: str | None) -> None:
+          body_timeout: float, idle_timeout: float, shadow_rate: str | None, ab_rate: str, auto_promote: bool,
+          min_decisions: int, embed_runtime: str | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -224,9 +248,12 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     keep = parse_duration(keep_alive)
     stages = parse_stages(warmup)
     budget = resolve_budget(memory_budget, board_memory_gib(manifest.board))
-    for info in manifest.models:
-        store.segment_paths(manifest, info.name)  # fail now, not in the background, if blobs are missing
-    store.adapter_paths(manifest)
+    trial = start_trial(store, manifest, shadow_rate, ab_rate, auto_promote, min_decisions,
+                        lambda line: click.echo(f"edgepack: {line}", err=True))
+    served = trial.manifest if trial is not None else manifest  # with a candidate: both releases' models
+    for info in served.models:
+        store.segment_paths(served, info.name)  # fail now, not in the background, if blobs are missing
+    store.adapter_paths(served)
     server: uvicorn.Server | None = None
     sockets = listen(host, port)  # before anything starts: a failed bind ends here, never "ready"
     urls = ", ".join(url(address, port) for address in parse_hosts(host))
@@ -245,7 +272,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
             server.should_exit = True
 
     def make_pool(make_scheduler) -> ModelPool:  # noqa: ANN001 - see server.PoolFactory
-        return ModelPool(store, manifest, config, budget, keep_alive=keep, warm_state=warm_state, warmup=stages,
+        return ModelPool(store, served, config, budget, keep_alive=keep, warm_state=warm_state, warmup=stages,
                          embedding_models=frozenset(a.model for a in by_meaning if a.semantic_embedder is None),
                          embed_runtime=embed_runtime or getattr(known_board(manifest.board), "embed_runtime", "onnx"),
                          make_scheduler=make_scheduler,
@@ -262,7 +289,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         else tpot_targets(agents, config.max_tokens)
     service = Service(
         make_pool, agents, preload=preload, tpot_targets=per_token,
-        default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in manifest.adapters},
+        default_max_tokens=config.max_tokens, adapter_scales={a.name: a.scale for a in served.adapters},
         max_queue=max_queue, request_timeout=request_timeout,
         cache=responses,
         semantic=SemanticCache(semantic_threshold or DEFAULT_THRESHOLD, ttl=max(cache_ttl, 1.0)) if by_meaning
@@ -274,7 +301,14 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
         on_ready=on_ready, on_failure=on_failure,
         on_warning=lambda message: click.echo(f"edgepack: warning: {message}", err=True),
         on_stopped=(lambda: boot_count.reset(store, store.release_id())) if max_unstable_starts else lambda: None,
+        trial=trial,
     )
+    if trial is not None:
+        trial.set_switch(service.switch_to_candidate)
+        click.echo(f"edgepack: candidate {trial.release} ({trial.candidate.name} v{trial.candidate.bundle_version}) "
+                   f"on trial: {trial.mode}, shadow {trial.shadow_rate:.0%}, A/B {trial.ab_rate:.0%}, "
+                   f"{'auto-promoted' if auto_promote else 'reported'} after {min_decisions} decisions per agent",
+                   err=True)
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on {urls}", err=True)
     if api_keys:
         click.echo(f"edgepack: {len(api_keys.keys)} API key(s) from {', '.join(api_keys.sources)}; /health "
@@ -432,6 +466,10 @@ def boards(as_json: bool) -> None:
         rows.append((p.name, p.arch, p.core_summary, ",".join(p.simd), f"{p.memory_gib:g} GiB", p.default_quant,
                      str(p.threads or "auto")))
     click.echo(format_table(rows))
+
+
+cli.add_command(promote)
+cli.add_command(reject)
 
 
 def _add_host_commands() -> None:

@@ -95,5 +95,22 @@ class Metrics:
                               "p95 decode step time (= time per output token) of the controller's last window",
                               ["model"], registry=r)
 
+        self.shadow_requests = Counter(
+            "edgepack_shadow_requests", "Live requests replayed on the candidate release, by agent and result (agree, "
+            "disagree, error, skipped)", ["agent", "result"], registry=r)
+        self.shadow_agreement = Gauge("edgepack_shadow_agreement_ratio",
+                                      "Share of the candidate's compared decisions that agree with the live release",
+                                      ["agent"], registry=r)
+        self.shadow_tier_limit = Gauge("edgepack_shadow_tier_limit",
+                                       "Largest share of decisions the agent's tolerance tier lets a candidate change",
+                                       ["agent"], registry=r)
+        self.trial_latency = Histogram(
+            "edgepack_trial_request_duration_seconds", "Answer time of non-streamed requests during a candidate's "
+            "trial: live, candidate (A/B) and shadow (the candidate's replays)", ["arm"], buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self.candidate = Gauge("edgepack_candidate_info", "1 for the candidate release and its mode (shadow, ab, "
+                               "shadow+ab, ready, promoted, rejected, failed, rolled back)", ["release", "mode"],
+                               registry=r)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

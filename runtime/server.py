@@ -34,6 +34,7 @@ from .alerts import AlertWindow
 from .auth import NO_KEYS, ApiKeys, RequireApiKey
 from .bundle_format import AgentInfo
 from .chat_prompt import ChatPrompt, call_docs, chat_prompt, delta_docs
+from .decisions import Answer, Call, compare
 from .embeddings_api import EmbeddingsApi
 from .engine import Engine, Generation, Sampling
 from .errors import ContextOverflow, EdgepackError
@@ -51,11 +52,14 @@ from .scheduler import DONE, BatchScheduler, Prefix, QueueFull, Request, SlotCac
 from .sd_notify import notify, watchdog_interval, watchdog_loop
 from .semantic_cache import SemanticCache, partition_key
 from .tool_formats import ToolFormat
+from .trial import Trial
+from .verdict import tier_limit
 
 RETRY_AFTER_SECONDS = 1
 LOAD_SAMPLE_SECONDS = 5.0
 EVICT_CHECK_SECONDS = 1.0
 MEMORY_RETRY_AFTER_SECONDS = 5
+SESSION_HEADER = "x-session-id"  # A/B: a conversation stays on one arm (docs/shadow.md)
 
 PoolFactory = Callable[[Callable[[Engine, SlotCache, list[Prefix]], BatchScheduler]], ModelPool]
 
@@ -108,8 +112,11 @@ class Service:
         on_failure: Callable[[str], None] = lambda message: None,
         on_warning: Callable[[str], None] = lambda message: None,
         on_stopped: Callable[[], None] = lambda: None,
+        trial: Trial | None = None,
     ) -> None:
         self.metrics = Metrics()
+        self.trial = trial  # a candidate release beside the current one (runtime/trial.py)
+        self._shadows: set[asyncio.Task] = set()
         self.agents = {agent.name: agent for agent in agents}
         self.adapter_scales = adapter_scales or {}
         self.default_max_tokens = default_max_tokens
@@ -298,6 +305,7 @@ class Service:
     async def metrics_page(self, request: HttpRequest) -> Response:
         self._update_alerts()
         self._update_pool_metrics()
+        self._update_trial_metrics()
         return Response(self.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: HttpRequest) -> Response:
@@ -307,10 +315,12 @@ class Service:
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: HttpRequest) -> Response:
-        return await self._complete(openai_api.parse_chat(await read_body(request)))
+        return await self._complete(openai_api.parse_chat(await read_body(request)),
+                                    session=request.headers.get(SESSION_HEADER))
 
     async def completions(self, request: HttpRequest) -> Response:
-        return await self._complete(openai_api.parse_completion(await read_body(request)))
+        return await self._complete(openai_api.parse_completion(await read_body(request)),
+                                    session=request.headers.get(SESSION_HEADER))
 
     # ---- generation ----
 
@@ -328,9 +338,36 @@ class Service:
                            code="model_not_found")
         return agent
 
-    async def _complete(self, req: CompletionRequest, hooks: Hooks = NO_HOOKS) -> Response:
+    async def _complete(self, req: CompletionRequest, hooks: Hooks = NO_HOOKS, session: str | None = None) -> Response:
         started = time.monotonic()
         agent = self._agent(req.model)
+        trial = self.trial
+        if trial is None:
+            return await self._answer(req, agent, started, hooks)
+        arm = "candidate" if trial.ab_candidate(agent.name, session) else "live"
+        try:
+            response = await self._answer(req, trial.agents[agent.name] if arm == "candidate" else agent, started,
+                                          hooks)
+        except ApiError as exc:
+            trial.arm_answered(arm, None, exc.status >= 500 or exc.status == 429)
+            raise
+        streamed = isinstance(response, StreamingResponse)  # its latency is the stream's; not counted here
+        seconds = None if streamed else time.monotonic() - started
+        trial.arm_answered(arm, seconds, False)
+        if seconds is not None:
+            self.metrics.trial_latency.labels(arm).observe(seconds)
+        if arm == "live" and not streamed and not hooks.prompt_tokens:
+            busy = (scheduler := self._scheduler_of(agent.model)) is not None and scheduler.queued > 0
+            shadow = trial.begin_shadow(agent.name, busy)
+            if shadow == "skipped":
+                self.metrics.shadow_requests.labels(agent.name, "skipped").inc()
+            elif shadow == "run":
+                task = asyncio.get_running_loop().create_task(self._shadow(req, agent, bytes(response.body)))
+                self._shadows.add(task)
+                task.add_done_callback(self._shadows.discard)
+        return response
+
+    async def _answer(self, req: CompletionRequest, agent: AgentInfo, started: float, hooks: Hooks) -> Response:
         scheduler = await self._acquire(agent.model)
         release = once(lambda: self.pool.release(agent.model))
         handed_over = False
@@ -341,6 +378,66 @@ class Service:
         finally:
             if not handed_over:
                 release()
+
+    def _scheduler_of(self, model: str) -> BatchScheduler | None:
+        loaded = self.pool.loaded.get(model) if self.pool is not None else None
+        return loaded.scheduler if loaded is not None else None
+
+    async def _shadow(self, req: CompletionRequest, agent: AgentInfo, live_body: bytes) -> None:
+        """Answer `req` again with the candidate's agent, after the live answer went out, and compare the two
+        decisions (runtime/trial.py)."""
+        trial = self.trial
+        assert trial is not None
+        candidate = trial.agents[agent.name]
+        result = "error"
+        try:
+            started = time.monotonic()
+            response = await self._answer(dataclasses.replace(req, stream=False), candidate, started, NO_HOOKS)
+            seconds = time.monotonic() - started
+            trial.arm_answered("shadow", seconds, False)
+            self.metrics.trial_latency.labels("shadow").observe(seconds)
+            scheduler = self._scheduler_of(candidate.model)
+            engine = scheduler.engine if scheduler is not None else None
+            live, other = (_decision(json.loads(body), engine) for body in (live_body, bytes(response.body)))
+            comparison = compare(live, other)
+            result = "agree" if comparison.agrees else "disagree"
+            trial.compared(agent.name, json.loads(live_body).get("id", ""), live, other, comparison)
+        except ApiError as exc:
+            fatal = exc.code == "load_failed" or (exc.code == "insufficient_memory" and exc.headers is None)
+            trial.shadow_failed(agent.name, exc.message, fatal)
+        except Exception as exc:  # noqa: BLE001 - a failed replay must never reach the live side
+            trial.shadow_failed(agent.name, f"{type(exc).__name__}: {exc}", False)
+            self._on_warning(f"shadow replay failed: {type(exc).__name__}: {exc}")
+        finally:
+            trial.end_shadow()
+            self.metrics.shadow_requests.labels(agent.name, result).inc()
+            ratio = trial.agreement_ratio(agent.name)
+            if ratio is not None:
+                self.metrics.shadow_agreement.labels(agent.name).set(ratio)
+
+    def _update_trial_metrics(self) -> None:
+        trial = self.trial
+        if trial is None:
+            return
+        self.metrics.candidate.clear()
+        self.metrics.candidate.labels(trial.release or "", trial.mode).set(1)
+        for name in trial.agents:
+            self.metrics.shadow_tier_limit.labels(name).set(tier_limit(trial.tiers.get(name)))
+
+    def switch_to_candidate(self, candidate_live: bool) -> None:
+        """The trial promoted its candidate (True: its agents answer live from now on) or rolled it back."""
+        trial = self.trial
+        assert trial is not None
+        if candidate_live:
+            self._live_agents = dict(self.agents)
+            digests = {a.name: trial.candidate.agent_digest(a) for a in trial.candidate.agent_list()}
+            for name, agent in trial.agents.items():
+                self.agents[name] = agent
+                self.agent_digests[name] = digests[name]  # the caches never mix the two releases' answers
+        else:
+            for name, agent in getattr(self, "_live_agents", {}).items():
+                self.agents[name] = agent
+                self.agent_digests[name] = trial.current.agent_digest(agent)
 
     async def _acquire(self, model: str) -> BatchScheduler:
         """The model's scheduler, loading the model first (in a worker thread) if it is not loaded."""
@@ -399,7 +496,8 @@ class Service:
         lora = (agent.adapter, self.adapter_scales.get(agent.adapter, 1.0)) if agent.adapter else None
         rid = openai_api.new_id(req.kind)
         answer, keys = None, _CacheKeys()
-        if not hooks.prompt_tokens and req.n == 1:  # n choices are n samples: never one answer from the cache
+        live = self.agents.get(agent.name) is agent  # a candidate's answers (A/B, shadow) are never cached
+        if not hooks.prompt_tokens and req.n == 1 and live:  # n choices are n samples: never one from the cache
             answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt),
                                               by_meaning=not plan.uses_tools)
         answers = [answer] if answer is not None else self._submit(scheduler, req, prompt, sampling, lora, started)
@@ -747,3 +845,16 @@ class _MetricsMiddleware:
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
             if endpoint in GENERATION_ROUTES:
                 self.alerts.outcome(status)
+
+
+def _decision(body: dict[str, Any], engine: Engine | None) -> Answer:
+    """A completion body's first choice as a decision: its text, its tool calls and its first token (the first
+    token of the text, or of the first call's name, by `engine`'s vocabulary)."""
+    choice = body["choices"][0]
+    message = choice.get("message")
+    text = (message.get("content") or "") if message is not None else choice.get("text", "")
+    calls = tuple(Call(c["function"]["name"], c["function"]["arguments"])
+                  for c in (message or {}).get("tool_calls") or ())
+    head = text or (calls[0].name if calls else "")
+    tokens = engine.tokenize(head, add_special=False) if engine is not None and head else []
+    return Answer(text, calls, tokens[0] if tokens else None)

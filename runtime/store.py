@@ -1,10 +1,11 @@
 """The device's content-addressed store: verified streaming install, atomic release switch, rollback.
 
 Layout (docs/bundle-format.md):  DIR/blobs/sha256-<hex> (read-only), DIR/releases/<id>/manifest.json,
-DIR/current and DIR/previous (symlinks into releases/). An install stages everything in a private
-directory and only moves it into place once every byte is verified, so a refused bundle leaves the
-store exactly as it was; a killed command leaves the old state or the new one, and its debris is removed by the
-next (docs/bundle-format.md, "Crash and power-loss safety").
+DIR/current and DIR/previous (symlinks into releases/), DIR/candidate while a release is on trial beside the current
+one (docs/shadow.md), DIR/verdicts/<id>.json (the evidence a candidate was promoted or rejected on). An install stages
+everything in a private directory and only moves it into place once every byte is verified, so a refused bundle
+leaves the store exactly as it was; a killed command leaves the old state or the new one, and its debris is removed by
+the next (docs/bundle-format.md, "Crash and power-loss safety").
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -55,6 +57,10 @@ class InstallResult:
     bytes_written: int
     seconds: float
     already_current: bool
+    candidate: bool = False  # installed as the candidate beside the current release
+
+
+LINKS = ("current", "previous", "candidate")
 
 
 class Store:
@@ -124,7 +130,7 @@ class Store:
         while holding the lock (a running command owns its own)."""
         if not self.root.is_dir():
             return []
-        links = {_LINK_TMP.format(link) for link in ("current", "previous")}
+        links = {_LINK_TMP.format(link) for link in LINKS}
         return sorted(p for p in self.root.iterdir() if p.name.startswith(STAGING_PREFIX) or p.name in links)
 
     def _clear_debris(self) -> None:
@@ -137,7 +143,9 @@ class Store:
     def _staging(self) -> Path:
         return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.root))
 
-    def install(self, bundle: Path | str, *, allow_downgrade: bool = False) -> InstallResult:
+    def install(self, bundle: Path | str, *, allow_downgrade: bool = False, candidate: bool = False) -> InstallResult:
+        """Verify and install `bundle` as the current release (the old one becomes previous), or with `candidate`
+        beside it as DIR/candidate, current and previous untouched (a candidate already there is replaced)."""
         bundle = Path(bundle)
         try:
             handle = open(bundle, "rb")
@@ -152,7 +160,7 @@ class Store:
             raise EdgepackError(f"store {self.root}: cannot create: {exc.strerror}") from None
         try:
             with handle, self._locked():
-                return self._install_locked(bundle, handle, allow_downgrade)
+                return self._install_locked(bundle, handle, allow_downgrade, candidate)
         except OSError as exc:  # the disk filled up (or failed) while writing: the release switch never happened
             if created_root:
                 shutil.rmtree(self.root, ignore_errors=True)
@@ -163,24 +171,32 @@ class Store:
                 shutil.rmtree(self.root, ignore_errors=True)
             raise
 
-    def _install_locked(self, bundle: Path, handle: BinaryIO, allow_downgrade: bool) -> InstallResult:
+    def _install_locked(self, bundle: Path, handle: BinaryIO, allow_downgrade: bool,
+                        candidate: bool) -> InstallResult:
         started = time.monotonic()
+        if candidate and self.release_id("current") is None:
+            raise EdgepackError(f"store {self.root}: a candidate needs a current release to be compared with; "
+                                "install it without --candidate")
         staging = self._staging()
         try:
             manifest, staged, skipped = _read_bundle(bundle, handle, staging, self, allow_downgrade)
             release = "r" + Digest.of_bytes(manifest.to_json()).short
             already_current = self.release_id("current") == release
+            if candidate and already_current:
+                raise EdgepackError(f"{bundle}: release {release} is already the current one; a candidate must "
+                                    "differ from it")
             written = sum(manifest.blobs[d].size for d in staged)
             _fault("staged")
-            self._commit(manifest, release, staging, staged)
+            self._commit(manifest, release, staging, staged, "candidate" if candidate else "current")
             _fault("committed")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return InstallResult(
-            release, manifest, len(staged), skipped, written, time.monotonic() - started, already_current
+            release, manifest, len(staged), skipped, written, time.monotonic() - started, already_current, candidate
         )
 
-    def _commit(self, manifest: Manifest, release: str, staging: Path, staged: list[Digest]) -> None:
+    def _commit(self, manifest: Manifest, release: str, staging: Path, staged: list[Digest],
+                link: str = "current") -> None:
         if not (self.blobs.is_dir() and self.releases.is_dir()):
             self.blobs.mkdir(exist_ok=True)
             self.releases.mkdir(exist_ok=True)
@@ -200,6 +216,9 @@ class Store:
             os.replace(tmp, release_dir)
             fsync_dir(self.releases)
             _fault("release-written")
+        if link == "candidate":
+            self._point("candidate", release)
+            return
         current = self.release_id("current")
         if current == release:
             return
@@ -220,17 +239,18 @@ class Store:
         fsync_dir(self.root)
 
     def gc(self) -> tuple[list[str], int, int]:
-        """Remove releases other than current and previous, and blobs those two do not reference.
+        """Remove releases other than current, previous and candidate, and blobs those do not reference.
 
         Returns (releases removed, blobs removed, bytes freed)."""
         if not self.root.is_dir():
             raise EdgepackError(f"store {self.root} does not exist")
         with self._locked():
-            kept = {r for r in (self.release_id("current"), self.release_id("previous")) if r}
+            links = {link: self.release_id(link) for link in LINKS}
+            kept = {r for r in links.values() if r}
             referenced: set[str] = set()
-            for release in kept:
-                referenced.update(str(d) for d in self.manifest("current" if release == self.release_id() else
-                                                                "previous").blobs)
+            for link, release in links.items():
+                if release:
+                    referenced.update(str(d) for d in self.manifest(link).blobs)
             removed_releases = []
             if self.releases.is_dir():
                 # Renamed out of releases/ whole before deletion: a kill midway never leaves half a release
@@ -252,6 +272,46 @@ class Store:
                         _fault(f"gc-blob-{removed - 1}")
                 fsync_dir(self.blobs)
             return removed_releases, removed, freed
+
+    def promote(self, evidence: dict | None = None) -> tuple[str, str]:
+        """The candidate becomes current, the current previous (for rollback); `evidence` is recorded in
+        DIR/verdicts/. Returns (new current, new previous)."""
+        return self._decide("promoted", evidence or {})
+
+    def reject(self, evidence: dict | None = None) -> str:
+        """Drop the candidate (its blobs stay until gc), recording why in DIR/verdicts/. Returns its release id."""
+        return self._decide("rejected", evidence or {})[0]
+
+    def _decide(self, verdict: str, evidence: dict) -> tuple[str, str]:
+        if not self.root.is_dir():
+            raise EdgepackError(f"store {self.root} does not exist")
+        with self._locked():
+            candidate, current = self.release_id("candidate"), self.release_id("current")
+            if candidate is None or not (self.releases / candidate).is_dir():
+                raise EdgepackError(f"store {self.root}: no candidate release (install one with --candidate)")
+            record = {"release": candidate, "verdict": verdict, "against": current,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **evidence}
+            verdicts = self.root / "verdicts"
+            verdicts.mkdir(exist_ok=True)
+            _write_synced(verdicts / f"{candidate}.json", (json.dumps(record, indent=2) + "\n").encode())
+            fsync_dir(verdicts)
+            if verdict == "promoted" and current != candidate:
+                if current is not None:
+                    self._point("previous", current)
+                    _fault("promote-previous-switched")
+                self._point("current", candidate)
+                _fault("promote-current-switched")
+            (self.root / "candidate").unlink()
+            fsync_dir(self.root)
+            return candidate, (current or "")
+
+    def verdict(self, release: str) -> dict | None:
+        """The recorded verdict on a release that was a candidate, if any."""
+        path = self.root / "verdicts" / f"{release}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
 
     def rollback(self) -> tuple[str, str]:
         """Swap current and previous; returns (new current, new previous)."""
