@@ -20,6 +20,7 @@ import numpy as np
 from edgepack.runtime.bundle_format import (
     MEDIA_ONNX_GRAPH,
     MEDIA_ONNX_TENSOR,
+    MEDIA_TFLITE,
     MEDIA_TOKENIZER,
     Digest,
     EncoderInfo,
@@ -33,7 +34,6 @@ from . import bundle_writer, encoder_eval
 from .errors import PackagerError
 
 # The .tflite file of an encoder (its weights inside). Here until runtime/bundle_format.py names it beside the others.
-MEDIA_TFLITE = "application/vnd.edgepack.tflite"
 EXTERNAL_MIN_BYTES = 16 * 1024  # tensors from this size are blobs of their own; smaller ones stay in the graph
 OPSET = 17
 QUANTS = ("int8", "fp32")

@@ -36,6 +36,7 @@ MEDIA_GGUF_LORA = "application/vnd.edgepack.gguf-lora"
 MEDIA_ONNX_GRAPH = "application/vnd.edgepack.onnx-graph"  # an encoder's graph; its big tensors are external data
 MEDIA_ONNX_TENSOR = "application/vnd.edgepack.onnx-tensor"  # one external-data tensor's raw bytes
 MEDIA_TOKENIZER = "application/vnd.edgepack.tokenizer-json"  # Hugging Face tokenizers' tokenizer.json
+MEDIA_TFLITE = "application/vnd.edgepack.tflite"  # an encoder as one .tflite file (its weights inside)
 
 _DIGEST_RE = re.compile(r"sha256[-:]([0-9a-f]{64})")
 

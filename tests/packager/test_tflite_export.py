@@ -175,8 +175,7 @@ def test_build_encoder_without_the_converter_names_the_packages(tmp_path: Path,
 
 
 def test_a_tflite_only_bundle_has_no_onnx_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgepack.packager.encoder import MEDIA_TFLITE
-    from edgepack.runtime.bundle_format import MEDIA_TOKENIZER
+    from edgepack.runtime.bundle_format import MEDIA_TFLITE, MEDIA_TOKENIZER
     from edgepack.runtime.store import Store, bundle_manifest
 
     calls = fake_export(monkeypatch, {"int8": 0.999, "int8-weights": 0.9999})
