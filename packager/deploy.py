@@ -236,9 +236,11 @@ def upload(ssh: Ssh, delta: Delta, remote: str, progress: bool = True) -> tuple[
 
 
 def install_args(allow_downgrade: bool = False, activate: bool = False, health_timeout: float = 120.0,
-                 service: str | None = None) -> tuple[str, ...]:
+                 service: str | None = None, candidate: bool = False) -> tuple[str, ...]:
     """The device's `edgepack install` flags for these deploy options."""
     args = ["--allow-downgrade"] if allow_downgrade else []
+    if candidate:
+        args.append("--candidate")
     if activate:
         args += ["--activate", "--health-timeout", f"{health_timeout:g}", *(["--service", service] if service else [])]
     return tuple(args)
@@ -329,15 +331,18 @@ class _Progress:
               help="With --activate: seconds the release has to become healthy on the device.")
 @click.option("--service", help="With --activate: the device then restarts this systemd unit on the release and "
                                 "waits for its /health (install --service).")
+@click.option("--candidate", is_flag=True,
+              help="Install beside the device's current release as a candidate for serve's shadow/A-B trial "
+                   "(install --candidate, docs/shadow.md).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress line.")
 def deploy_command(bundle: Path, dest: str, identity: Path | None, remote_edgepack: str, allow_downgrade: bool,
                    port: int | None, ssh_options: tuple[str, ...], wheels: Path | None, remote_venv: str,
-                   activate: bool, health_timeout: float, service: str | None, quiet: bool) -> None:
+                   activate: bool, health_timeout: float, service: str | None, candidate: bool, quiet: bool) -> None:
     """Install BUNDLE on a device: DEST is ssh://[user@]host[:port]/store/dir or a local store directory.
 
     Only the blobs the device's store lacks are sent; an interrupted upload resumes where it stopped when the same
     command runs again. The device's edgepack verifies everything before switching releases."""
-    args = install_args(allow_downgrade, activate, health_timeout, service)
+    args = install_args(allow_downgrade, activate, health_timeout, service, candidate)
     target = parse_dest(dest, port)
     if isinstance(target, Path):
         if wheels is not None:

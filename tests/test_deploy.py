@@ -86,6 +86,18 @@ def test_delta_deploy_sends_only_the_missing_blobs(sshd, two_versions, tmp_path)
     print(f"\ndelta deploy: sent {sent} of {v2.stat().st_size} bytes in {seconds:.2f}s")
 
 
+def test_deploy_candidate_sends_the_delta_and_leaves_the_current_release(sshd, two_versions, tmp_path):
+    v1, v2 = two_versions
+    store = tmp_path / "store"
+    assert bytes_sent(deploy(v1, sshd.url(store), sshd))
+    current = Store(store).release_id()
+    result = deploy(v2, sshd.url(store), sshd, "--candidate")
+    assert bytes_sent(result) == expected_delta_size(v2, set(bundle_manifest(v1).blobs))
+    assert Store(store).release_id() == current and Store(store).release_id("previous") is None
+    assert Store(store).manifest("candidate").bundle_version == 2
+    assert "as candidate" in result.stdout
+
+
 def test_an_interrupted_upload_resumes_with_the_remaining_bytes(sshd, two_versions, tmp_path):
     v1, v2 = two_versions
     store = Store(tmp_path / "store")
