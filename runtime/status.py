@@ -104,8 +104,29 @@ def summary(url: str, key: str | None = None) -> list[tuple[str, str]]:
                  f"{format_mib(total('edgepack_memory_budget_bytes'))})"))
     rows.append(("system CPU / memory", f"{total('edgepack_system_cpu_percent'):.0f}% / "
                  f"{total('edgepack_system_memory_percent'):.0f}%"))
+    rows.extend(_candidate(samples))
     firing = [dict(k)["alert"] for k, v in samples.get("edgepack_alert", {}).items() if v]
     rows.append(("alerts", ", ".join(firing) if firing else "none"))
+    return rows
+
+
+def _candidate(samples: dict) -> list[tuple[str, str]]:
+    """The candidate on trial (docs/shadow.md): its release and mode, and per agent its shadow figures."""
+    info = [dict(k) for k, v in samples.get("edgepack_candidate_info", {}).items() if v]
+    if not info:
+        return []
+    rows = [("candidate", f"{info[0]['release']} ({info[0]['mode']})")]
+    results: dict[str, dict[str, float]] = defaultdict(dict)
+    for labels, value in samples.get("edgepack_shadow_requests_total", {}).items():
+        results[dict(labels)["agent"]][dict(labels)["result"]] = value
+    ratios = {dict(k)["agent"]: v for k, v in samples.get("edgepack_shadow_agreement_ratio", {}).items()}
+    limits = {dict(k)["agent"]: v for k, v in samples.get("edgepack_shadow_tier_limit", {}).items()}
+    for agent in sorted(set(results) | set(limits)):
+        counts = results.get(agent, {})
+        ratio = f"{ratios[agent]:.1%} agree" if agent in ratios else "nothing compared yet"
+        rows.append((f"shadow {agent}", f"{ratio} of {counts.get('agree', 0) + counts.get('disagree', 0):.0f} "
+                     f"(tier allows {limits.get(agent, 0):.1%} changed; {counts.get('skipped', 0):.0f} skipped, "
+                     f"{counts.get('error', 0):.0f} errors)"))
     return rows
 
 

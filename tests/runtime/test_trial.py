@@ -141,6 +141,9 @@ def test_a_candidate_that_decides_differently_is_rejected_with_its_evidence(tmp_
         assert metric(text, "edgepack_candidate_info", release=v3, mode="rejected") == 1
         assert metric(text, "edgepack_shadow_requests_total", agent="tiny", result="disagree") >= 15
         assert store.release_id("candidate") is None and store.verdict(v3)["verdict"] == "rejected"
+        shown = run_cli("status", "--url", base)
+        assert shown.returncode == 0, shown.stderr
+        assert f"{v3} (rejected)" in shown.stdout and re.search(r"shadow tiny +\d+\.\d% agree of 2\d", shown.stdout)
         logged = list(read_log(store.root / "decisions" / "log.jsonl"))
         assert logged and all(r.live.text != r.candidate.text for r in logged)
         assert {r.candidate_release for r in logged} == {v3}
