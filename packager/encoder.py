@@ -162,7 +162,7 @@ def with_tflite(build: EncoderBuild | None, source: EncoderSource, name: str, tf
     info = EncoderInfo(name=name, architecture=source.architecture, graph=None, segments=(), tokenizer=tokenizer,
                        dimensions=source.hidden_size,  # mean or CLS pooling keeps the hidden width
                        pooling=source.pooling, normalize=source.normalize, max_tokens=source.max_tokens,
-                       quant="fp32" if quant == "fp32" else "int8",  # required by the format; no ONNX graph here
+                       quant=None,  # of an ONNX graph, and there is none: the file's is tflite.quant
                        parameters=source.parameters, source={"dir": source.path.name}, tflite=graph)
     return EncoderBuild(info, {digest: tflite, tokenizer: source.tokenizer}, tflite.stat().st_size, {})
 

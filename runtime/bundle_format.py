@@ -143,7 +143,7 @@ class EncoderInfo(Strict):
     pooling: Literal["mean", "cls"]  # done inside the graph; recorded for clients and reports
     normalize: bool  # the graph's output is L2-normalised
     max_tokens: Annotated[int, msgspec.Meta(ge=2)]  # longer inputs are cut to this many tokens
-    quant: Literal["int8", "fp32"]  # of the ONNX graph
+    quant: Literal["int8", "fp32"] | None  # of the ONNX graph; None without one (tflite.quant says the file's)
     parameters: Count = 0
     source: dict[str, Any] = {}
     quality: dict[str, Any] = {}  # of the ONNX graph, measured against the source model (packager/encoder.py)
@@ -152,8 +152,10 @@ class EncoderInfo(Strict):
     def __post_init__(self) -> None:
         if self.graph is None and self.tflite is None:
             raise ValueError(f"encoder {self.name!r}: expected an ONNX graph, a tflite file or both, got neither")
-        if self.graph is None and self.segments:
-            raise ValueError(f"encoder {self.name!r}: segments belong to an ONNX graph, and it has none")
+        if self.graph is None and (self.segments or self.quant is not None):
+            raise ValueError(f"encoder {self.name!r}: segments and quant belong to an ONNX graph, and it has none")
+        if self.graph is not None and self.quant is None:
+            raise ValueError(f"encoder {self.name!r}: quant: expected int8 or fp32 for its ONNX graph, got none")
 
     def runtimes(self) -> tuple[str, ...]:
         """What can run it: "onnx", "tflite" or both, in that order."""
