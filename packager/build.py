@@ -46,7 +46,7 @@ from . import (
     convert_hf,
     convert_lora,
     encoder,
-    encoder_eval,
+    encoder_build,
     evaluate,
     gates,
     gguf_info,
@@ -169,7 +169,7 @@ def build(opts: BuildOptions) -> BuildResult:
         adapters = _adapters(opts.recipe, results, blobs, work, opts.zstd_level, ui) if opts.recipe else ()
         encoders = _encoders(opts.recipe, blobs, work, opts.zstd_level, opts.threads, ui) if opts.recipe else ()
         agents = opts.recipe.agents if opts.recipe else ()
-        created = _now()
+        created = build_time()
         context = min(r.info.context_length or opts.board.n_ctx for r in results)
         manifest = Manifest(
             name=bundle_name,
@@ -217,7 +217,7 @@ def _check_sources(jobs: list[_ModelJob], recipe: Recipe | None) -> None:
         if spec.source.is_dir():
             convert_lora.check_inputs(spec.source, _adapter_base_dir(spec, recipe))
     for enc in recipe.encoders if recipe else ():
-        encoder.read_source(enc.source)
+        encoder_build.check(enc.source, enc.runtime)
 
 
 def _source_gguf(job: _ModelJob, ui: _Ui) -> tuple[Path, dict]:
@@ -301,25 +301,23 @@ def _adapters(recipe: Recipe, results: list[ModelResult], blobs: dict, work: Pat
 
 def _encoders(recipe: Recipe, blobs: dict, work: Path, level: int, threads: int,
               ui: _Ui) -> tuple[EncoderInfo, ...]:
-    """The recipe's sentence encoders, exported to ONNX and gated by their tier as `edgepack build-encoder` does;
-    their tensors join the bundle's blobs (a tensor two encoders share is stored once)."""
+    """The recipe's sentence encoders, built and gated by their tier as `edgepack build-encoder` does; their tensors
+    join the bundle's blobs (a tensor two encoders share is stored once)."""
     out = []
     for spec in recipe.encoders:
-        ui.step(f"encoder {spec.name}: {spec.source.name} to ONNX ({spec.quant})")
+        ui.step(f"encoder {spec.name}: {spec.source.name} ({spec.runtime})")
         folder = work / f"encoder-{spec.name}"
         folder.mkdir()
-        built, _ = encoder.build_encoder(encoder.read_source(spec.source), spec.name, spec.quant, folder,
-                                         threads=threads, log=ui.note)
-        verdict = encoder_eval.judge(spec.tier, encoder_eval.EncoderMetrics(**built.info.quality))
-        ui.note(f"encoder {spec.name}: {verdict.message}")
-        if not verdict.passed:
-            raise PackagerError(f"quality gate (encoder {spec.name}): {verdict.message}; no bundle written")
-        built = encoder.with_quality(built, tier=spec.tier, verdict=verdict.message)
-        for digest, path in built.blobs.items():
+        gated = encoder_build.build_gated(spec.source, spec.name, quant=spec.quant, runtimes=spec.runtime,
+                                          tflite_quant=spec.tflite_quant, tier=spec.tier, work=folder,
+                                          threads=threads, log=ui.note)
+        for line in gated.verdicts:
+            ui.note(f"encoder {spec.name}: {line}")
+        for digest, path in gated.build.blobs.items():
             if digest not in blobs:
                 blobs[digest] = bundle_writer.compress(path, digest, work, level, lambda n: None,
-                                                       encoder.media_type(built.info, digest))
-        out.append(built.info)
+                                                       encoder.media_type(gated.build.info, digest))
+        out.append(gated.build.info)
     return tuple(out)
 
 
@@ -419,7 +417,7 @@ def _default_name(source: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip(".-_")[:64] or "model"
 
 
-def _now() -> datetime:
+def build_time() -> datetime:
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     if epoch:
         return datetime.fromtimestamp(int(epoch), timezone.utc)

@@ -97,10 +97,12 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
     if result.manifest.adapters:
         click.echo("adapters: " + ", ".join(f"{a.name} (on {a.base})" for a in result.manifest.adapters))
     for e in result.manifest.encoders:
-        q = e.quality
-        click.echo(f"encoder {e.name}: {e.quant}, {e.dimensions} dimensions, cosine to the source model "
-                   f"{q['cosine_mean']:.4f} (min {q['cosine_min']:.4f}), nearest-neighbour agreement "
-                   f"{q['top1_agreement']:.1%}")
+        for runtime, quant, q in (("onnx", e.quant, e.quality), ("tflite", e.tflite and e.tflite.quant,
+                                                                  e.tflite and e.tflite.quality)):
+            if quant:
+                click.echo(f"encoder {e.name} ({runtime}): {quant}, {e.dimensions} dimensions, cosine to the source "
+                           f"model {q['cosine_mean']:.4f} (min {q['cosine_min']:.4f}), nearest-neighbour agreement "
+                           f"{q['top1_agreement']:.1%}")
     if result.manifest.agents:
         click.echo("agents: " + ", ".join(a.name for a in result.manifest.agents))
     if result.shared_bytes:

@@ -67,6 +67,7 @@ max_tokens = 256                  # frequency_penalty, presence_penalty, max_tok
 # source = "all-MiniLM-L6-v2"     # a sentence-transformers BERT checkpoint directory, exported to ONNX
 # quant = "int8"                  # int8 | fp32
 # tier = "general"                # refuse the build if its embeddings degrade more
+# runtime = "onnx"                # onnx | tflite | both: what the board runs it with (docs/tflite.md)
 
 # [agents.sql]
 # model = "base"
@@ -98,8 +99,10 @@ class AdapterSpec:
 class EncoderSpec:
     name: str
     source: Path  # a sentence-transformers checkpoint directory
-    quant: str = "int8"
+    quant: str = "int8"  # of the ONNX graph
     tier: str = "general"
+    runtime: str = "onnx"  # onnx | tflite | both (docs/tflite.md)
+    tflite_quant: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,8 @@ class _EncoderTable(Strict):
     source: str
     quant: Literal["int8", "fp32"] = "int8"
     tier: Tier = "general"
+    runtime: Literal["onnx", "tflite", "both"] = "onnx"
+    tflite_quant: Literal["auto", "fp32", "int8", "int8-weights"] = "auto"
 
 
 class _RecipeFile(Strict):
@@ -193,7 +198,7 @@ def _recipe(path: Path, doc: _RecipeFile) -> Recipe:
         source = _source(path, f"encoders.{name}", t.source, directory=_CHECKPOINT)
         if not source.is_dir():
             _fail(path, f"encoders.{name}.source", f"expected {_CHECKPOINT[1]}, got {t.source!r}")
-        encoders.append(EncoderSpec(name, source, t.quant, t.tier))
+        encoders.append(EncoderSpec(name, source, t.quant, t.tier, t.runtime, t.tflite_quant))
     adapter_base = {a.name: a.base for a in adapters}
     encoder_names = {e.name for e in encoders}
     agents = tuple(_agent(path, name, table, names, adapter_base, encoder_names)

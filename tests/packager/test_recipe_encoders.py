@@ -69,6 +69,21 @@ def test_a_bare_threshold_still_means_the_models_own_embedding(tmp_path, tiny_gg
     assert recipe.encoders[0].name == "minilm" and recipe.encoders[0].quant == "int8"
 
 
+def test_a_tflite_encoder_without_the_converter_is_refused_before_any_work(tmp_path, tiny_gguf):
+    try:
+        import litert_torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the TFLite converter is installed here: nothing to refuse")
+    entry = '[encoders.minilm]\nsource = "{encoder}"'
+    path = write_recipe(tmp_path, tiny_gguf, RECIPE.replace(entry, entry + '\nruntime = "both"'))
+    result = run_cli("build", "--recipe", str(path), "-o", str(tmp_path / "x.edgepack"), "--no-eval", "-q")
+    assert result.returncode == 1 and "litert-torch" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.edgepack").exists()
+
+
 @pytest.fixture(scope="module")
 def agents_store(tmp_path_factory, tiny_gguf):
     """The recipe built by the real `edgepack build` (a child process: torch stays out of this one), installed."""
@@ -77,7 +92,8 @@ def agents_store(tmp_path_factory, tiny_gguf):
     result = run_cli("build", "--recipe", str(write_recipe(folder, tiny_gguf)), "-o", str(bundle), "--no-eval",
                      "--threads", "2", "-q", timeout=600)
     assert result.returncode == 0, result.stderr
-    assert re.search(r"encoder minilm: int8, 384 dimensions, cosine to the source model 0\.99\d\d", result.stdout)
+    assert re.search(r"encoder minilm \(onnx\): int8, 384 dimensions, cosine to the source model 0\.99\d\d",
+                     result.stdout)
     store = folder / "store"
     Store(store).install(bundle)
     return store, bundle
