@@ -5,14 +5,15 @@ of 16, file sizes, and cosine to the torch model on encoder_eval's 80 sentences 
 
 Each engine runs in a process of its own, started once per thread count, with that many threads (torch.set_num_threads,
 ONNX Runtime's intra-op threads, the interpreter's num_threads); only the sentence-transformers one imports torch. A
-round times, engine after engine in an order that rotates from round to round, every sentence alone (80 calls) and
-the sentences in five batches of 16, twice (10 calls); an uncounted round warms every engine up first. Before each
-engine's turn the script waits (up to a limit) for a second in which other processes take under a quarter of the
-CPUs, and it records the share they took during the turn.
+round times, engine after engine in an order that rotates from round to round, every text alone and the texts in
+batches of 16, taken in turn for 10 calls; an uncounted round warms every engine up first. The texts: encoder_eval's
+80 sentences (6-19 tokens), or with --text paragraphs, 32 lines of calibration.txt of 64-128 tokens (results in
+embeddings-paragraphs-<date>.json). Before each engine's turn the script waits (up to a limit) for a second in which
+other processes take under a quarter of the CPUs, and it records the share they took during the turn.
 
 Without --tflite the .tflite files are exported with packager/tflite_export.py, which needs the converter stack of
 docs/tflite.md (litert-torch; not in the project's extras): build them in a virtualenv that has it and pass them here.
-Run: .venv/bin/python bench/bench_embeddings.py [--threads 2 1] [--runs 5] [--tflite FILE ...]
+Run: .venv/bin/python bench/bench_embeddings.py [--threads 2 1] [--runs 5] [--text paragraphs] [--tflite FILE ...]
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ from edgepack.runtime.errors import EdgepackError
 from edgepack.runtime.memory import format_mib
 
 BATCH = 16
-BATCH_PASSES = 2  # the five batches of 16 are timed twice per round: 10 calls
+BATCH_CALLS = 10  # per round: the batches of 16 are timed in turn until there have been this many
+PARAGRAPHS = 32  # --text paragraphs: the first lines of calibration.txt with at least PARAGRAPH_TOKENS tokens
+PARAGRAPH_TOKENS = 64
+CALIBRATION = Path(encoder_eval.__file__).parent / "data" / "calibration.txt"
 QUIET_SHARE = 0.25  # of all CPUs
 QUIET_WAIT_S = 10
 ANCHOR = "sentence-transformers"
@@ -189,13 +193,22 @@ def workers(engines: list[Engine], threads: int) -> Iterator[list[Worker]]:
 # ---- inputs and the engines to compare ----
 
 
-def inputs() -> tuple[list[list[str]], list[list[str]]]:
-    """Every sentence alone, and the sentences in batches of 16 (shuffled once, so questions and passages mix)."""
-    texts = encoder_eval.sentences()
+def timed_texts(kind: str, tokenizer: Path) -> list[str]:
+    """sentences: encoder_eval's 80 questions and passages (6-19 tokens, as a semantic cache sees them);
+    paragraphs: longer texts from calibration.txt, as a retrieval index would embed them."""
+    if kind == "sentences":
+        return encoder_eval.sentences()
+    lines = [line for line in CALIBRATION.read_text().splitlines() if line.strip()]
+    return [t for t, n in zip(lines, token_counts(tokenizer, lines), strict=True) if n >= PARAGRAPH_TOKENS][:PARAGRAPHS]
+
+
+def inputs(texts: list[str]) -> tuple[list[list[str]], list[list[str]]]:
+    """Every text alone, and the texts in batches of 16 (shuffled once, so questions and passages mix), repeated up
+    to BATCH_CALLS calls."""
     mixed = texts[:]
     random.Random(14).shuffle(mixed)
     batches = [mixed[i:i + BATCH] for i in range(0, len(mixed) - BATCH + 1, BATCH)]
-    return [[t] for t in texts], batches * BATCH_PASSES
+    return [[t] for t in texts], batches * -(-BATCH_CALLS // len(batches))
 
 
 def onnx_engines(source: Path, threads: int) -> list[Engine]:
@@ -248,9 +261,11 @@ def rotated(items: list[Worker], order: int) -> list[Worker]:
     return items[order % len(items):] + items[:order % len(items)]
 
 
-def measure(engines: list[Engine], threads: int, runs: int, reference: np.ndarray | None) -> dict[str, Any]:
-    """Rounds of turns at one thread count; with no `reference` yet, the anchor's embeddings become it."""
-    singles, batches = inputs()
+def measure(engines: list[Engine], threads: int, runs: int, timed: list[str],
+            reference: np.ndarray | None) -> dict[str, Any]:
+    """Rounds of turns on `timed` at one thread count, and each engine's embeddings of encoder_eval's sentences
+    compared with `reference`, or with no reference yet, with the anchor's, which become it."""
+    singles, batches = inputs(timed)
     texts = encoder_eval.sentences()
     rounds: list[dict[str, Turn]] = []
     quality: dict[str, dict[str, float | int]] = {}
@@ -306,13 +321,12 @@ def table(threads: int, engines: list[Engine], figures: dict[str, dict[str, Any]
     return "\n".join(rows)
 
 
-def tokens_per_sentence(tokenizer: Path) -> dict[str, float]:
+def token_counts(tokenizer: Path, texts: list[str]) -> list[int]:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer))
     tok.no_padding()  # MiniLM's tokenizer.json pads to 128; the encoders run without padding
-    counts = [len(e.ids) for e in tok.encode_batch(encoder_eval.sentences())]
-    return {"mean": statistics.mean(counts), "min": min(counts), "max": max(counts)}
+    return [len(e.ids) for e in tok.encode_batch(texts)]
 
 
 def checkout() -> dict[str, object]:
@@ -334,12 +348,16 @@ def bench(args: argparse.Namespace) -> None:
                     sum(f.stat().st_size for f in source.glob("*.safetensors")))
     engines = [anchor, *onnx_engines(source, max(args.threads)),
                *(Engine(f"TFLite {f.stem}", "tflite", f, source / "tokenizer.json", f.stat().st_size) for f in files)]
+    timed = timed_texts(args.text, anchor.tokenizer)
+    counts = token_counts(anchor.tokenizer, timed)
+    print(f"timing {len(timed)} {args.text} of {min(counts)}-{max(counts)} tokens (mean {statistics.mean(counts):.1f})",
+          flush=True)
     names = [e.name for e in engines]
     if len(set(names)) != len(names):
         raise BenchError(f"two engines share a name: {names} (give the .tflite files different names)")
     reference, per_threads, tables = None, {}, []
     for threads in args.threads:
-        measured = measure(engines, threads, args.runs, reference)
+        measured = measure(engines, threads, args.runs, timed, reference)
         reference = measured["reference"]
         figures = summary(measured["rounds"])
         tables.append(table(threads, engines, figures, measured["quality"]))
@@ -349,11 +367,13 @@ def bench(args: argparse.Namespace) -> None:
                         for n, f in figures.items()},
             "rounds": [{n: asdict(t) for n, t in r.items()} for r in measured["rounds"]]}
     print("\n" + "\n".join([tables[0], *(t.split("\n", 2)[2] for t in tables[1:])]))
-    write_results("embeddings", {
-        "settings": {"runs": args.runs, "threads": args.threads, "batch": BATCH, "batch_calls": len(inputs()[1]),
-                     "single_calls": len(inputs()[0]), "tflite": [str(f) for f in files], "anchor": ANCHOR},
+    singles, batches = inputs(timed)
+    write_results("embeddings" if args.text == "sentences" else f"embeddings-{args.text}", {
+        "settings": {"runs": args.runs, "threads": args.threads, "text": args.text, "batch": BATCH,
+                     "batch_calls": len(batches), "single_calls": len(singles), "tflite": [str(f) for f in files],
+                     "anchor": ANCHOR},
         "checkout": checkout(), "source": str(source),
-        "tokens_per_sentence": tokens_per_sentence(source / "tokenizer.json"),
+        "tokens_per_text": {"mean": statistics.mean(counts), "min": min(counts), "max": max(counts)},
         "engines": [{"name": e.name, "kind": e.kind, "file": str(e.path), "bytes": e.bytes} for e in engines],
         "threads": per_threads,
     }, load_before=load_before, load_after=os.getloadavg())
@@ -362,6 +382,8 @@ def bench(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[2], help="thread counts, each a set of runs (default 2)")
+    p.add_argument("--text", choices=("sentences", "paragraphs"), default="sentences",
+                   help="what is timed: encoder_eval's sentences (default) or paragraphs of calibration.txt")
     p.add_argument("--runs", type=int, default=5, help="rounds per thread count (default 5)")
     p.add_argument("--tflite", type=Path, nargs="+", default=[], metavar="FILE",
                    help=".tflite files of all-MiniLM-L6-v2 (packager/tflite_export.py); default: export them here")
