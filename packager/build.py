@@ -185,6 +185,7 @@ def build(opts: BuildOptions) -> BuildResult:
             encoders=encoders,
             agents=agents,
             delta_since=f"{old.name} v{old.bundle_version}" if old else None,
+            auto_promote=opts.recipe.auto_promote if opts.recipe else False,
         )
         shipped = [b for d, b in blobs.items() if old is None or d not in old.blobs]
         ui.step("write bundle" + (f" (delta: {len(shipped)} of {len(blobs)} blobs)" if old else ""))

@@ -31,6 +31,7 @@ EXAMPLE = '''\
 # Paths are relative to this file. Every model, adapter and agent name is what clients and logs see.
 
 board = "rpi5"                    # optional: a profile from `edgepack boards` (default: this machine)
+# auto_promote = true             # installed as a candidate (docs/shadow.md): promoted once it proves itself
 
 [models.base]
 source = "base.gguf"              # a GGUF model (f16/bf16/f32 or already quantized), or a Hugging Face
@@ -60,6 +61,7 @@ max_tokens = 256                  # frequency_penalty, presence_penalty, max_tok
 # semantic_cache = 0.9            # also answer requests that mean the same (docs/semantic-cache.md); off if absent
 # semantic_cache = { threshold = 0.85, embedder = "minilm" }   # ... embedded by one of the encoders
 # cache_sampled = false           # true: cache answers to temperature > 0 requests too
+# shadow_rate = 0.2               # as a candidate: the share of this agent's requests replayed on it
 # tools = "planner-tools.json"    # OpenAI tool definitions (a JSON list) offered when a request sends none
 # tool_choice = "auto"            # auto | none | required | a tool's name (a request's own wins)
 
@@ -113,6 +115,7 @@ class Recipe:
     adapters: tuple[AdapterSpec, ...]
     agents: tuple[AgentInfo, ...]
     encoders: tuple[EncoderSpec, ...] = ()
+    auto_promote: bool = False
 
     def model_tier(self, model: ModelSpec) -> str | None:
         """The model's own tier, else the strictest tier among its agents."""
@@ -150,6 +153,7 @@ class _RecipeFile(Strict):
     """The top level; each table is converted on its own (_table), so an error names its key."""
 
     board: str | None = None
+    auto_promote: bool = False
     models: dict[Name, dict[str, Any]] = {}  # _ModelTable
     adapters: dict[Name, dict[str, Any]] = {}  # _AdapterTable
     encoders: dict[Name, dict[str, Any]] = {}  # _EncoderTable
@@ -203,7 +207,7 @@ def _recipe(path: Path, doc: _RecipeFile) -> Recipe:
     encoder_names = {e.name for e in encoders}
     agents = tuple(_agent(path, name, table, names, adapter_base, encoder_names)
                    for name, table in doc.agents.items())
-    return Recipe(path, doc.board, tuple(models), tuple(adapters), agents, tuple(encoders))
+    return Recipe(path, doc.board, tuple(models), tuple(adapters), agents, tuple(encoders), doc.auto_promote)
 
 
 def _agent(path: Path, name: str, table: dict[str, Any], models: set[str], adapter_base: dict[str, str],

@@ -185,6 +185,7 @@ class AgentInfo(Strict):
     latency_sla_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
     semantic_cache: Threshold | SemanticCacheConfig | None = None  # answer by meaning (opt-in)
     cache_sampled: bool = False  # cache answers to requests with temperature > 0 too
+    shadow_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # as a candidate: share replayed
     tools: tuple[Tool, ...] = ()  # offered when a request sends none
     tool_choice: str | None = None  # auto, none, required or one of the tools' names; a request's own wins
 
@@ -227,6 +228,7 @@ class Manifest(Strict, kw_only=True):
     adapters: tuple[AdapterInfo, ...] = ()
     agents: tuple[AgentInfo, ...] = ()  # empty: every model is an agent of its own name
     delta_since: str | None = None  # a delta bundle: the blobs of this release are not in the archive
+    auto_promote: bool = False  # as a candidate: promoted when its decisions agree within its agents' tiers
     runtime: RuntimeDefaults = RuntimeDefaults()
     blobs: Annotated[dict[Digest, BlobInfo], msgspec.Meta(min_length=1)] = {}
 

@@ -201,11 +201,13 @@ def gc(store_dir: Path) -> None:
               help="Seconds an idle kept-alive connection stays open.")
 @click.option("--shadow-rate", type=str,
               help="With a candidate release in the store: the share of live requests replayed on it and compared, "
-                   "e.g. 20% (default 20%; 0 turns shadowing off). docs/shadow.md")
+                   "e.g. 20%, for every agent (default: each agent's shadow_rate in the candidate's recipe, else "
+                   "20%; 0 turns shadowing off). docs/shadow.md")
 @click.option("--ab", "ab_rate", default="0%", show_default=True,
               help="With a candidate: the share of conversations it answers live (sticky per X-Session-Id).")
 @click.option("--auto-promote", is_flag=True,
-              help="Promote a candidate whose decisions agree within every agent's tier (else it is reported ready).")
+              help="Promote a candidate whose decisions agree within every agent's tier (also when its recipe sets "
+                   "auto_promote; else it is reported ready).")
 @click.option("--min-decisions", default=200, show_default=True, type=click.IntRange(1),
               help="Compared decisions per agent before a candidate is judged.")
 @click.option("--embed-runtime", type=click.Choice(["onnx", "tflite"]),
@@ -306,8 +308,9 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     if trial is not None:
         trial.set_switch(service.switch_to_candidate)
         click.echo(f"edgepack: candidate {trial.release} ({trial.candidate.name} v{trial.candidate.bundle_version}) "
-                   f"on trial: {trial.mode}, shadow {trial.shadow_rate:.0%}, A/B {trial.ab_rate:.0%}, "
-                   f"{'auto-promoted' if auto_promote else 'reported'} after {min_decisions} decisions per agent",
+                   f"on trial: {trial.mode}, shadow {', '.join(f'{a} {r:.0%}' for a, r in trial.rates.items())}, "
+                   f"A/B {trial.ab_rate:.0%}, {'auto-promoted' if trial.auto_promote else 'reported ready'} after "
+                   f"{min_decisions} decisions per agent",
                    err=True)
     click.echo(f"edgepack: loading {manifest.name} v{manifest.bundle_version} on {urls}", err=True)
     if api_keys:

@@ -104,7 +104,8 @@ class Trial:
                  auto_promote: bool, log: decision_log.DecisionLog | None,
                  min_decisions: int = verdict.MIN_DECISIONS, tiers: dict[str, str | None] | None = None,
                  slas_ms: dict[str, int | None] | None = None, on_event: Callable[[str], None] = lambda line: None,
-                 rng: random.Random | None = None) -> None:
+                 agent_rates: dict[str, float] | None = None, rng: random.Random | None = None) -> None:
+        """`shadow_rate` for every agent but those in `agent_rates` (the candidate recipe's own shares)."""
         if not (0 <= shadow_rate <= 1 and 0 <= ab_rate <= 1):
             raise EdgepackError(f"shadow and A/B rates must be between 0% and 100%, got {shadow_rate:.0%} and "
                                 f"{ab_rate:.0%}")
@@ -113,10 +114,12 @@ class Trial:
         self.live_release = store.release_id("current")
         self.manifest, self.agents = combine(current, candidate)
         self.shadow_rate, self.ab_rate, self.auto_promote = shadow_rate, ab_rate, auto_promote
+        self.rates = {name: (agent_rates or {}).get(name, shadow_rate) for name in self.agents}
         self.log, self.min_decisions = log, min_decisions
         self.tiers = tiers or {}
         self.slas_ms = slas_ms or {}
-        self.mode = "+".join(m for m, rate in (("shadow", shadow_rate), ("ab", ab_rate)) if rate) or "idle"
+        self.mode = "+".join(m for m, rate in (("shadow", max(self.rates.values(), default=0)), ("ab", ab_rate))
+                             if rate) or "idle"
         self.reason = ""
         self.agreement: dict[str, _Agreement] = {name: _Agreement() for name in self.agents}
         self.verdicts: dict[str, verdict.ShadowVerdict] = {}
@@ -154,9 +157,10 @@ class Trial:
         """Whether to replay this live request on the candidate now: "run" (the caller must call end_shadow()
         after), "skipped" (sampled, but another replay runs or the live model has requests waiting: the live side
         comes first) or "" (not sampled: the shadow rate)."""
-        if not self.running or not self.shadow_rate or agent not in self.agents:
+        rate = self.rates.get(agent, 0)
+        if not self.running or not rate:
             return ""
-        if self._rng.random() >= self.shadow_rate:
+        if self._rng.random() >= rate:
             return ""
         with self._lock:
             if self._shadow_busy or live_busy:
@@ -270,7 +274,7 @@ class Trial:
         """What the verdict rests on, as recorded in the store and shown by /status."""
         with self._lock:
             return {
-                "mode": self.mode, "reason": self.reason, "shadow_rate": self.shadow_rate, "ab_rate": self.ab_rate,
+                "mode": self.mode, "reason": self.reason, "shadow_rates": self.rates, "ab_rate": self.ab_rate,
                 "agents": {a: {"compared": c.compared, "disagreed": c.disagreed,
                                "first_token_agreement": (c.first_token_agreed / c.first_token_compared
                                                          if c.first_token_compared else None),

@@ -40,15 +40,17 @@ def start_trial(store: Store, current: Manifest, shadow_rate: str | None, ab_rat
         if shadow or ab:
             log("warning: --shadow-rate/--ab given, but the store has no candidate (install --candidate)")
         return None
-    shadow = DEFAULT_SHADOW_RATE if shadow is None else shadow
-    if not shadow and not ab:
+    candidate = store.manifest("candidate")
+    rates = {a.name: a.shadow_rate for a in candidate.agent_list() if a.shadow_rate is not None and shadow is None}
+    shadow = DEFAULT_SHADOW_RATE if shadow is None else shadow  # the flag for all agents, else the recipe's, else 20%
+    if not shadow and not ab and not any(rates.values()):
         log("candidate present, but shadow and A/B are both off: it takes no traffic")
         return None
-    candidate = store.manifest("candidate")
     agents = {a.name: a for a in current.agent_list()}
     tiers = {a.name: a.tier or agents.get(a.name, a).tier for a in candidate.agent_list()}
     slas = {a.name: a.latency_sla_ms or agents.get(a.name, a).latency_sla_ms for a in candidate.agent_list()}
-    return Trial(store, current, candidate, shadow_rate=shadow, ab_rate=ab, auto_promote=auto_promote,
+    return Trial(store, current, candidate, shadow_rate=shadow, ab_rate=ab,
+                 auto_promote=auto_promote or candidate.auto_promote, agent_rates=rates,
                  log=DecisionLog(store.root / DECISION_LOG), min_decisions=min_decisions, tiers=tiers, slas_ms=slas,
                  on_event=log)
 

@@ -10,9 +10,13 @@ import urllib.request
 
 import pytest
 
+from edgepack.packager import recipe as recipe_mod
+from edgepack.packager.build import BuildOptions, build
+from edgepack.runtime.boards import load_board
 from edgepack.runtime.decision_log import read_log
 from edgepack.runtime.errors import EdgepackError
 from edgepack.runtime.store import Store
+from edgepack.runtime.trial_command import parse_share, start_trial
 from tests.conftest import build_bundle, run_cli, serving
 from tests.tiny_model import write_tiny_llama
 
@@ -179,3 +183,41 @@ def test_ab_keeps_a_conversation_on_one_arm(tmp_path, bundles):
         text = metrics(base)
         assert metric(text, "edgepack_trial_request_duration_seconds_count", arm="candidate") > 0
         assert metric(text, "edgepack_trial_request_duration_seconds_count", arm="live") > 0
+
+
+def test_the_candidates_recipe_sets_its_agents_shadow_rates_and_auto_promotion(tmp_path, bundles, tiny_gguf):
+    (tmp_path / "edgepack.toml").write_text(f"""
+auto_promote = true
+[models.tiny]
+source = "{tiny_gguf}"
+[agents.tiny]
+model = "tiny"
+shadow_rate = 0.5
+[agents.other]
+model = "tiny"
+""")
+    recipe = recipe_mod.load(tmp_path / "edgepack.toml")
+    candidate = tmp_path / "candidate.edgepack"
+    build(BuildOptions(output=candidate, recipe=recipe, board=load_board("host"), quiet=True, no_eval=True,
+                       bundle_version=5, name="tiny"))
+    store = Store(tmp_path / "store")
+    store.install(bundles["v1"])
+    store.install(candidate, candidate=True)
+    lines = []
+    trial = start_trial(store, store.manifest(), None, "0%", False, 200, lines.append)
+    assert trial.rates == {"tiny": 0.5} and trial.auto_promote  # "other" is not an agent of the current release
+    assert trial.mode == "shadow" and set(trial.agents) == {"tiny"}
+    flagged = start_trial(store, store.manifest(), "10%", "5%", False, 200, lines.append)
+    assert flagged.rates == {"tiny": 0.1} and flagged.mode == "shadow+ab"
+    assert start_trial(store, store.manifest(), "0", "0", False, 200, lines.append) is None  # the flag wins: off
+
+
+@pytest.mark.parametrize(("text", "share"), [("20%", 0.2), ("0.2", 0.2), ("0", 0.0), ("100%", 1.0)])
+def test_shares_read_as_percentages_or_fractions(text, share):
+    assert parse_share(text, "--ab") == pytest.approx(share)
+
+
+@pytest.mark.parametrize("text", ["120%", "-1", "lots", "20 %%"])
+def test_bad_shares_are_one_line_errors(text):
+    with pytest.raises(EdgepackError, match="--ab: expected a share"):
+        parse_share(text, "--ab")
