@@ -284,6 +284,9 @@ class Service:
     def _update_alerts(self) -> None:
         for name, active in self.alerts.evaluate().items():
             self.metrics.alert.labels(name).set(1 if active else 0)
+        if self.trial is not None:  # the trial's verdicts that need a person: a candidate refused, a release undone
+            self.metrics.alert.labels("candidate_rejected").set(1 if self.trial.mode == "rejected" else 0)
+            self.metrics.alert.labels("release_rolled_back").set(1 if self.trial.mode == "rolled back" else 0)
 
     async def _sample_load(self) -> None:
         while True:

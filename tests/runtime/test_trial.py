@@ -143,6 +143,7 @@ def test_a_candidate_that_decides_differently_is_rejected_with_its_evidence(tmp_
                  "--min-decisions", "20") as base:
         text = shadowed(base, 20)
         assert metric(text, "edgepack_candidate_info", release=v3, mode="rejected") == 1
+        assert metric(text, "edgepack_alert", alert="candidate_rejected") == 1
         assert metric(text, "edgepack_shadow_requests_total", agent="tiny", result="disagree") >= 15
         assert store.release_id("candidate") is None and store.verdict(v3)["verdict"] == "rejected"
         shown = run_cli("status", "--url", base)
