@@ -76,6 +76,7 @@ class CompletionRequest:
     logprobs: int | None = None  # None: none; N: each token's log-probability and the top N alternatives
     logit_bias: tuple[tuple[int, float], ...] = ()
     n: int = 1  # choices, each its own sequence
+    user: str | None = None  # the client's end-user id (OpenAI's `user`): keeps a conversation on one A/B arm
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(m.role, m.content) for m in self.messages]
@@ -156,6 +157,7 @@ class _Body(SamplingParams, frozen=True, kw_only=True, forbid_unknown_fields=Fal
     json_schema: dict[str, Any] | None = None
     stop: str | Annotated[list[Annotated[str, msgspec.Meta(min_length=1)]],
                           msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
+    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None  # OpenAI's end-user id: A/B's sticky key
 
 
 class _ChatBody(_Body, frozen=True, kw_only=True):
@@ -231,6 +233,7 @@ def _request(kind: str, doc: _Body, *, messages: tuple[Message, ...], prompt: st
         cache_prompt=doc.cache_prompt,
         logit_bias=_logit_bias(doc.logit_bias),
         n=doc.n,
+        user=doc.user,
         **extra,
     )
 

@@ -347,7 +347,7 @@ class Service:
         trial = self.trial
         if trial is None:
             return await self._answer(req, agent, started, hooks)
-        arm = "candidate" if trial.ab_candidate(agent.name, session) else "live"
+        arm = "candidate" if trial.ab_candidate(agent.name, session or req.user) else "live"
         try:
             response = await self._answer(req, trial.agents[agent.name] if arm == "candidate" else agent, started,
                                           hooks)

@@ -91,10 +91,10 @@ def metric(text, name, **labels):
     return 0.0
 
 
-def ask(base, text, session=None):
+def ask(base, text, session=None, user=None):
     headers = {"Content-Type": "application/json", **({"X-Session-Id": session} if session else {})}
     body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": text}], "max_tokens": 6,
-                       "temperature": 0}).encode()
+                       "temperature": 0, **({"user": user} if user else {})}).encode()
     with urllib.request.urlopen(urllib.request.Request(f"{base}/v1/chat/completions", body, headers),
                                 timeout=60) as response:
         return json.loads(response.read())
@@ -170,8 +170,8 @@ def test_ab_keeps_a_conversation_on_one_arm(tmp_path, bundles):
         arms = {}
         for session in [f"user-{i}" for i in range(8)]:
             before = generated(base)
-            for turn in range(3):
-                ask(base, f"turn {turn}", session)
+            for turn in range(3):  # the header, else OpenAI's user field, names the conversation
+                ask(base, f"turn {turn}", *((session, None) if int(session[-1]) % 2 else (None, session)))
             for _ in range(50):  # the tokens are counted just after the last answer went out
                 after = generated(base)
                 if sum(after) - sum(before) >= 18:
