@@ -64,15 +64,19 @@ class Engine:
         fit: Callable[[ModelShape], int] | None = None,
         threads_batch: int | None = None,
         gpu_layers: int = 0,
+        draft_max: int = 0,
     ) -> None:
         """n_ctx is per slot; `slots` sequences can be decoded together (each with its own KV cells).
         kv_type is the KV cache's element type: f16, or q8_0 (half the memory, needs flash attention).
-        fit, called once the weights are mapped, returns the context per slot to allocate (or raises)."""
+        fit, called once the weights are mapped, returns the context per slot to allocate (or raises).
+        draft_max: drafted tokens a slot may have verified per step (speculative decoding), each one more logit
+        row in the output buffer (n_vocab floats); 0: one row per slot."""
         if kv_type not in KV_TYPES:
             raise EdgepackError(f"KV cache type {kv_type!r}: choose {', '.join(KV_TYPES)}")
         self.name = name
         self.threads = threads
         self.slots = slots
+        self.draft_max = draft_max
         self._lock = threading.Lock()
         self._model = llama.load_model(paths, repack=repack, gpu_layers=gpu_layers)
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -90,7 +94,8 @@ class Engine:
         params.n_seq_max = slots
         params.kv_unified = False  # every slot its own KV stream: isolation, and no cross-slot padding
         params.swa_full = False  # sliding-window layers keep only their window (Gemma 3: ~1/4 of the KV memory)
-        params.n_outputs_max = slots  # at most one logit row per slot per step: keeps the compute buffer small
+        # at most one logit row per slot per step (plus its drafts): keeps the compute buffer small
+        params.n_outputs_max = slots * (1 + draft_max)
         params.type_k = params.type_v = KV_TYPES[kv_type]
         if kv_type != "f16":
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # llama.cpp needs it for a quantized V
@@ -309,6 +314,11 @@ class Engine:
 
     def clear_slot(self, seq_id: int) -> None:
         llama_cpp.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def trim_slot(self, seq_id: int, n_keep: int) -> None:
+        """Drop the slot's KV cells from position n_keep on (rejected draft tokens)."""
+        if not llama_cpp.llama_memory_seq_rm(self._memory, seq_id, n_keep, -1):
+            raise EdgepackError(f"llama.cpp cannot remove positions from {n_keep} on in a slot of {self.name!r}")
 
     def can_keep(self, seq_id: int, n_keep: int) -> bool:
         """Whether the slot's first n_keep positions can be reused: not when a sliding-window layer has

@@ -17,6 +17,13 @@ once the prompt is in the first's KV cells they are copied to the waiting slots 
 choice samples its first token from the same logits, with its own sampler. A choice admitted later (no free
 slot) or whose first is gone reads the prompt itself, through prefix reuse like any request.
 
+Speculative decoding (`speculate`, off by default): a greedy slot drafts up to that many tokens by prompt
+lookup (runtime/drafts.py: earlier occurrences of its last tokens in its prompt, its output and its agent's
+earlier requests); they ride in the same llama_batch, each with its logit row. The slot's own sampler then
+picks a token from each row in turn, keeping drafted tokens while they equal its choice: every token emitted
+is the one plain decoding would emit (stop strings, max_tokens, EOS as they are), and the KV cells of the
+rejected rest are removed. Sampled slots (temperature > 0), grammars and logprobs do not draft yet.
+
 Adaptive batching: a SlotController watches the time of each decode step (= the time per output token
 of every generating slot) and lowers the number of slots admitted while its p95 is over the target,
 raising it again when well under.
@@ -32,6 +39,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
+from .drafts import DraftLength, NgramTable, PromptLookup
 from .engine import Engine, Generation, Sampling, TokenStream
 from .errors import EdgepackError
 from .stats import percentile
@@ -50,6 +58,7 @@ class Request:
     reuse_prefix: bool = True  # False: process the whole prompt even if a slot holds its beginning
     warmup: bool = False  # the server's own warm-up request: not counted in the metrics
     shares_prompt_of: Request | None = None  # an earlier choice of the same request, with the same prompt
+    agent: str | None = None  # requests of one agent share the n-grams drafts come from
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Generation = field(default_factory=Generation)
 
@@ -67,6 +76,9 @@ class _Slot:
     last: int | None = None  # the token to feed next (generation phase)
     logits_index: int = -1
     leader: _Slot | None = None  # the slot reading the prompt this one waits for (then copies)
+    lookup: PromptLookup | None = None  # where its drafts come from (None: it does not draft)
+    length: DraftLength | None = None
+    draft: list[int] = field(default_factory=list)  # drafted tokens in this step's batch, after `last`
 
 
 SlotCache = dict[int, tuple[tuple[str, float] | None, list[int]]]  # seq id -> (adapter, tokens in its KV)
@@ -111,8 +123,16 @@ class BatchScheduler:
                  on_finish: Callable[[Request], None] = lambda r: None,
                  on_change: Callable[[int, int], None] = lambda active, queued: None,
                  controller: SlotController | None = None, cache: SlotCache | None = None,
-                 prefixes: list[Prefix] | None = None) -> None:
+                 prefixes: list[Prefix] | None = None, speculate: int = 0) -> None:
+        """speculate: the most tokens a greedy slot drafts per step (0: no speculative decoding); at most the
+        engine's draft_max, which sizes its logit rows."""
+        if not 0 <= speculate <= engine.draft_max:
+            raise EdgepackError(f"model {engine.name!r}: speculate={speculate} needs an engine with draft_max >= "
+                                f"{speculate} (it has {engine.draft_max})")
         self.engine = engine
+        self.speculate = speculate
+        self.drafted = self.accepted = 0  # draft tokens verified, and those kept (read by the server's metrics)
+        self.tables: dict[str | None, NgramTable] = {}  # per agent: n-grams of its finished requests
         self.max_queue = max_queue
         self.controller = controller or SlotController(engine.slots)
         self._on_finish, self._on_change = on_finish, on_change
@@ -201,8 +221,18 @@ class BatchScheduler:
             request.result.prompt_tokens = len(request.prompt)
             request.result.cached_tokens = kept
             stream = TokenStream(self.engine, request.sampling, request.result)
-            self._active.append(_Slot(seq_id, request, stream, request.prompt[:kept], fed=kept, leader=leader))
+            slot = _Slot(seq_id, request, stream, request.prompt[:kept], fed=kept, leader=leader)
+            if self._drafts(request.sampling):
+                slot.lookup = PromptLookup(table=self.tables.setdefault(request.agent, NgramTable()))
+                slot.lookup.extend(request.prompt)
+                slot.length = DraftLength(self.speculate)
+            self._active.append(slot)
         self._on_change(self.active, self.queued)
+
+    def _drafts(self, sampling: Sampling) -> bool:
+        """Whether a generation drafts: greedy, so a drafted token is kept exactly when it is the greedy choice
+        (verifying a sampled one, the standard rejection rule, is not done yet); no grammar nor logprobs."""
+        return self.speculate > 0 and sampling.temperature <= 0 and not sampling.grammar and sampling.logprobs is None
 
     def _take(self, seq_id: int) -> None:
         self._free.remove(seq_id)
@@ -266,6 +296,11 @@ class BatchScheduler:
                 slot.leader = None  # the slot it waited for is gone: it reads the prompt itself
         generating = [s for s in self._active if s.last is not None]
         room, takes = budget - len(generating), {}
+        for slot in generating:
+            if slot.length is not None:
+                left = slot.request.sampling.max_tokens - slot.request.result.completion_tokens - 1
+                slot.draft = slot.lookup.draft(min(slot.length.next(), left, room))
+                room -= len(slot.draft)
         for slot in self._active:  # prompt chunks, in arrival order, in what the generating slots leave
             if slot.last is None and slot.leader is None and room > 0:
                 takes[slot.seq_id] = min(len(slot.request.prompt) - slot.fed, room)
@@ -274,8 +309,9 @@ class BatchScheduler:
         for slot in sorted(self._active, key=lambda s: s.seq_id):
             if slot.last is not None:
                 slot.logits_index = n
-                add(slot.last, len(slot.request.prompt) + slot.request.result.completion_tokens - 1, slot.seq_id,
-                    True)
+                pos = len(slot.request.prompt) + slot.request.result.completion_tokens - 1
+                for i, token in enumerate([slot.last, *slot.draft]):
+                    add(token, pos + i, slot.seq_id, True)
             elif takes.get(slot.seq_id):
                 prompt = slot.request.prompt
                 for i in range(slot.fed, slot.fed + takes[slot.seq_id]):
@@ -300,26 +336,51 @@ class BatchScheduler:
                     waiting.leader, waiting.fed, waiting.tokens = None, slot.fed, list(slot.tokens)
                     waiting.request.result.cached_tokens = slot.fed
                     self._sample(waiting, index)
-            self._sample(slot, index)
+            if slot.draft:
+                self._verify(slot, index)
+            else:
+                self._sample(slot, index)
         if generating:
             self.controller.observe(time.perf_counter() - started)
 
-    def _sample(self, slot: _Slot, index: int) -> None:
-        """Sample the slot's next token from logits row `index`, emit its text, finish the slot if it is done."""
+    def _sample(self, slot: _Slot, index: int) -> int | None:
+        """Sample the slot's next token from logits row `index`, emit its text, finish the slot if it is done;
+        the token, or None when the slot finished."""
         token, logprob = self.engine.sample(slot.stream.sampler, index)
         text, done = slot.stream.accept(token, logprob)
         if text:
             slot.request.emit(text)
         if done:
             self._finish(slot)
-        else:
-            slot.last = token
+            return None
+        slot.last = token
+        if slot.lookup is not None:
+            slot.lookup.extend((token,))
+        return token
+
+    def _verify(self, slot: _Slot, index: int) -> None:
+        """Rows index.. hold the logits after `last` and after each drafted token: sample them in turn while the
+        choice equals the draft (whose KV cells are then right), then drop the cells of the rest."""
+        draft, slot.draft = slot.draft, []
+        accepted = 0
+        for i in range(len(draft) + 1):
+            token = self._sample(slot, index + i)
+            if token is None or i == len(draft) or token != draft[i] or slot.request.cancel.is_set():
+                break
+            accepted += 1
+            slot.tokens.append(token)
+        self.drafted += len(draft)
+        self.accepted += accepted
+        slot.length.update(len(draft), accepted)
+        self.engine.trim_slot(slot.seq_id, len(slot.tokens))
 
     def _finish(self, slot: _Slot, error: Exception | None = None) -> None:
         self._active.remove(slot)
         slot.stream.close()
         if error is None:
             self._cache[slot.seq_id] = (self._lora, slot.tokens)  # its KV cells stay for prefix reuse
+            if slot.lookup is not None:
+                self.tables[slot.request.agent].add(slot.lookup.tokens)
         else:
             self.engine.clear_slot(slot.seq_id)
         self._free.append(slot.seq_id)

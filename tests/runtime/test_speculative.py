@@ -1,0 +1,219 @@
+"""Speculative decoding: n-gram drafts, and greedy output token for token what plain decoding gives."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from tiny_model import write_tiny_lora
+
+from edgepack.runtime.drafts import DraftLength, NgramTable, PromptLookup
+from edgepack.runtime.engine import Engine, Sampling
+from edgepack.runtime.scheduler import DONE, BatchScheduler, Request, run_together
+
+# ---- drafts (pure Python) ----
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    lookup = PromptLookup(sizes=(3, 2, 1))
+    lookup.extend([1, 2, 3, 4, 5, 9, 2, 3, 7, 8])
+    lookup.extend([1, 2, 3])
+    assert lookup.draft(4) == [4, 5, 9, 2]  # the 3-gram 1 2 3 first
+    assert lookup.draft(2) == [4, 5]
+    lookup.extend([6, 2, 3])  # no 3-gram 6 2 3 before; the 2-gram 2 3 last came before 6, then the end
+    assert lookup.draft(5) == [6, 2, 3]
+    lookup.extend([7])  # 2 3 7 again
+    assert lookup.draft(5) == [8, 1, 2, 3, 6]
+    lookup.extend([42])  # never seen
+    assert lookup.draft(5) == []
+    assert lookup.draft(0) == []
+
+
+def test_prompt_lookup_falls_back_to_the_agents_earlier_requests():
+    table = NgramTable(sizes=(3, 2), follow=4)
+    table.add([5, 6, 7, 8, 9, 10, 11])
+    lookup = PromptLookup(sizes=(3, 2), table=table)
+    lookup.extend([1, 6, 7])  # unseen in its own tokens: the table's 2-gram 6 7
+    assert lookup.draft(8) == [8, 9, 10, 11]
+    lookup.extend([8, 1, 6])  # its own 2-gram 1 6 (followed by 7) beats nothing, the table has no 8 1 6
+    assert lookup.draft(3) == [7, 8, 1]
+    small = NgramTable(sizes=(2,), capacity=3)
+    small.add([1, 2, 3, 4, 5, 6])
+    assert len(small) == 3 and small.lookup((1, 2)) == () and small.lookup((4, 5)) == (6,)
+
+
+def test_draft_length_grows_when_accepted_and_pauses_when_rejected():
+    length = DraftLength(8, start=4, pause=2)
+    assert length.next() == 4
+    length.update(4, 4)
+    assert length.next() == 6
+    length.update(6, 6)
+    assert length.next() == 8  # capped
+    length.update(8, 3)
+    assert length.next() == 4  # what was accepted, plus one
+    for _ in range(3):
+        length.update(length.next(), 0)
+    assert length.size == 0
+    assert [length.next() for _ in range(3)] == [0, 0, 1]  # paused two steps, then tries one token
+    length.update(1, 0)
+    assert [length.next() for _ in range(5)] == [0, 0, 0, 0, 1]  # the pause doubled
+    length.update(0, 0)  # nothing drafted: nothing learnt
+    assert length.next() == 1
+
+
+# ---- in the scheduler: greedy identity on a tiny model ----
+
+REPEATING = "the time of the way the time of the way the time of the way the time of"
+PROMPTS = [REPEATING, "a word of", "what is the way the hot and the way", "you can use one way if they"]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_gguf):
+    plain = Engine([tiny_gguf], name="plain", n_ctx=256, n_batch=64, threads=2, slots=4)
+    drafting = Engine([tiny_gguf], name="spec", n_ctx=256, n_batch=64, threads=2, slots=4, draft_max=8)
+    yield plain, drafting
+    plain.close()
+    drafting.close()
+
+
+def run(scheduler: BatchScheduler, prompts: list[str], sampling: Sampling, **request) -> list[Request]:
+    engine = scheduler.engine
+    requests = [Request(engine.tokenize(p), sampling, lambda _: None, **request) for p in prompts]
+    run_together(scheduler, requests, timeout=120)
+    return requests
+
+
+def texts(scheduler: BatchScheduler, prompts: list[str], sampling: Sampling) -> list[tuple]:
+    """Per prompt: the text, the tokens counted, why it finished and the stop string, one request at a time."""
+    out = []
+    for prompt in prompts:
+        pieces: list[str] = []
+        finished = threading.Event()
+        request = Request(scheduler.engine.tokenize(prompt), sampling,
+                          lambda item, p=pieces, f=finished: f.set() if item is DONE else p.append(item))
+        scheduler.submit(request)
+        assert finished.wait(120)
+        r = request.result
+        out.append(("".join(pieces), r.completion_tokens, r.finish_reason, r.stop_word))
+    return out
+
+
+@pytest.fixture
+def schedulers(engines):
+    plain, drafting = engines
+    made = [BatchScheduler(plain), BatchScheduler(drafting, speculate=8)]
+    yield made
+    for scheduler in made:
+        scheduler.stop()
+
+
+def test_greedy_output_is_identical_with_drafts_several_slots_at_once(schedulers):
+    plain, spec = schedulers
+    greedy = Sampling(48, temperature=0, ignore_eos=True)
+    expected = [r.result for r in run(plain, PROMPTS * 2, greedy)]
+    got = [r.result for r in run(spec, PROMPTS * 2, greedy)]
+    assert [(r.completion_tokens, r.finish_reason) for r in got] == [(48, "length")] * 8
+    assert texts(spec, PROMPTS, greedy) == texts(plain, PROMPTS, greedy)
+    print(f"\ntiny model: {spec.accepted}/{spec.drafted} drafted tokens accepted")
+    assert spec.accepted > 0 and spec.drafted > spec.accepted  # drafts both kept and rejected
+    assert plain.drafted == 0
+    assert len(expected) == len(got)
+
+
+def test_max_tokens_and_stop_strings_cut_inside_a_draft(schedulers):
+    plain, spec = schedulers
+    for max_tokens in (1, 2, 3, 5, 8, 13):
+        sampling = Sampling(max_tokens, temperature=0, ignore_eos=True)
+        assert texts(spec, [REPEATING], sampling) == texts(plain, [REPEATING], sampling)
+    full = texts(plain, [REPEATING], Sampling(40, temperature=0, ignore_eos=True))[0][0]
+    words = full.split()
+    for stop in {words[len(words) // 2], " ".join(words[5:7]), words[-1] + "x", full[-3:]}:
+        sampling = Sampling(40, temperature=0, ignore_eos=True, stop=(stop,))
+        assert texts(spec, [REPEATING], sampling) == texts(plain, [REPEATING], sampling), stop
+
+
+def test_cancellation_stops_where_plain_decoding_stops(schedulers):
+    def cancelled_after(scheduler: BatchScheduler, pieces_wanted: int) -> tuple[str, int, str]:
+        pieces: list[str] = []
+        finished = threading.Event()
+        request = Request(scheduler.engine.tokenize(REPEATING), Sampling(60, temperature=0, ignore_eos=True),
+                          lambda item: None)
+
+        def emit(item: object) -> None:
+            if isinstance(item, str):
+                pieces.append(item)
+                if len(pieces) == pieces_wanted:
+                    request.cancel.set()  # from the decode thread, in the middle of a step's drafted tokens
+
+        request.emit = emit
+        scheduler._on_finish = lambda r: finished.set()
+        scheduler.submit(request)
+        assert finished.wait(120)
+        return "".join(pieces), request.result.completion_tokens, request.result.finish_reason
+
+    plain, spec = schedulers
+    for wanted in (1, 4, 9):
+        assert cancelled_after(spec, wanted) == cancelled_after(plain, wanted)
+        assert cancelled_after(spec, wanted)[2] == "cancelled"
+
+
+def test_prefix_reuse_with_drafts(schedulers):
+    plain, spec = schedulers
+    greedy = Sampling(24, temperature=0, ignore_eos=True)
+    first = texts(plain, [REPEATING], greedy)[0]
+    follow = REPEATING + first[0]
+    expected = texts(plain, [REPEATING, follow], greedy)
+    assert texts(spec, [REPEATING], greedy)[0] == first
+    again = run(spec, [REPEATING], greedy)[0]
+    assert again.result.cached_tokens == again.result.prompt_tokens - 1  # the slot kept its cells, drafts trimmed
+    assert texts(spec, [REPEATING, follow], greedy) == expected
+
+
+def test_a_shared_agent_table_drafts_from_earlier_requests(schedulers):
+    plain, spec = schedulers
+    greedy = Sampling(32, temperature=0, ignore_eos=True)
+    expected = texts(plain, ["what is the way the hot and the way"] * 2, greedy)
+    before = spec.accepted
+    assert [r.result.completion_tokens for r in run(spec, ["what is the way the hot and the way"], greedy,
+                                                      agent="a")] == [32]
+    assert len(spec.tables["a"]) > 0
+    requests = run(spec, ["what is the way the hot and the way"], greedy, agent="a")
+    assert requests[0].result.completion_tokens == 32
+    assert texts(spec, ["what is the way the hot and the way"] * 2, greedy) == expected
+    assert spec.accepted > before
+
+
+def test_lora_adapter_with_drafts(tiny_gguf, tmp_path):
+    adapter = write_tiny_lora(tmp_path / "lora.gguf")
+    made = []
+    for name, draft_max in (("plain-lora", 0), ("spec-lora", 8)):
+        engine = Engine([tiny_gguf], name=name, n_ctx=256, n_batch=64, threads=2, slots=2, draft_max=draft_max)
+        engine.load_adapter("agent", adapter)
+        made.append(BatchScheduler(engine, speculate=draft_max))
+    try:
+        greedy = Sampling(40, temperature=0, ignore_eos=True)
+        outs = []
+        for scheduler in made:
+            requests = run(scheduler, [REPEATING, PROMPTS[2]], greedy, lora=("agent", 1.0))
+            outs.append([r.result.completion_tokens for r in requests] + texts(scheduler, [REPEATING], greedy))
+        assert outs[0] == outs[1]
+        assert made[1].drafted > 0
+    finally:
+        for scheduler in made:
+            scheduler.stop()
+            scheduler.engine.close()
+
+
+def test_sampled_and_constrained_requests_do_not_draft(schedulers):
+    _, spec = schedulers
+    before = spec.drafted
+    run(spec, [REPEATING], Sampling(24, temperature=0.7, seed=1, ignore_eos=True))
+    run(spec, [REPEATING], Sampling(24, temperature=0, logprobs=2, ignore_eos=True))
+    assert spec.drafted == before
+
+
+def test_speculate_needs_room_for_the_drafts(engines):
+    from edgepack.runtime.errors import EdgepackError
+
+    with pytest.raises(EdgepackError, match="draft_max"):
+        BatchScheduler(engines[0], speculate=4)
