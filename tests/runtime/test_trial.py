@@ -110,13 +110,14 @@ def shadowed(base, count):
                        for r in ("agree", "disagree", "error", "skipped"))
             if done >= i + 1:
                 break
+            time.sleep(0.005)
     return metrics(base)
 
 
 def test_a_faithful_candidate_is_promoted_and_then_answers_live(tmp_path, bundles):
     store = store_with(tmp_path, bundles, "v2")
     v1, v2 = store.release_id(), store.release_id("candidate")
-    with serving(store.root, "--threads", "2", "--no-cache", "--shadow-rate", "100%", "--auto-promote") as base:
+    with serving(store.root, "--threads", "1", "--no-cache", "--shadow-rate", "100%", "--auto-promote") as base:
         text = shadowed(base, 200)  # 0 of 200 changed: the 95% Wilson bound 1.9% is under the general tier's 2%
         assert metric(text, "edgepack_shadow_requests_total", agent="tiny", result="agree") == 200
         assert metric(text, "edgepack_shadow_agreement_ratio", agent="tiny") == 1.0
@@ -139,7 +140,7 @@ def test_a_faithful_candidate_is_promoted_and_then_answers_live(tmp_path, bundle
 def test_a_candidate_that_decides_differently_is_rejected_with_its_evidence(tmp_path, bundles):
     store = store_with(tmp_path, bundles, "v3")
     v3 = store.release_id("candidate")
-    with serving(store.root, "--threads", "2", "--no-cache", "--shadow-rate", "100%", "--auto-promote",
+    with serving(store.root, "--threads", "1", "--no-cache", "--shadow-rate", "100%", "--auto-promote",
                  "--min-decisions", "20") as base:
         text = shadowed(base, 20)
         assert metric(text, "edgepack_candidate_info", release=v3, mode="rejected") == 1
@@ -166,7 +167,7 @@ def generated(base):
 
 def test_ab_keeps_a_conversation_on_one_arm(tmp_path, bundles):
     store = store_with(tmp_path, bundles, "v3")
-    with serving(store.root, "--threads", "2", "--no-cache", "--shadow-rate", "0", "--ab", "50%") as base:
+    with serving(store.root, "--threads", "1", "--no-cache", "--shadow-rate", "0", "--ab", "50%") as base:
         arms = {}
         for session in [f"user-{i}" for i in range(8)]:
             before = generated(base)
@@ -222,3 +223,43 @@ def test_shares_read_as_percentages_or_fractions(text, share):
 def test_bad_shares_are_one_line_errors(text):
     with pytest.raises(EdgepackError, match="--ab: expected a share"):
         parse_share(text, "--ab")
+
+
+def test_a_promoted_release_that_breaks_its_sla_is_rolled_back(tmp_path, bundles, tiny_gguf):
+    """The candidate agrees (the same weights), so it is promoted; its recipe's 1 ms SLA cannot be met, so after
+    the rollback rule's 100 live requests the store and the process go back to the previous release."""
+    (tmp_path / "edgepack.toml").write_text(f"""
+auto_promote = true
+[models.tiny]
+source = "{tiny_gguf}"
+quant = "keep"
+[agents.tiny]
+model = "tiny"
+tier = "low-risk"
+latency_sla_ms = 1
+""")
+    candidate = tmp_path / "candidate.edgepack"
+    build(BuildOptions(output=candidate, recipe=recipe_mod.load(tmp_path / "edgepack.toml"),
+                       board=load_board("host"), quiet=True, no_eval=True, bundle_version=6, name="tiny"))
+    store = Store(tmp_path / "store")
+    store.install(build_bundle(tiny_gguf, tmp_path / "v1.edgepack", name="tiny", no_eval=True, quant="keep"))
+    v1 = store.release_id()
+    store.install(candidate, candidate=True)
+    new = store.release_id("candidate")
+    with serving(store.root, "--threads", "1", "--no-cache", "--shadow-rate", "100%", "--min-decisions", "20") as base:
+        text = shadowed(base, 80)  # 0 of 80 changed: the Wilson bound 4.6% is under the low-risk tier's 5%
+        assert metric(text, "edgepack_candidate_info", release=new, mode="promoted") == 1
+        assert store.release_id() == new
+        for i in range(100):
+            ask(base, f"after promotion {i}")
+        text = metrics(base)
+        assert metric(text, "edgepack_candidate_info", release=new, mode="rolled back") == 1
+        assert metric(text, "edgepack_alert", alert="release_rolled_back") == 1
+        assert (store.release_id(), store.release_id("previous")) == (v1, new)
+        live_before = metric(text, "edgepack_generated_tokens_total", model="tiny")
+        ask(base, "after the rollback")
+        for _ in range(50):
+            if metric(metrics(base), "edgepack_generated_tokens_total", model="tiny") > live_before:
+                break
+            time.sleep(0.1)
+        assert metric(metrics(base), "edgepack_generated_tokens_total", model="tiny") > live_before
