@@ -217,3 +217,37 @@ def test_speculate_needs_room_for_the_drafts(engines):
 
     with pytest.raises(EdgepackError, match="draft_max"):
         BatchScheduler(engines[0], speculate=4)
+
+
+# ---- Gemma 3 270M: an agent's answer that copies a tool call from its prompt ----
+
+CALL = ('{"name": "create_ticket", "arguments": {"project": "EDGE-PLATFORM", "title": "Sensor gateway drops MQTT '
+        'packets after firmware 2.4.1", "priority": "high", "assignee": "maria.kowalski", "labels": ["mqtt", '
+        '"firmware", "regression"]}}')
+AGENT = [("system", "You are a support agent. You answer only with a tool call in JSON."),
+         ("user", f"Earlier you made this tool call:\n{CALL}\nThe server timed out. Send exactly the same tool call "
+                  "again, nothing else.")]
+# longer than Gemma 3's sliding window (512): the window's layers keep only its last cells, drafts or not
+LONG = [("system", "You are a support agent. You answer only with a tool call in JSON. Ticket history:\n"
+         + "\n".join(f"- ticket {i}: sensor {i * 7 % 13} reported packet loss on gateway {i % 5}" for i in range(40))),
+        AGENT[1]]
+
+
+def test_gemma_agent_answer_is_identical_with_drafts(gemma_gguf):
+    outputs, rates = [], []
+    for draft_max in (0, 12):
+        engine = Engine([gemma_gguf], name="gemma", n_ctx=2048, n_batch=256, threads=2, slots=2,
+                        chat_template="gemma", draft_max=draft_max)
+        scheduler = BatchScheduler(engine, speculate=draft_max)
+        try:
+            prompts = [engine.format_chat(AGENT), engine.format_chat(LONG)]
+            assert len(engine.tokenize(prompts[1])) > 600
+            outputs.append(texts(scheduler, prompts, Sampling(64, temperature=0)))
+            rates.append((scheduler.accepted, scheduler.drafted))
+        finally:
+            scheduler.stop()
+            engine.close()
+    accepted, drafted = rates[1]
+    print(f"\nGemma 3 270M, agent prompts: {accepted}/{drafted} drafted tokens accepted; {outputs[1][0][0][:80]!r}")
+    assert outputs[1] == outputs[0]
+    assert accepted > drafted / 2
