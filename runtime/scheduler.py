@@ -59,6 +59,8 @@ class Request:
     warmup: bool = False  # the server's own warm-up request: not counted in the metrics
     shares_prompt_of: Request | None = None  # an earlier choice of the same request, with the same prompt
     agent: str | None = None  # requests of one agent share the n-grams drafts come from
+    drafted: int = 0  # draft tokens verified for it (speculative decoding), and those kept
+    accepted: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
     result: Generation = field(default_factory=Generation)
 
@@ -371,6 +373,8 @@ class BatchScheduler:
             slot.tokens.append(token)
         self.drafted += len(draft)
         self.accepted += accepted
+        slot.request.drafted += len(draft)
+        slot.request.accepted += accepted
         slot.length.update(len(draft), accepted)
         self.engine.trim_slot(slot.seq_id, len(slot.tokens))
 

@@ -9,7 +9,7 @@ from tiny_model import write_tiny_lora
 
 from edgepack.runtime.drafts import DraftLength, NgramTable, PromptLookup
 from edgepack.runtime.engine import Engine, Sampling
-from edgepack.runtime.scheduler import DONE, BatchScheduler, Request, run_together
+from edgepack.runtime.scheduler import DONE, BatchScheduler, Request
 
 # ---- drafts (pure Python) ----
 
@@ -77,25 +77,30 @@ def engines(tiny_gguf):
 
 
 def run(scheduler: BatchScheduler, prompts: list[str], sampling: Sampling, **request) -> list[Request]:
-    engine = scheduler.engine
-    requests = [Request(engine.tokenize(p), sampling, lambda _: None, **request) for p in prompts]
-    run_together(scheduler, requests, timeout=120)
-    return requests
-
-
-def texts(scheduler: BatchScheduler, prompts: list[str], sampling: Sampling) -> list[tuple]:
-    """Per prompt: the text, the tokens counted, why it finished and the stop string, one request at a time."""
-    out = []
+    """The prompts submitted together (decoded side by side); each request's text in `request.text`."""
+    requests = []
     for prompt in prompts:
         pieces: list[str] = []
         finished = threading.Event()
-        request = Request(scheduler.engine.tokenize(prompt), sampling,
-                          lambda item, p=pieces, f=finished: f.set() if item is DONE else p.append(item))
-        scheduler.submit(request)
-        assert finished.wait(120)
-        r = request.result
-        out.append(("".join(pieces), r.completion_tokens, r.finish_reason, r.stop_word))
-    return out
+        requests.append(Request(scheduler.engine.tokenize(prompt), sampling,
+                                lambda item, p=pieces, f=finished: f.set() if item is DONE else p.append(item),
+                                **request))
+        requests[-1].text, requests[-1].finished = pieces, finished
+    scheduler.submit(*requests)
+    for r in requests:
+        assert r.finished.wait(120)
+        r.text = "".join(r.text)
+    return requests
+
+
+def outcome(requests: list[Request]) -> list[tuple]:
+    """Per request: the text, the tokens counted, why it finished and the stop string."""
+    return [(r.text, r.result.completion_tokens, r.result.finish_reason, r.result.stop_word) for r in requests]
+
+
+def texts(scheduler: BatchScheduler, prompts: list[str], sampling: Sampling) -> list[tuple]:
+    """outcome() of the prompts, one request at a time."""
+    return [outcome(run(scheduler, [prompt], sampling))[0] for prompt in prompts]
 
 
 @pytest.fixture
@@ -110,14 +115,30 @@ def schedulers(engines):
 def test_greedy_output_is_identical_with_drafts_several_slots_at_once(schedulers):
     plain, spec = schedulers
     greedy = Sampling(48, temperature=0, ignore_eos=True)
-    expected = [r.result for r in run(plain, PROMPTS * 2, greedy)]
-    got = [r.result for r in run(spec, PROMPTS * 2, greedy)]
-    assert [(r.completion_tokens, r.finish_reason) for r in got] == [(48, "length")] * 8
+    expected = outcome(run(plain, PROMPTS * 2, greedy))
+    spec_requests = run(spec, PROMPTS * 2, greedy)
+    assert outcome(spec_requests) == expected
+    assert [(r.result.completion_tokens, r.result.finish_reason) for r in spec_requests] == [(48, "length")] * 8
+    assert sum(r.accepted for r in spec_requests) == spec.accepted and spec_requests[0].drafted > 0
     assert texts(spec, PROMPTS, greedy) == texts(plain, PROMPTS, greedy)
     print(f"\ntiny model: {spec.accepted}/{spec.drafted} drafted tokens accepted")
     assert spec.accepted > 0 and spec.drafted > spec.accepted  # drafts both kept and rejected
     assert plain.drafted == 0
-    assert len(expected) == len(got)
+
+
+def test_small_batches_leave_drafts_what_the_batch_has_room_for(tiny_gguf):
+    """n_batch 8 for 3 slots drafting up to 8 tokens each, prompts read in chunks beside them."""
+    made = [BatchScheduler(Engine([tiny_gguf], name=f"small{d}", n_ctx=256, n_batch=8, threads=2, slots=3,
+                                  draft_max=d), speculate=d) for d in (0, 8)]
+    try:
+        greedy = Sampling(40, temperature=0, ignore_eos=True)
+        assert outcome(run(made[1], PROMPTS * 2, greedy)) == outcome(run(made[0], PROMPTS * 2, greedy))
+        assert texts(made[1], PROMPTS, greedy) == texts(made[0], PROMPTS, greedy)
+        assert made[1].accepted > 0
+    finally:
+        for scheduler in made:
+            scheduler.stop()
+            scheduler.engine.close()
 
 
 def test_max_tokens_and_stop_strings_cut_inside_a_draft(schedulers):
@@ -195,7 +216,7 @@ def test_lora_adapter_with_drafts(tiny_gguf, tmp_path):
         outs = []
         for scheduler in made:
             requests = run(scheduler, [REPEATING, PROMPTS[2]], greedy, lora=("agent", 1.0))
-            outs.append([r.result.completion_tokens for r in requests] + texts(scheduler, [REPEATING], greedy))
+            outs.append(outcome(requests) + texts(scheduler, [REPEATING], greedy))
         assert outs[0] == outs[1]
         assert made[1].drafted > 0
     finally:
