@@ -323,6 +323,7 @@ class BatchScheduler:
         batch.n_tokens = n
         started = time.perf_counter()
         self.engine.decode_batch(batch)
+        kept = 0
         for slot in self._active:  # what the KV cells now hold
             if slot.last is not None:
                 slot.tokens.append(slot.last)
@@ -339,11 +340,11 @@ class BatchScheduler:
                     waiting.request.result.cached_tokens = slot.fed
                     self._sample(waiting, index)
             if slot.draft:
-                self._verify(slot, index)
+                kept += self._verify(slot, index)
             else:
                 self._sample(slot, index)
-        if generating:
-            self.controller.observe(time.perf_counter() - started)
+        if generating:  # the time per output token: kept drafts are tokens this step gave beyond one per slot
+            self.controller.observe((time.perf_counter() - started) * len(generating) / (len(generating) + kept))
 
     def _sample(self, slot: _Slot, index: int) -> int | None:
         """Sample the slot's next token from logits row `index`, emit its text, finish the slot if it is done;
@@ -360,9 +361,10 @@ class BatchScheduler:
             slot.lookup.extend((token,))
         return token
 
-    def _verify(self, slot: _Slot, index: int) -> None:
+    def _verify(self, slot: _Slot, index: int) -> int:
         """Rows index.. hold the logits after `last` and after each drafted token: sample them in turn while the
-        choice equals the draft (whose KV cells are then right), then drop the cells of the rest."""
+        choice equals the draft (whose KV cells are then right), then drop the cells of the rest; how many drafted
+        tokens were kept."""
         draft, slot.draft = slot.draft, []
         accepted = 0
         for i in range(len(draft) + 1):
@@ -377,6 +379,7 @@ class BatchScheduler:
         slot.request.accepted += accepted
         slot.length.update(len(draft), accepted)
         self.engine.trim_slot(slot.seq_id, len(slot.tokens))
+        return accepted
 
     def _finish(self, slot: _Slot, error: Exception | None = None) -> None:
         self._active.remove(slot)
