@@ -19,7 +19,7 @@ class NgramTable:
     """N-grams of an agent's earlier requests (prompt and answer) and what followed each, the latest winning.
     Bounded: the oldest grams go first once it holds `capacity` of them."""
 
-    def __init__(self, sizes: tuple[int, ...] = (3, 2), capacity: int = 65536, follow: int = 16) -> None:
+    def __init__(self, sizes: tuple[int, ...] = (4, 3), capacity: int = 32768, follow: int = 16) -> None:
         self.sizes, self.capacity, self.follow = sizes, capacity, follow
         self._next: collections.OrderedDict[Gram, tuple[int, ...]] = collections.OrderedDict()
 
@@ -43,7 +43,7 @@ class NgramTable:
 class PromptLookup:
     """Drafts for one generation from its own tokens (prompt, then output) and optionally a shared table."""
 
-    def __init__(self, sizes: tuple[int, ...] = (3, 2, 1), table: NgramTable | None = None) -> None:
+    def __init__(self, sizes: tuple[int, ...] = (4, 3, 2), table: NgramTable | None = None) -> None:
         self.sizes = tuple(sorted(sizes, reverse=True))
         self.table = table
         self.tokens: list[int] = []
