@@ -9,35 +9,42 @@ adapts how many tokens a slot drafts to how many the model accepts, down to none
 
 from __future__ import annotations
 
-import collections
+import array
 from collections.abc import Iterable
 
 Gram = tuple[int, ...]
 
 
 class NgramTable:
-    """N-grams of an agent's earlier requests (prompt and answer) and what followed each, the latest winning.
-    Bounded: the oldest grams go first once it holds `capacity` of them."""
+    """What followed each n-gram in an agent's earlier requests (prompt and answer), the latest winning: llama.cpp's
+    ngram-mod, a fixed array indexed by the n-gram's hash (size * 4 bytes, whatever the agent wrote). Colliding
+    n-grams overwrite each other; a wrong draft is only rejected."""
 
-    def __init__(self, sizes: tuple[int, ...] = (4, 3), capacity: int = 32768, follow: int = 16) -> None:
-        self.sizes, self.capacity, self.follow = sizes, capacity, follow
-        self._next: collections.OrderedDict[Gram, tuple[int, ...]] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._next)
+    def __init__(self, n: int = 5, size: int = 1 << 16) -> None:
+        self.n = n
+        self._next = array.array("i", [-1]) * size
+        self.used = 0
 
     def add(self, tokens: list[int]) -> None:
         """Learn one finished request's tokens."""
-        for n in self.sizes:
-            for end in range(n, len(tokens)):
-                gram = tuple(tokens[end - n : end])
-                self._next[gram] = tuple(tokens[end : end + self.follow])
-                self._next.move_to_end(gram)
-        while len(self._next) > self.capacity:
-            self._next.popitem(last=False)
+        n, table, size = self.n, self._next, len(self._next)
+        for end in range(n, len(tokens)):
+            at = hash(tuple(tokens[end - n : end])) % size
+            self.used += table[at] < 0
+            table[at] = tokens[end]
 
-    def lookup(self, gram: Gram) -> tuple[int, ...]:
-        return self._next.get(gram, ())
+    def follow(self, tokens: list[int], limit: int) -> list[int]:
+        """Up to `limit` tokens that followed the last n tokens, then what followed those, and so on."""
+        n, size = self.n, len(self._next)
+        if len(tokens) < n:
+            return []
+        context = tokens[-n:]
+        for _ in range(limit):
+            token = self._next[hash(tuple(context[-n:])) % size]
+            if token < 0:
+                break
+            context.append(token)
+        return context[n:]
 
 
 class PromptLookup:
@@ -60,18 +67,18 @@ class PromptLookup:
                     self._after[tuple(self.tokens[end - n : end])] = end
 
     def draft(self, limit: int) -> list[int]:
-        """Up to `limit` tokens that may come next (none when no earlier occurrence matches)."""
+        """Up to `limit` tokens that may come next (none when nothing matches): after the longest n-gram seen
+        earlier in this generation, else in its agent's table, else after a shorter n-gram of its own."""
         if limit <= 0 or not self.tokens:
             return []
-        for n in self.sizes:
+        for i, n in enumerate(self.sizes):
             if n > len(self.tokens):
                 continue
-            gram = tuple(self.tokens[-n:])
-            at = self._after.get(gram)
+            at = self._after.get(tuple(self.tokens[-n:]))
             if at is not None:
                 return self.tokens[at : at + limit]
-            if self.table is not None and n in self.table.sizes and (found := self.table.lookup(gram)):
-                return list(found[:limit])
+            if i == 0 and self.table is not None and (found := self.table.follow(self.tokens, limit)):
+                return found
         return []
 
 
