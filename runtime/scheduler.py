@@ -22,7 +22,10 @@ lookup (runtime/drafts.py: earlier occurrences of its last tokens in its prompt,
 earlier requests); they ride in the same llama_batch, each with its logit row. The slot's own sampler then
 picks a token from each row in turn, keeping drafted tokens while they equal its choice: every token emitted
 is the one plain decoding would emit (stop strings, max_tokens, EOS as they are), and the KV cells of the
-rejected rest are removed. Sampled slots (temperature > 0), grammars and logprobs do not draft yet.
+rejected rest are removed. Sampled slots (temperature > 0), grammars and logprobs do not draft yet. Sliding-window
+layers (Gemma 3): llama.cpp reuses a cell once it falls out of the window of the sequence's last cached position,
+so drafts decoded in one micro-batch evict nothing plain decoding keeps; a batch split over micro-batches (over
+512 tokens) could evict a few cells early, as in llama-server's n-gram speculation.
 
 Adaptive batching: a SlotController watches the time of each decode step (= the time per output token
 of every generating slot) and lowers the number of slots admitted while its p95 is over the target,
@@ -58,7 +61,7 @@ class Request:
     reuse_prefix: bool = True  # False: process the whole prompt even if a slot holds its beginning
     warmup: bool = False  # the server's own warm-up request: not counted in the metrics
     shares_prompt_of: Request | None = None  # an earlier choice of the same request, with the same prompt
-    agent: str | None = None  # requests of one agent share the n-grams drafts come from
+    agent: str | None = None  # requests of one agent share the n-grams drafts come from (None: one shared table)
     drafted: int = 0  # draft tokens verified for it (speculative decoding), and those kept
     accepted: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -232,8 +235,9 @@ class BatchScheduler:
         self._on_change(self.active, self.queued)
 
     def _drafts(self, sampling: Sampling) -> bool:
-        """Whether a generation drafts: greedy, so a drafted token is kept exactly when it is the greedy choice
-        (verifying a sampled one, the standard rejection rule, is not done yet); no grammar nor logprobs."""
+        """Whether a generation drafts: greedy, without grammar or logprobs, for now. _verify samples each row with
+        the slot's own sampler, which for a one-token draft is the standard rejection rule, so sampled, constrained
+        and logprob requests would verify the same way; they wait for their own identity tests."""
         return self.speculate > 0 and sampling.temperature <= 0 and not sampling.grammar and sampling.logprobs is None
 
     def _take(self, seq_id: int) -> None:
