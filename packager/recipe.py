@@ -62,6 +62,7 @@ max_tokens = 256                  # frequency_penalty, presence_penalty, max_tok
 # semantic_cache = { threshold = 0.85, embedder = "minilm" }   # ... embedded by one of the encoders
 # cache_sampled = false           # true: cache answers to temperature > 0 requests too
 # shadow_rate = 0.2               # as a candidate: the share of this agent's requests replayed on it
+# speculate = false               # never draft this agent's tokens (serve --speculate)
 # tools = "planner-tools.json"    # OpenAI tool definitions (a JSON list) offered when a request sends none
 # tool_choice = "auto"            # auto | none | required | a tool's name (a request's own wins)
 

@@ -186,6 +186,7 @@ class AgentInfo(Strict):
     semantic_cache: Threshold | SemanticCacheConfig | None = None  # answer by meaning (opt-in)
     cache_sampled: bool = False  # cache answers to requests with temperature > 0 too
     shadow_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # as a candidate: share replayed
+    speculate: bool = True  # False: serve never drafts this agent's tokens (speculative decoding)
     tools: tuple[Tool, ...] = ()  # offered when a request sends none
     tool_choice: str | None = None  # auto, none, required or one of the tools' names; a request's own wins
 

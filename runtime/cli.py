@@ -210,6 +210,9 @@ def gc(store_dir: Path) -> None:
                    "auto_promote; else it is reported ready).")
 @click.option("--min-decisions", default=200, show_default=True, type=click.IntRange(1),
               help="Compared decisions per agent before a candidate is judged.")
+@click.option("--speculate", type=click.IntRange(0, 32),
+              help="Speculative decoding: tokens a greedy request may draft per step from n-grams of its prompt, its "
+                   "output and its agent's earlier requests (0: off, the default for now; e.g. 8).")
 @click.option("--embed-runtime", type=click.Choice(["onnx", "tflite"]),
               help="Run encoders that have both on ONNX Runtime or a TFLite interpreter (default: the board "
                    "profile's embed_runtime, else onnx); one whose package is missing falls back to the other.")
@@ -220,7 +223,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
           max_unstable_starts: int, stable_after: float, gpu_layers: int | None, cors_origins: str,
           api_key_file: Path | None, metrics_open: bool, max_connections: int, header_timeout: float,
           body_timeout: float, idle_timeout: float, shadow_rate: str | None, ab_rate: str, auto_promote: bool,
-          min_decisions: int, embed_runtime: str | None) -> None:
+          min_decisions: int, speculate: int | None, embed_runtime: str | None) -> None:
     """Serve the current release over an OpenAI-compatible HTTP API."""
     import uvicorn
 
@@ -246,7 +249,7 @@ def serve(store_dir: Path, host: str, port: int, threads: int | None, n_ctx: int
     notify(f"STATUS=loading {manifest.name} v{manifest.bundle_version}")
     local = read_local_config(store)
     config = resolve_config(manifest, threads, n_ctx, repack, slots, kv_type, local=local,
-                            threads_batch=threads_batch, gpu_layers=gpu_layers)
+                            threads_batch=threads_batch, gpu_layers=gpu_layers, speculate=speculate)
     keep = parse_duration(keep_alive)
     stages = parse_stages(warmup)
     budget = resolve_budget(memory_budget, board_memory_gib(manifest.board))

@@ -170,29 +170,29 @@ def kv_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: 
 ACTIVATION_FLOATS_PER_EMBD = 24
 
 
-def compute_bytes(shape: ModelShape, n_ctx: int, slots: int, n_ubatch: int) -> int:
-    """llama.cpp's output and compute buffers, from above: the logit rows (one per slot, in the output buffer
-    and again as the graph's result), the micro-batch's activations, and the attention mask (f16 with flash
-    attention, llama.cpp's default on CPU: a micro-batch x the cells of each KV cache), which grows with
-    the context."""
+def compute_bytes(shape: ModelShape, n_ctx: int, slots: int, n_ubatch: int, draft: int = 0) -> int:
+    """llama.cpp's output and compute buffers, from above: the logit rows (one per slot, and `draft` more per
+    slot with speculative decoding, in the output buffer and again as the graph's result), the micro-batch's
+    activations, and the attention mask (f16 with flash attention, llama.cpp's default on CPU: a micro-batch x
+    the cells of each KV cache), which grows with the context."""
     n_ubatch = micro_batch(n_ctx, slots, n_ubatch)
-    logits = 4 * shape.n_vocab * min(slots, n_ubatch)
+    logits = 4 * shape.n_vocab * min(slots * (1 + draft), n_ubatch)
     activations = 4 * n_ubatch * shape.n_embd * ACTIVATION_FLOATS_PER_EMBD
     mask = 2 * n_ubatch * sum(cells for layers, cells in kv_layout(shape, n_ctx, slots, n_ubatch) if layers)
     return 2 * logits + activations + mask
 
 
-def context_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: int) -> int:
-    return kv_bytes(shape, n_ctx, slots, kv_type, n_ubatch) + compute_bytes(shape, n_ctx, slots, n_ubatch)
+def context_bytes(shape: ModelShape, n_ctx: int, slots: int, kv_type: str, n_ubatch: int, draft: int = 0) -> int:
+    return kv_bytes(shape, n_ctx, slots, kv_type, n_ubatch) + compute_bytes(shape, n_ctx, slots, n_ubatch, draft)
 
 
 def fit_context(shape: ModelShape, wanted: int, slots: int, kv_type: str, n_ubatch: int, room: int,
-                minimum: int = 256) -> int | None:
+                minimum: int = 256, draft: int = 0) -> int | None:
     """The largest context per slot (a multiple of 256, at most `wanted`) whose KV and compute buffers
     fit in `room` bytes; None when not even `minimum` fits."""
     n_ctx = wanted
     while n_ctx >= minimum:
-        if context_bytes(shape, n_ctx, slots, kv_type, n_ubatch) <= room:
+        if context_bytes(shape, n_ctx, slots, kv_type, n_ubatch, draft) <= room:
             return n_ctx
         n_ctx = (n_ctx // 2) // 256 * 256 if n_ctx > 256 else 0
     return None

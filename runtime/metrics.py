@@ -112,5 +112,10 @@ class Metrics:
                                "shadow+ab, ready, promoted, rejected, failed, rolled back)", ["release", "mode"],
                                registry=r)
 
+        self.spec_drafted = Counter("edgepack_spec_drafted_tokens", "Tokens drafted for speculative decoding and "
+                                    "verified", ["model", "agent"], registry=r)
+        self.spec_accepted = Counter("edgepack_spec_accepted_tokens", "Drafted tokens the model kept",
+                                     ["model", "agent"], registry=r)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -292,7 +292,7 @@ class ModelPool:
             n_batch=self.config.n_batch, threads=self.config.threads, threads_batch=self.config.threads_batch,
             chat_template=info.chat_template,
             repack=name in self._repack, slots=self.config.slots, kv_type=self.config.kv_type, fit=fit,
-            gpu_layers=self.config.gpu_layers,
+            gpu_layers=self.config.gpu_layers, draft_max=self.config.speculate,
         )
         try:
             for adapter in self.manifest.adapters:
@@ -336,7 +336,8 @@ class ModelPool:
             return self.budget.bytes - HEADROOM - self.usage() - self._new_weights(segments)
 
         embedder = context_bytes(shape, 512, 1, "f16", 512) if name in self.embedding_models else 0
-        wanted = context_bytes(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch) + embedder
+        draft = config.speculate
+        wanted = context_bytes(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, draft) + embedder
         while room() < wanted:
             idle = self._idle()
             if not idle:
@@ -345,11 +346,13 @@ class ModelPool:
             self._evict(idle[0][1], f"to make room for {name}")
             if len(self.loaded) + len(self.encoders) == before:
                 break
-        n_ctx = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, room() - embedder)
+        n_ctx = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, room() - embedder,
+                            draft=draft)
         if n_ctx is None:
             alone = self.budget.bytes - HEADROOM - self.base - sum(segments.values()) - embedder
-            busy = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, alone) is not None
-            need = sum(segments.values()) + context_bytes(shape, 256, config.slots, config.kv_type, n_ubatch)
+            busy = fit_context(shape, config.n_ctx, config.slots, config.kv_type, n_ubatch, alone,
+                               draft=draft) is not None
+            need = sum(segments.values()) + context_bytes(shape, 256, config.slots, config.kv_type, n_ubatch, draft)
             where = "while other models are busy; retry later" if busy else "at all"
             raise DoesNotFit(
                 f"model {name!r} needs about {format_mib(need)} (weights + KV for {config.slots} x 256 tokens) and "

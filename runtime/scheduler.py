@@ -62,6 +62,7 @@ class Request:
     warmup: bool = False  # the server's own warm-up request: not counted in the metrics
     shares_prompt_of: Request | None = None  # an earlier choice of the same request, with the same prompt
     agent: str | None = None  # requests of one agent share the n-grams drafts come from (None: one shared table)
+    speculate: bool = True  # False: never drafted (an agent's `speculate = false`)
     drafted: int = 0  # draft tokens verified for it (speculative decoding), and those kept
     accepted: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -227,7 +228,7 @@ class BatchScheduler:
             request.result.cached_tokens = kept
             stream = TokenStream(self.engine, request.sampling, request.result)
             slot = _Slot(seq_id, request, stream, request.prompt[:kept], fed=kept, leader=leader)
-            if self._drafts(request.sampling):
+            if request.speculate and self._drafts(request.sampling):
                 slot.lookup = PromptLookup(table=self.tables.setdefault(request.agent, NgramTable()))
                 slot.lookup.extend(request.prompt)
                 slot.length = DraftLength(self.speculate)

@@ -14,6 +14,9 @@ from .errors import EdgepackError
 REPACK_MODES = ("auto", "always", "never")
 
 
+MAX_DRAFT = 32  # each drafted token is a logit row per slot (1 MiB on a 262k vocabulary)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     threads: int
@@ -25,12 +28,13 @@ class ServeConfig:
     kv_type: str = "f16"  # KV cache element type: f16 or q8_0
     threads_batch: int | None = None  # threads for prompt processing (None: the same as threads)
     gpu_layers: int = 0  # layers offloaded to the GPU (-1: all); 0 in a build without GPU offload
+    speculate: int = 0  # tokens a greedy slot may draft per step (speculative decoding, runtime/drafts.py); 0: off
 
 
 def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None,
                    repack: str = "auto", slots: int | None = None, kv_type: str = "f16",
                    local: dict[str, int] | None = None, threads_batch: int | None = None,
-                   gpu_layers: int | None = None) -> ServeConfig:
+                   gpu_layers: int | None = None, speculate: int | None = None) -> ServeConfig:
     """Flags win; then the release's local.json (`edgepack tune`, see tune.read_local_config); then the
     bundle's board profile (capped at the CPUs we may use); then physical cores."""
     if threads is not None and threads < 1:
@@ -39,6 +43,8 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         raise EdgepackError(f"--threads-batch must be at least 1, got {threads_batch}")
     if slots is not None and slots < 1:
         raise EdgepackError(f"--slots must be at least 1, got {slots}")
+    if speculate is not None and not 0 <= speculate <= MAX_DRAFT:
+        raise EdgepackError(f"--speculate must be between 0 and {MAX_DRAFT}, got {speculate}")
     if n_ctx is not None and n_ctx < 16:
         raise EdgepackError(f"--ctx must be at least 16, got {n_ctx}")
     local = local or {}
@@ -61,6 +67,7 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         kv_type=kv_type,
         threads_batch=threads_batch,
         gpu_layers=resolve_gpu_layers(manifest, gpu_layers),
+        speculate=speculate if speculate is not None else local.get("speculate", 0),
     )
 
 

@@ -220,7 +220,8 @@ class Service:
 
         controller = SlotController(engine.slots, self.tpot_targets.get(model))
         return BatchScheduler(engine, max_queue=self.max_queue, on_finish=lambda r: self._record(model, r),
-                              on_change=changed, controller=controller, cache=cache, prefixes=prefixes)
+                              on_change=changed, controller=controller, cache=cache, prefixes=prefixes,
+                              speculate=engine.draft_max)
 
     def _loaded(self, name: str) -> None:
         """Metrics of a model the pool has just loaded."""
@@ -269,6 +270,9 @@ class Service:
             return
         m, result = self.metrics, request.result
         m.generated.labels(model).inc(result.completion_tokens)
+        if request.drafted:
+            m.spec_drafted.labels(model, request.agent or "").inc(request.drafted)
+            m.spec_accepted.labels(model, request.agent or "").inc(request.accepted)
         m.prompt.labels(model).inc(result.prompt_tokens)
         m.prompt_cached.labels(model).inc(result.cached_tokens)
         if result.finish_reason == "cancelled":
@@ -503,7 +507,8 @@ class Service:
         if not hooks.prompt_tokens and req.n == 1 and live:  # n choices are n samples: never one from the cache
             answer, keys = await self._lookup(agent, req, messages, text, sampling, engine, len(prompt),
                                               by_meaning=not plan.uses_tools)
-        answers = [answer] if answer is not None else self._submit(scheduler, req, prompt, sampling, lora, started)
+        answers = [answer] if answer is not None else self._submit(scheduler, req, prompt, sampling, lora, started,
+                                                                   agent)
         cancel = once(lambda: [a.cancel() for a in answers])
         hooks.on_answer(answers[0].result)
         if req.stream:
@@ -541,13 +546,15 @@ class Service:
         return JSONResponse(body)
 
     def _submit(self, scheduler: BatchScheduler, req: CompletionRequest, prompt: list[int], sampling: Sampling,
-                lora: tuple[str, float] | None, started: float) -> list[_Answer]:
+                lora: tuple[str, float] | None, started: float, agent: AgentInfo) -> list[_Answer]:
         """The request's n choices, queued together (all or none): choice i samples with seed+i (when seeded),
         the later ones take the first's prompt cells (runtime/scheduler.py)."""
         jobs = [_new_job(prompt, _choice_sampling(sampling, i), lora, started, req.cache_prompt)
                 for i in range(req.n)]
         for job in jobs[1:]:
             job.request.shares_prompt_of = jobs[0].request
+        for job in jobs:  # drafts come from the agent's own earlier requests too; an agent may opt out
+            job.request.agent, job.request.speculate = agent.name, agent.speculate
         for job in jobs:
             self._started[id(job.request)] = started
         try:

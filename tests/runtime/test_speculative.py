@@ -292,3 +292,60 @@ def test_gemma_agent_answer_is_identical_with_drafts(gemma_gguf):
     print(f"\nGemma 3 270M, agent prompts: {accepted}/{drafted} drafted tokens accepted; {outputs[1][0][0][:80]!r}")
     assert outputs[1] == outputs[0]
     assert accepted > drafted / 2
+
+
+# ---- through `edgepack serve` ----
+
+def test_serve_speculate_gives_the_same_answers_and_counts_drafts_per_agent(tiny_gguf, tmp_path):
+    """The real server with --speculate 8: the same greedy answers as without, drafted/accepted tokens in the
+    metrics under the agent's name, and an agent with `speculate = false` never drafted."""
+    import json
+    import re
+    import urllib.request
+
+    from edgepack.packager import recipe as recipe_mod
+    from edgepack.packager.build import BuildOptions, build
+    from edgepack.runtime.boards import load_board
+    from edgepack.runtime.store import Store
+    from tests.conftest import serving
+
+    (tmp_path / "edgepack.toml").write_text(f"""
+[models.tiny]
+source = "{tiny_gguf}"
+quant = "keep"
+[agents.writer]
+model = "tiny"
+[agents.careful]
+model = "tiny"
+speculate = false
+""")
+    bundle = tmp_path / "agents.edgepack"
+    build(BuildOptions(output=bundle, recipe=recipe_mod.load(tmp_path / "edgepack.toml"), board=load_board("host"),
+                       quiet=True, no_eval=True, bundle_version=1))
+    Store(tmp_path / "store").install(bundle)
+
+    def answers(base):
+        out = []
+        for agent in ("writer", "careful"):
+            for prompt in (REPEATING, PROMPTS[2], REPEATING):  # again: the agent's table drafts its own answer
+                body = json.dumps({"model": agent, "prompt": prompt, "max_tokens": 24, "temperature": 0}).encode()
+                request = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    out.append(json.loads(response.read())["choices"][0]["text"])
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as response:
+            return out, response.read().decode()
+
+    with serving(tmp_path / "store", "--threads", "1", "--no-cache") as base:
+        plain, _ = answers(base)
+    with serving(tmp_path / "store", "--threads", "1", "--no-cache", "--speculate", "8") as base:
+        drafted, metrics = answers(base)
+    assert drafted == plain
+
+    def counted(name, agent):
+        found = re.search(rf'{name}_total{{agent="{agent}",model="tiny"}} (\S+)', metrics)
+        return float(found.group(1)) if found else 0.0
+
+    assert counted("edgepack_spec_accepted_tokens", "writer") > 0
+    assert counted("edgepack_spec_drafted_tokens", "writer") >= counted("edgepack_spec_accepted_tokens", "writer")
+    assert counted("edgepack_spec_drafted_tokens", "careful") == 0
+
