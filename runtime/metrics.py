@@ -97,7 +97,7 @@ class Metrics:
 
         self.shadow_requests = Counter(
             "edgepack_shadow_requests", "Live requests replayed on the candidate release, by agent and result (agree, "
-            "disagree, error, skipped)", ["agent", "result"], registry=r)
+            "disagree, error, skipped, repeat: a greedy request already compared)", ["agent", "result"], registry=r)
         self.shadow_agreement = Gauge("edgepack_shadow_agreement_ratio",
                                       "Share of the candidate's compared decisions that agree with the live release",
                                       ["agent"], registry=r)

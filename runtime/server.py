@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import threading
 import time
@@ -365,9 +366,9 @@ class Service:
             self.metrics.trial_latency.labels(arm).observe(seconds)
         if arm == "live" and not streamed and not hooks.prompt_tokens:
             busy = (scheduler := self._scheduler_of(agent.model)) is not None and scheduler.queued > 0
-            shadow = trial.begin_shadow(agent.name, busy)
-            if shadow == "skipped":
-                self.metrics.shadow_requests.labels(agent.name, "skipped").inc()
+            shadow = trial.begin_shadow(agent.name, busy, _repeat_key(req, agent))
+            if shadow in ("skipped", "repeat"):
+                self.metrics.shadow_requests.labels(agent.name, shadow).inc()
             elif shadow == "run":
                 task = asyncio.get_running_loop().create_task(self._shadow(req, agent, bytes(response.body)))
                 self._shadows.add(task)
@@ -855,6 +856,17 @@ class _MetricsMiddleware:
             self.metrics.latency.labels(endpoint).observe(time.monotonic() - started)
             if endpoint in GENERATION_ROUTES:
                 self.alerts.outcome(status)
+
+
+def _repeat_key(req: CompletionRequest, agent: AgentInfo) -> str | None:
+    """For a greedy request, what makes its answer: identical keys get identical answers from a release, so a
+    shadow trial counts such a request once (runtime/trial.py). None for sampled requests (each is a new draw)."""
+    temperature = req.sampling.temperature if req.sampling.temperature is not None else agent.sampling.temperature
+    if temperature is None or temperature > 0:
+        return None
+    what = (agent.name, req.kind, req.messages, req.prompt, req.max_tokens, req.sampling, req.stop, req.tools,
+            req.tool_choice, req.parallel_tool_calls, req.constraint, req.logit_bias, req.ignore_eos)
+    return hashlib.sha256(repr(what).encode()).hexdigest()
 
 
 def _decision(body: dict[str, Any], engine: Engine | None) -> Answer:

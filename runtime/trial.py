@@ -35,6 +35,7 @@ from .store import Store
 
 PREFIX = "candidate."  # the candidate's models and adapters in the pool
 LATENCY_WINDOW = 1000  # latencies kept per arm for the percentiles
+MAX_SEEN = 50_000  # greedy requests remembered per agent, so a repeat is not counted as new evidence
 
 RUNNING = ("shadow", "ab", "shadow+ab")  # modes in which the candidate takes traffic
 
@@ -131,6 +132,7 @@ class Trial:
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
         self._shadow_busy = False
+        self._seen: dict[str, set[str]] = {name: set() for name in self.agents}
 
     def set_switch(self, on_switch: Callable[[bool], None]) -> None:
         """`on_switch(True)` is called when the candidate is promoted (its agents answer live from then on),
@@ -153,19 +155,26 @@ class Trial:
         bucket = int.from_bytes(hashlib.sha256(session.encode()).digest()[:8], "big") / 2 ** 64
         return bucket < self.ab_rate
 
-    def begin_shadow(self, agent: str, live_busy: bool) -> str:
+    def begin_shadow(self, agent: str, live_busy: bool, repeat_key: str | None = None) -> str:
         """Whether to replay this live request on the candidate now: "run" (the caller must call end_shadow()
         after), "skipped" (sampled, but another replay runs or the live model has requests waiting: the live side
-        comes first) or "" (not sampled: the shadow rate)."""
+        comes first), "repeat" (a greedy request identical to one already compared, `repeat_key` saying which: both
+        releases would answer it as before, so it is no new evidence) or "" (not sampled: the shadow rate)."""
         rate = self.rates.get(agent, 0)
         if not self.running or not rate:
             return ""
         if self._rng.random() >= rate:
             return ""
         with self._lock:
+            seen = self._seen[agent]
+            if repeat_key is not None and repeat_key in seen:
+                self.shadow_results[agent, "repeat"] += 1
+                return "repeat"
             if self._shadow_busy or live_busy:
                 self.shadow_results[agent, "skipped"] += 1
                 return "skipped"
+            if repeat_key is not None and len(seen) < MAX_SEEN:
+                seen.add(repeat_key)
             self._shadow_busy = True
             return "run"
 

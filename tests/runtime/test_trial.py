@@ -263,3 +263,14 @@ latency_sla_ms = 1
                 break
             time.sleep(0.1)
         assert metric(metrics(base), "edgepack_generated_tokens_total", model="tiny") > live_before
+
+
+def test_a_repeated_greedy_request_is_compared_once(tmp_path, bundles):
+    store = store_with(tmp_path, bundles, "v2")
+    with serving(store.root, "--threads", "1", "--no-cache", "--shadow-rate", "100%") as base:
+        shadowed(base, 2)  # two different questions
+        for _ in range(3):
+            ask(base, "question number 0: what comes next?")  # the first question again, word for word
+        text = metrics(base)
+        assert metric(text, "edgepack_shadow_requests_total", agent="tiny", result="agree") == 2
+        assert metric(text, "edgepack_shadow_requests_total", agent="tiny", result="repeat") == 3
