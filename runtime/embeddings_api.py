@@ -15,6 +15,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .bundle_format import AgentInfo
 from .errors import EdgepackError
 from .http_common import read_body
 from .openai_api import ApiError
@@ -28,6 +29,7 @@ class Service(Protocol):
 
     state: str
     pool: ModelPool | None
+    agents: dict[str, AgentInfo]
 
 
 MAX_INPUTS = 2048  # OpenAI's limit per request
@@ -54,7 +56,11 @@ class EmbeddingsApi:
         pool = self.service.pool
         if self.service.state != "ready" or pool is None:
             raise ApiError(503, f"the server is {self.service.state}; retry when /health says ok", code="not_ready")
-        info = _encoder(pool.manifest.encoders, body.model)
+        model = body.model
+        agent = self.service.agents.get(model) if model is not None else None
+        if agent is not None and agent.semantic_embedder is not None:  # an agent names the encoder it embeds with
+            model = agent.semantic_embedder
+        info = _encoder(pool.manifest.encoders, model)
         if body.dimensions is not None and body.dimensions != info.dimensions:
             raise ApiError(400, f"dimensions: encoder {info.name!r} gives {info.dimensions} dimensions and was not "
                                 "trained to be cut shorter; leave dimensions out or set it to "

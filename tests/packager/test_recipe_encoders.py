@@ -139,3 +139,7 @@ def test_the_agents_semantic_cache_embeds_with_the_named_encoder(agents_store):
         assert semantic_hits(base) == 1
         status, doc = post_json(f"{base}/v1/embeddings", {"model": "minilm", "input": "spiders"})
         assert status == 200 and len(doc["data"][0]["embedding"]) == 384
+        status, by_agent = post_json(f"{base}/v1/embeddings", {"model": "faq", "input": "spiders"})
+        assert status == 200 and by_agent["model"] == "minilm" and by_agent["data"] == doc["data"]
+        status, doc = post_json(f"{base}/v1/embeddings", {"model": "plain", "input": "spiders"})
+        assert status == 404 and "encoder 'plain' does not exist" in doc["error"]["message"]
