@@ -102,9 +102,9 @@ def build_encoder(source: EncoderSource, name: str, quant: str, work: Path, *, t
         raise PackagerError(f"unknown encoder quantization {quant!r}: choose {', '.join(QUANTS)}")
     seconds: dict[str, float] = {}
     started = time.monotonic()
-    model = _load_torch(source)
+    model = load_torch(source)
     log(f"loaded {source.path.name} in torch in {time.monotonic() - started:.1f}s")
-    reference = _torch_embeddings(model, source, encoder_eval.sentences())
+    reference = torch_embeddings(model, source, encoder_eval.sentences())
     exported = work / "export.onnx"
     _export(model, source, exported)
     seconds["export"] = time.monotonic() - started
@@ -177,7 +177,7 @@ def media_type(info: EncoderInfo, digest: Digest) -> str:
 
 # ---- steps ----
 
-def _load_torch(source: EncoderSource) -> Any:
+def load_torch(source: EncoderSource) -> Any:
     try:
         from transformers import AutoModel
     except ImportError as exc:
@@ -187,7 +187,7 @@ def _load_torch(source: EncoderSource) -> Any:
     return AutoModel.from_pretrained(source.path, attn_implementation="eager").eval()
 
 
-def _pooled(model: Any, source: EncoderSource) -> Any:
+def pooled_module(model: Any, source: EncoderSource) -> Any:
     """The checkpoint with its sentence-transformers head (pooling, normalisation) as one torch module."""
     import torch
 
@@ -209,7 +209,7 @@ def _pooled(model: Any, source: EncoderSource) -> Any:
     return Pooled().eval()
 
 
-def _torch_embeddings(model: Any, source: EncoderSource, texts: list[str]) -> np.ndarray:
+def torch_embeddings(model: Any, source: EncoderSource, texts: list[str]) -> np.ndarray:
     import torch
     from tokenizers import Tokenizer
 
@@ -218,7 +218,7 @@ def _torch_embeddings(model: Any, source: EncoderSource, texts: list[str]) -> np
     tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
     encodings = tokenizer.encode_batch(texts)
     with torch.inference_mode():  # one padded batch; the mask keeps padding out of the pooled result
-        vectors = _pooled(model, source)(torch.tensor([e.ids for e in encodings]),
+        vectors = pooled_module(model, source)(torch.tensor([e.ids for e in encodings]),
                                          torch.tensor([e.attention_mask for e in encodings]))
     return vectors.numpy().astype(np.float32)
 
@@ -234,7 +234,7 @@ def _export(model: Any, source: EncoderSource, target: Path) -> None:
     axes = {0: "batch", 1: "tokens"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice about itself
-        torch.onnx.export(_pooled(model, source), (example, example), str(target), input_names=list(INPUTS),
+        torch.onnx.export(pooled_module(model, source), (example, example), str(target), input_names=list(INPUTS),
                           output_names=[OUTPUT], opset_version=OPSET, dynamo=False,
                           dynamic_axes={INPUTS[0]: axes, INPUTS[1]: axes, OUTPUT: {0: "batch"}})
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from edgepack.runtime.encoder import INPUTS, OUTPUT  # the ONNX encoder's names; here int32 in, float32 out
 from edgepack.runtime.encoder_tflite import embed, signature_name  # the device side, as the runtime runs it
+from edgepack.runtime.encoder_tokenizer import INPUTS, OUTPUT  # the ONNX encoder's names; int32 in here
 from edgepack.runtime.memory import format_mib
 
 from . import encoder_eval
-from .encoder import EncoderSource, _load_torch, _pooled, _torch_embeddings, read_source
+from .encoder import EncoderSource, load_torch, pooled_module, read_source, torch_embeddings
 from .errors import PackagerError
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def export_tflite(model_dir: Path, out_path: Path, quant: str = "fp32", *,
     modules = _converter_modules()
     buckets = tuple(t for t in TOKEN_BUCKETS if t < source.max_tokens) + (source.max_tokens,)
     shapes = [(b, t) for b in batches for t in buckets]
-    model = _load_torch(source)
+    model = load_torch(source)
     with tempfile.TemporaryDirectory(prefix="edgepack-tflite-") as tmp:
         fp32 = Path(tmp) / "fp32.tflite"
         _convert(modules, _graph_module(modules["torch"], model, source), shapes, fp32)
@@ -139,7 +139,7 @@ def _graph_module(torch: ModuleType, model: Any, source: EncoderSource) -> Any:
             segment = torch.zeros((1, 1), dtype=input_ids.dtype)
             return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=segment)
 
-    pooled = _pooled(OneSegment(), source)
+    pooled = pooled_module(OneSegment(), source)
 
     class Named(torch.nn.Module):
         def __init__(self) -> None:
@@ -178,7 +178,7 @@ def _measure(modules: dict[str, ModuleType], model: Any, source: EncoderSource, 
     from tokenizers import Tokenizer  # comes with transformers
 
     texts = encoder_eval.sentences()
-    reference = _torch_embeddings(model, source, texts)
+    reference = torch_embeddings(model, source, texts)
     tokenizer = Tokenizer.from_file(str(source.tokenizer))
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length=source.max_tokens)

@@ -9,59 +9,21 @@ blobs/ directory and nothing is copied or reassembled.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
 
+from . import encoder_tflite
 from .bundle_format import Digest, EncoderInfo
+from .encoder_tokenizer import INPUTS, OUTPUT, EncoderTokenizer, require
 from .errors import EdgepackError
 
 Runtime = Literal["onnx", "tflite"]
 RUNTIMES: tuple[Runtime, ...] = ("onnx", "tflite")
-INPUTS = ("input_ids", "attention_mask")  # the graph's inputs, int64 [batch, tokens] (int32 in a .tflite)
-OUTPUT = "embeddings"  # its output, float32 [batch, dimensions], pooled (and normalised if the manifest says so)
 BATCH = 32  # inputs per session run; similar lengths go together, so little is padding
-
-
-def _module(name: str) -> ModuleType:
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        raise EdgepackError(f"encoders need the {name!r} package ({exc}); install edgepack with its runtime "
-                            f"dependencies (pip install edgepack) on this device") from None
-
-
-class EncoderTokenizer:
-    """The encoder's tokenizer.json as both runtimes read it: texts and token-id inputs framed alike, cut to
-    max_tokens. Its encode is safe to call from several threads."""
-
-    def __init__(self, info: EncoderInfo, tokenizer: Path) -> None:
-        tokenizers = _module("tokenizers")
-        self.max_tokens = info.max_tokens
-        self._tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer))
-        self._tokenizer.no_padding()
-        self._tokenizer.enable_truncation(max_length=info.max_tokens)
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self._head, self._tail = _special_tokens(self._tokenizer)
-        padding = self._tokenizer.token_to_id("[PAD]")
-        self.pad = 0 if padding is None else padding
-
-    def tokens(self, item: str | list[int]) -> list[int]:
-        """What the graph reads for one input: a text's tokens with the tokenizer's special tokens, or given token
-        ids (without special tokens) inside the same; cut to max_tokens, keeping the beginning as the tokenizer
-        does."""
-        if isinstance(item, str):
-            return self._tokenizer.encode(item).ids
-        bad = [t for t in item if not 0 <= t < self.vocab_size]
-        if bad:
-            raise EdgepackError(f"token {bad[0]} is not in the vocabulary of {self.vocab_size} tokens")
-        room = self.max_tokens - len(self._head) - len(self._tail)
-        return self._head + list(item[:room]) + self._tail
 
 
 class Encoder:
@@ -69,7 +31,7 @@ class Encoder:
     encode are)."""
 
     def __init__(self, info: EncoderInfo, graph: Path, tokenizer: Path, *, threads: int) -> None:
-        ort = _module("onnxruntime")
+        ort = require("onnxruntime")
         self.info, self.dimensions = info, info.dimensions
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # the LLMs' core choice (runtime/hardware.py), not ONNX Runtime's own
@@ -116,16 +78,6 @@ class Encoder:
         self._session = None
 
 
-def _special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer's post-processor puts before and after a text (BERT: [CLS], [SEP]), read
-    from the encoding of a one-token text, so token-id inputs get the same frame as texts."""
-    encoding = tokenizer.encode("a")
-    body = [i for i, special in enumerate(encoding.special_tokens_mask) if not special]
-    if len(body) != 1:
-        raise EdgepackError("the encoder's tokenizer does not frame a text with special tokens as expected")
-    return encoding.ids[:body[0]], encoding.ids[body[0] + 1:]
-
-
 # ---- which runtime ----
 
 _LABELS = {"onnx": "ONNX graph", "tflite": ".tflite file"}
@@ -162,11 +114,9 @@ def choose_runtime(info: EncoderInfo, preferred: Runtime) -> RuntimeChoice:
 def runtime_missing(info: EncoderInfo, runtime: Runtime) -> str | None:
     """Why this device cannot run the encoder on `runtime` (the package is not installed or cannot run this file),
     or None. Imports the package: it is loaded next anyway."""
-    from . import encoder_tflite  # it builds on this module
-
     try:
         if runtime == "onnx":
-            _module("onnxruntime")
+            require("onnxruntime")
         else:
             assert info.tflite is not None
             encoder_tflite.interpreter_class(info.tflite.quant)
@@ -187,8 +137,6 @@ def encoder_blobs(info: EncoderInfo, runtime: Runtime) -> list[Digest]:
 def open_encoder(info: EncoderInfo, runtime: Runtime, blob_path: Callable[[Digest], Path], *,
                  threads: int) -> Encoder | Any:
     """The encoder loaded on `runtime` (Encoder or encoder_tflite.TFLiteEncoder: the same interface)."""
-    from . import encoder_tflite
-
     model = encoder_blobs(info, runtime)[0]
     cls = Encoder if runtime == "onnx" else encoder_tflite.TFLiteEncoder
     return cls(info, blob_path(model), blob_path(info.tokenizer), threads=threads)

@@ -1,6 +1,6 @@
 """Sentence encoders on a TFLite interpreter (ai-edge-litert, else tflite-runtime): a bundle's .tflite file
 (packager/tflite_export.py: one fixed-shape signature `embed_{batch}x{tokens}` per batch size and length, pooling
-and normalisation inside) run with the ONNX encoder's tokenizer side (runtime/encoder.py). docs/tflite.md.
+and normalisation inside) run with the ONNX encoder's tokenizer side (runtime/encoder_tokenizer.py). docs/tflite.md.
 
 The interpreter package is imported here, when such an encoder is first loaded: a runtime without one still serves
 LLMs and ONNX encoders.
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .bundle_format import EncoderInfo
-from .encoder import INPUTS, OUTPUT, EncoderTokenizer  # the ONNX graph's names; int32 in, float32 out here
+from .encoder_tokenizer import INPUTS, OUTPUT, EncoderTokenizer  # the ONNX graph's names; int32 in here
 from .errors import EdgepackError
 
 # (module, pip requirement), first found wins: ai-edge-litert runs every file; tflite-runtime 2.14 computes the

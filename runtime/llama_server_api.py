@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 from starlette.background import BackgroundTask, BackgroundTasks
@@ -30,8 +30,22 @@ from .openai_api import ApiError, CompletionRequest, Constraint
 from .sampling import SAMPLING_KEYS, Sampling, SamplingParams, TokenLogprob
 from .schema import SchemaError, decode_json
 
-if TYPE_CHECKING:
-    from .server import Service
+
+class Service(Protocol):
+    """What the routes need of the server (runtime/server.py's Service): its completion path and the steps it is
+    made of. A protocol, so this module does not import the server that imports it."""
+
+    default_max_tokens: int
+
+    def _agent(self, name: str | None) -> AgentInfo: ...
+
+    async def _acquire(self, model: str) -> Any: ...  # the model's BatchScheduler, loaded if need be
+
+    def _prompt(self, req: CompletionRequest, agent: AgentInfo, engine: Engine) -> tuple[list[tuple[str, str]], Any]:
+        ...
+
+    async def _complete(self, req: CompletionRequest, hooks: Hooks = ..., session: str | None = None) -> Response:
+        ...
 
 MAX_N_PROBS = 20
 MAX_STOP_WORDS = 16
