@@ -118,6 +118,7 @@ class Service:
         self.metrics = Metrics()
         self.trial = trial  # a candidate release beside the current one (runtime/trial.py)
         self._shadows: set[asyncio.Task] = set()
+        self._live_agents: dict[str, AgentInfo] = {}  # the agents a promoted candidate replaced (for a rollback)
         self.agents = {agent.name: agent for agent in agents}
         self.adapter_scales = adapter_scales or {}
         self.default_max_tokens = default_max_tokens
@@ -406,10 +407,11 @@ class Service:
             self.metrics.trial_latency.labels("shadow").observe(seconds)
             scheduler = self._scheduler_of(candidate.model)
             engine = scheduler.engine if scheduler is not None else None
-            live, other = (_decision(json.loads(body), engine) for body in (live_body, bytes(response.body)))
+            live_doc = json.loads(live_body)
+            live, other = _decision(live_doc, engine), _decision(json.loads(response.body), engine)
             comparison = compare(live, other)
             result = "agree" if comparison.agrees else "disagree"
-            trial.compared(agent.name, json.loads(live_body).get("id", ""), live, other, comparison)
+            trial.compared(agent.name, live_doc.get("id", ""), live, other, comparison)
         except ApiError as exc:
             fatal = exc.code == "load_failed" or (exc.code == "insufficient_memory" and exc.headers is None)
             trial.shadow_failed(agent.name, exc.message, fatal)
@@ -443,7 +445,7 @@ class Service:
                 self.agents[name] = agent
                 self.agent_digests[name] = digests[name]  # the caches never mix the two releases' answers
         else:
-            for name, agent in getattr(self, "_live_agents", {}).items():
+            for name, agent in self._live_agents.items():
                 self.agents[name] = agent
                 self.agent_digests[name] = trial.current.agent_digest(agent)
 
