@@ -17,12 +17,16 @@ once the prompt is in the first's KV cells they are copied to the waiting slots 
 choice samples its first token from the same logits, with its own sampler. A choice admitted later (no free
 slot) or whose first is gone reads the prompt itself, through prefix reuse like any request.
 
-Speculative decoding (`speculate`, off by default): a greedy slot drafts up to that many tokens by prompt
-lookup (runtime/drafts.py: earlier occurrences of its last tokens in its prompt, its output and its agent's
-earlier requests); they ride in the same llama_batch, each with its logit row. The slot's own sampler then
-picks a token from each row in turn, keeping drafted tokens while they equal its choice: every token emitted
-is the one plain decoding would emit (stop strings, max_tokens, EOS as they are), and the KV cells of the
-rejected rest are removed. Sampled slots (temperature > 0), grammars and logprobs do not draft yet. Sliding-window
+Speculative decoding (`speculate`): a slot drafts up to that many tokens by prompt lookup
+(runtime/drafts.py: earlier occurrences of its last tokens in its prompt, its output and its agent's earlier
+requests); they ride in the same llama_batch, each with its logit row. The slot's own sampler then picks a
+token from each row in turn, keeping drafted tokens while they equal its choice, and stops sampling at the
+first choice that differs: every token emitted is chosen by the same sampler, with the same state (grammar,
+penalties, random generator) from the same logits as in plain decoding, one draw per emitted token. Greedy
+and seeded sampled output is therefore what plain decoding gives (stop strings, max_tokens, EOS as they are),
+and sampled output follows the model's distribution: a drafted token is kept with the probability the sampler
+gives it, which for a draft that proposes one token is the standard rejection rule. The KV cells of the
+rejected rest are removed. Sliding-window
 layers (Gemma 3): llama.cpp reuses a cell once it falls out of the window of the sequence's last cached position,
 so drafts decoded in one micro-batch evict nothing plain decoding keeps; a batch split over micro-batches (over
 512 tokens) could evict a few cells early, as in llama-server's n-gram speculation.
@@ -228,18 +232,12 @@ class BatchScheduler:
             request.result.cached_tokens = kept
             stream = TokenStream(self.engine, request.sampling, request.result)
             slot = _Slot(seq_id, request, stream, request.prompt[:kept], fed=kept, leader=leader)
-            if request.speculate and self._drafts(request.sampling):
+            if request.speculate and self.speculate > 0:
                 slot.lookup = PromptLookup(table=self.tables.setdefault(request.agent, NgramTable()))
                 slot.lookup.extend(request.prompt)
                 slot.length = DraftLength(self.speculate)
             self._active.append(slot)
         self._on_change(self.active, self.queued)
-
-    def _drafts(self, sampling: Sampling) -> bool:
-        """Whether a generation drafts: greedy, without grammar or logprobs, for now. _verify samples each row with
-        the slot's own sampler, which for a one-token draft is the standard rejection rule, so sampled, constrained
-        and logprob requests would verify the same way; they wait for their own identity tests."""
-        return self.speculate > 0 and sampling.temperature <= 0 and not sampling.grammar and sampling.logprobs is None
 
     def _take(self, seq_id: int) -> None:
         self._free.remove(seq_id)
