@@ -53,6 +53,8 @@ from . import (
     quant_types,
     report,
     segment,
+    vocab,
+    vocab_trim,
 )
 from .errors import PackagerError
 from .recipe import AdapterSpec, Recipe
@@ -86,6 +88,7 @@ class BuildOptions:
     since: Path | None = None  # write a delta against this older bundle
     sign: Path | None = None  # an ed25519 private key (edgepack keygen): the manifest's signature travels along
     threads: int = 2
+    vocab: vocab.Request | None = None  # trim the vocabulary (docs/vocab.md)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class _ModelJob:
     chat_template: str | None
     target_size: int | None
     tier: str | None
+    vocab: vocab.Request | None = None
 
 
 @dataclass(frozen=True)
@@ -201,11 +205,12 @@ def _jobs(opts: BuildOptions) -> list[_ModelJob]:
     if opts.recipe is None:
         assert opts.source is not None
         name = check_name(opts.name or _default_name(opts.source), "model name")
-        return [_ModelJob(name, opts.source, opts.quant, opts.chat_template, opts.target_size, opts.tier)]
+        return [_ModelJob(name, opts.source, opts.quant, opts.chat_template, opts.target_size, opts.tier,
+                          opts.vocab)]
     return [
         _ModelJob(m.name, m.source, m.quant or opts.quant, m.chat_template or opts.chat_template,
                   parse_size(m.target_size) if m.target_size else opts.target_size,
-                  opts.tier or opts.recipe.model_tier(m))
+                  opts.tier or opts.recipe.model_tier(m), m.vocab or opts.vocab)
         for m in opts.recipe.models
     ]
 
@@ -245,8 +250,15 @@ def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui,
         if note:
             ui.note(note)
     options = dataclasses.replace(_quality_options(opts, job, source, qtype, template), imatrix_cache=imatrix_cache)
+    original = source
+    vocab_report = None
+    if job.vocab is not None:
+        source, vocab_report = _trim_vocab(job, opts, options, source, work, template, ui)
     result = compress.compress(source, work, options, ui.step)
+    if vocab_report is not None:
+        result.quality["vocab"] = vocab_report
     model = gguf_info.read(result.model) if result.model != source.path else source
+    source = original
     if opts.report is not None:
         directory = opts.report if opts.recipe is None else opts.report / job.name
         _write_report(directory, job, source, result)
@@ -273,6 +285,28 @@ def _build_model(job: _ModelJob, opts: BuildOptions, work: Path, ui: _Ui,
     )
     return ModelResult(info, source.size, model.size, model.bits_per_weight, result.quality,
                        tuple(result.steps)), segments
+
+
+def _trim_vocab(job: _ModelJob, opts: BuildOptions, options: compress.QualityOptions, source: gguf_info.GGUFInfo,
+                work: Path, template: str | None, ui: _Ui) -> tuple[gguf_info.GGUFInfo, dict]:
+    """The source with its vocabulary trimmed (what the later steps then quantize, plan and measure against), gated by
+    the tier against the untrimmed source."""
+    assert job.vocab is not None
+    agent = vocab_trim.AgentText(
+        calibration=options.calibration_text or evaluate.default_text("calibration"),
+        system_prompts=tuple(a.system_prompt for a in (opts.recipe.agents if opts.recipe else ())
+                             if a.model == job.name and a.system_prompt),
+        tasks=options.tasks or evaluate.load_tasks(evaluate.default_tasks_path()),
+        chat_template=template,
+    )
+    ui.step(f"{job.name}: trim vocabulary (--vocab {job.vocab})")
+    trimmed = vocab_trim.trim(source.path, job.vocab, work, agent, eval_text=options.eval_text, tier=job.tier,
+                              threads=opts.threads, note=ui.note)
+    if trimmed.verdict is not None:
+        ui.note(trimmed.verdict.message)
+        if not trimmed.verdict.passed:
+            raise PackagerError(f"quality gate ({job.name}): {trimmed.verdict.message}; no bundle written")
+    return gguf_info.read(trimmed.path), trimmed.report
 
 
 def _adapters(recipe: Recipe, results: list[ModelResult], blobs: dict, work: Path, level: int,

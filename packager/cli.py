@@ -18,7 +18,7 @@ from edgepack.runtime.memory import format_mib
 from edgepack.runtime.store import bundle_manifest
 
 from . import build as build_mod
-from . import evaluate, gguf_info, imatrix, model_files, wheels
+from . import evaluate, gguf_info, imatrix, model_files, vocab, wheels
 from . import recipe as recipe_mod
 from .build import parse_size
 from .convert_lora import convert_lora
@@ -57,6 +57,8 @@ from .gates import TIERS
 @click.option("--tasks", type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL agent prompts: the answers must stay the same (part of the tier's measure).")
 @click.option("--no-eval", is_flag=True, help="Do not measure quality (not with --tier).")
+@click.option("--vocab", "vocab_spec", help="Trim the vocabulary to the agent's language: 'auto' (the smallest "
+                                            "within --tier), a token count (32768, 32k) or a file of token ids.")
 @click.option("--report", type=click.Path(file_okay=False, path_type=Path),
               help="Write a report (tables, plots) of the candidates, layers and types to this directory.")
 @click.option("--threads", default=hardware.default_threads(), show_default=True, type=click.IntRange(1))
@@ -67,14 +69,15 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
           allow_requantize: bool, chat_template: str | None, name: str | None, bundle_version: int | None,
           blocks_per_segment: int, since: Path | None, calibration: str | None, imatrix_file: Path | None,
           target_size: str | None, target_bpw: float | None, prune: str | None, tier: str | None,
-          eval_text: Path | None, tasks: Path | None, no_eval: bool, report: Path | None, threads: int,
-          sign_key: Path | None, quiet: bool) -> None:
+          eval_text: Path | None, tasks: Path | None, no_eval: bool, vocab_spec: str | None, report: Path | None,
+          threads: int, sign_key: Path | None, quiet: bool) -> None:
     """Quantize SOURCE (a GGUF model, or a Hugging Face checkpoint directory, converted by llama.cpp's
     convert_hf_to_gguf.py), or the models of a --recipe, for a board and write one compressed, verifiable bundle."""
     if prune is not None and prune != "auto" and not prune.isdigit():
         raise PackagerError(f"--prune {prune!r}: expected 'auto' or a number of blocks")
     if (source is None) == (recipe is None):
         raise PackagerError("give either a SOURCE model or --recipe FILE")
+    trim = vocab.parse_request(vocab_spec) if vocab_spec is not None else None
     parsed = recipe_mod.load(recipe) if recipe else None
     result = build_mod.build(build_mod.BuildOptions(
         source=source, recipe=parsed, output=output, board=load_board(board or (parsed and parsed.board) or HOST),
@@ -84,7 +87,7 @@ def build(source: Path | None, output: Path, recipe: Path | None, board: str | N
         no_calibration=calibration == "none", imatrix=imatrix_file,
         target_size=parse_size(target_size) if target_size else None, target_bpw=target_bpw, prune=prune,
         tier=tier, eval_text=eval_text, tasks=tasks, no_eval=no_eval, report=report, threads=threads,
-        sign=sign_key,
+        sign=sign_key, vocab=trim,
     ))
     rows = [("MODEL", "SOURCE", "MODEL SIZE", "BITS/WEIGHT", "SEGMENTS", "TYPE")]
     for m in result.models:
@@ -132,6 +135,8 @@ def _echo_model_details(m: build_mod.ModelResult, prefix_name: bool) -> None:
         click.echo(f"{prefix}quality vs source: PPL {quality['ppl_reference']:.3f} -> {quality['ppl_candidate']:.3f}, "
                    f"mean KLD {quality['kld_mean']:.5f}, p99 KLD {quality['kld_p99']:.4f}, "
                    f"top-1 agreement {quality['top1_agreement']:.2%} ({quality['tokens']} positions)")
+    if "vocab" in quality:
+        click.echo(f"{prefix}{_vocab_line(quality['vocab'])}")
     if m.info.plan:
         plan = m.info.plan
         types = ", ".join(f"{k}x{v}" for k, v in plan["types"].items())
@@ -141,6 +146,18 @@ def _echo_model_details(m: build_mod.ModelResult, prefix_name: bool) -> None:
         click.echo(f"{prefix}pruned blocks: {quality['pruned_layers']}")
     if m.steps:
         click.echo(f"{prefix}steps: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in m.steps))
+
+
+def _vocab_line(v: dict) -> str:
+    line = (f"vocabulary: {v['kept']:,} of {v['source_tokens']:,} tokens kept ({v['required']:,} required), "
+            f"tokenization unchanged on {v['unchanged_calibration']:.1%} of the calibration text")
+    if v.get("unchanged_eval") is not None:
+        line += f", {v['unchanged_eval']:.1%} of the evaluation text"
+    if v.get("bpb_candidate") is not None:
+        line += f"; bits per byte {v['bpb_reference']:.4f} -> {v['bpb_candidate']:.4f}"
+    if v.get("tasks"):
+        line += f"; task answers unchanged {v['tasks']['exact_match']:.1%} of {v['tasks']['tasks']}"
+    return line
 
 
 @click.command()
@@ -197,30 +214,43 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def eval_command(reference: str, candidate: str, text_file: Path | None, tasks_file: Path | None, ctx: int,
                  scoring: str, max_chunks: int | None, threads: int, as_json: bool) -> None:
-    """Measure CANDIDATE against REFERENCE (each a .gguf, a checkpoint directory, or a .edgepack[#model]): PPL, KLD,
-    top-1, tasks."""
+    """Measure CANDIDATE against REFERENCE (each a .gguf, a checkpoint directory, or a .edgepack[#model]): bits per
+    byte, PPL, KLD, top-1, tasks. Models with different vocabularies are compared by bits per byte and tasks."""
     started = time.monotonic()
     text = read_text(text_file) if text_file else evaluate.default_text("eval")
     with tempfile.TemporaryDirectory(prefix="edgepack-eval-") as scratch:
         ref = model_files.resolve(reference, Path(scratch))
         cand = model_files.resolve(candidate, Path(scratch))
-        metrics = evaluate.compare_text(ref.paths, cand.paths, text, ctx=ctx, scoring=scoring,
-                                        max_chunks=max_chunks, threads=threads)
+        per_byte = evaluate.compare_bytes(ref.paths, cand.paths, text, window=2 * ctx, max_windows=max_chunks,
+                                          threads=threads)
+        with vocab.VocabModel(ref.paths) as a, vocab.VocabModel(cand.paths) as b:
+            sizes = (a.n_vocab, b.n_vocab)
+        metrics = None
+        if sizes[0] == sizes[1]:
+            metrics = evaluate.compare_text(ref.paths, cand.paths, text, ctx=ctx, scoring=scoring,
+                                            max_chunks=max_chunks, threads=threads)
         tasks = None
         if tasks_file is not None:
             tasks = evaluate.compare_tasks(ref.paths, cand.paths, evaluate.load_tasks(tasks_file), threads=threads,
                                            chat_template=ref.chat_template or cand.chat_template)
-    doc = evaluate.as_dict(metrics, tasks, time.monotonic() - started)
+    doc = evaluate.as_dict(metrics, tasks, time.monotonic() - started, per_byte)
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
-    rows = [("METRIC", "VALUE"), ("reference", ref.label), ("candidate", cand.label)]
-    rows += [
-        ("PPL reference", f"{metrics.ppl_reference:.4f}"), ("PPL candidate", f"{metrics.ppl_candidate:.4f}"),
-        ("mean KLD", f"{metrics.kld_mean:.6f}"), ("median KLD", f"{metrics.kld_median:.6f}"),
-        ("p99 KLD", f"{metrics.kld_p99:.6f}"), ("top-1 agreement", f"{metrics.top1_agreement:.2%}"),
-        ("positions scored", f"{metrics.tokens} ({metrics.chunks} chunks of {ctx}, scoring {scoring})"),
-    ]
+    rows = [("METRIC", "VALUE"), ("reference", ref.label), ("candidate", cand.label),
+            ("bits/byte reference", f"{per_byte.bpb_reference:.4f}"),
+            ("bits/byte candidate", f"{per_byte.bpb_candidate:.4f} "
+                                    f"({per_byte.bpb_candidate / per_byte.bpb_reference - 1:+.2%})"),
+            ("bytes scored", f"{per_byte.bytes} ({per_byte.windows} windows of up to {2 * ctx} bytes)")]
+    if metrics is None:
+        rows += [("PPL, KLD, top-1", f"not comparable: vocabularies of {sizes[0]:,} and {sizes[1]:,} tokens")]
+    else:
+        rows += [
+            ("PPL reference", f"{metrics.ppl_reference:.4f}"), ("PPL candidate", f"{metrics.ppl_candidate:.4f}"),
+            ("mean KLD", f"{metrics.kld_mean:.6f}"), ("median KLD", f"{metrics.kld_median:.6f}"),
+            ("p99 KLD", f"{metrics.kld_p99:.6f}"), ("top-1 agreement", f"{metrics.top1_agreement:.2%}"),
+            ("positions scored", f"{metrics.tokens} ({metrics.chunks} chunks of {ctx}, scoring {scoring})"),
+        ]
     if tasks is not None:
         rows += [("task exact match", f"{tasks.exact_match:.2%} of {tasks.tasks}")]
         if tasks.structured:

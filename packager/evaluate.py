@@ -201,6 +201,68 @@ def _compare_rows(
     return kld, nll_ref, nll_cand, top_r == top_c
 
 
+@dataclass(frozen=True)
+class ByteMetrics:
+    """Bits per byte of both models on the same windows of text: comparable across vocabularies, where perplexity
+    per token is not (a model that splits text into more tokens has more, easier, predictions)."""
+
+    bpb_reference: float
+    bpb_candidate: float
+    bytes: int
+    windows: int
+
+
+def text_windows(text: str, size: int, max_windows: int | None = None) -> list[str]:
+    """The text's lines packed into windows of at most `size` bytes (a longer line is cut at a character)."""
+    windows: list[str] = []
+    current = ""
+    for line in text.splitlines(keepends=True):
+        while len(line.encode()) > size:
+            head = line.encode()[:size].decode("utf-8", "ignore")
+            if current:
+                windows.append(current)
+                current = ""
+            windows.append(head)
+            line = line[len(head):]
+        if len((current + line).encode()) > size:
+            windows.append(current)
+            current = ""
+        current += line
+    if current.strip():
+        windows.append(current)
+    return [w for w in windows if w.strip()][:max_windows]
+
+
+def bits_per_byte(paths: list[Path], windows: list[str], *, threads: int = 2) -> tuple[float, int]:
+    """Bits per byte of the model over the windows, each evaluated from an empty context after BOS (every token
+    predicted, so every byte counted); and the bytes counted."""
+    size = max(len(w.encode()) for w in windows)
+    nll, counted = 0.0, 0
+    with Forward(paths, n_ctx=size + 2, threads=threads) as model:
+        for window in windows:
+            tokens = model.tokenize(window)
+            first = 0 if model.adds_bos else 1  # without BOS the first token has nothing to be predicted from
+            counted += len(window.encode()) - (len(model.piece(tokens[0])) if first else 0)
+            logits = model.run(tokens, 0)[:-1]
+            targets = np.asarray(tokens[1:])
+            for start in range(first, len(targets), max(1, _BLOCK_VALUES // model.n_vocab)):
+                rows = logits[start:start + max(1, _BLOCK_VALUES // model.n_vocab)]
+                peak = rows.max(axis=1)
+                lse = peak + np.log(np.exp(rows - peak[:, None]).sum(axis=1, dtype=np.float64))
+                nll += float((lse - rows[np.arange(len(rows)), targets[start:start + len(rows)]]).sum())
+    return nll / np.log(2) / counted, counted
+
+
+def compare_bytes(reference: list[Path], candidate: list[Path], text: str, *, window: int = 1024,
+                  max_windows: int | None = None, threads: int = 2) -> ByteMetrics:
+    windows = text_windows(text, window, max_windows)
+    if not windows:
+        raise PackagerError("evaluation text is empty")
+    ref, counted = bits_per_byte(reference, windows, threads=threads)
+    cand, _ = bits_per_byte(candidate, windows, threads=threads)
+    return ByteMetrics(ref, cand, counted, len(windows))
+
+
 def compare_text(
     reference: list[Path], candidate: list[Path], text: str, *, ctx: int = 512, scoring: str = "half",
     max_chunks: int | None = None, threads: int = 2,
@@ -240,21 +302,36 @@ def compare_tasks(
     chat_template: str | None = None,
 ) -> TaskMetrics:
     """Greedy answers of both models to each agent prompt, compared exactly and as tool calls / JSON."""
-    answers = []
-    for paths in (reference, candidate):
-        engine = Engine(paths, name="eval", n_ctx=2048, n_batch=512, threads=threads, chat_template=chat_template)
-        try:
-            answers.append([_answer(engine, task) for task in tasks])
-        finally:
-            engine.close()
-    exact = [a == b for a, b in zip(*answers, strict=True)]
-    structured = [(r, c) for r, c in ((_json_object(a), _json_object(b)) for a, b in zip(*answers, strict=True))
-                  if r is not None]
+    return task_agreement(*(task_answers(paths, tasks, threads=threads, chat_template=chat_template).answers
+                            for paths in (reference, candidate)))
+
+
+@dataclass(frozen=True)
+class Answers:
+    prompts: list[str]  # each task's messages in the model's chat template
+    answers: list[str]  # its greedy answers
+
+
+def task_answers(paths: list[Path], tasks: list[dict[str, Any]], *, threads: int = 2,
+                 chat_template: str | None = None) -> Answers:
+    engine = Engine(paths, name="eval", n_ctx=2048, n_batch=512, threads=threads, chat_template=chat_template)
+    try:
+        prompts = [engine.format_chat([(m["role"], m["content"]) for m in task["messages"]]) for task in tasks]
+        return Answers(prompts, [_answer(engine, prompt) for prompt in prompts])
+    finally:
+        engine.close()
+
+
+def task_agreement(reference: list[str], candidate: list[str]) -> TaskMetrics:
+    """Exact match, and among the reference's tool calls / JSON objects: same name, same name and arguments."""
+    exact = [a == b for a, b in zip(reference, candidate, strict=True)]
+    parsed = [(_json_object(a), _json_object(b)) for a, b in zip(reference, candidate, strict=True)]
+    structured = [(r, c) for r, c in parsed if r is not None]
     names = [c is not None and c.get("name") == r.get("name") for r, c in structured]
     args = [c is not None and c.get("name") == r.get("name") and c.get("arguments") == r.get("arguments")
             for r, c in structured]
     return TaskMetrics(
-        tasks=len(tasks),
+        tasks=len(exact),
         exact_match=sum(exact) / len(exact),
         structured=len(structured),
         name_agreement=sum(names) / len(names) if names else None,
@@ -262,8 +339,7 @@ def compare_tasks(
     )
 
 
-def _answer(engine: Engine, task: dict[str, Any]) -> str:
-    prompt = engine.format_chat([(m["role"], m["content"]) for m in task["messages"]])
+def _answer(engine: Engine, prompt: str) -> str:
     tokens = engine.tokenize(prompt)
     return "".join(engine.generate(tokens, Sampling(_TASK_MAX_TOKENS, temperature=0), Generation())).strip()
 
@@ -281,8 +357,11 @@ def _json_object(text: str) -> dict[str, Any] | None:
     return None
 
 
-def as_dict(text: TextMetrics, tasks: TaskMetrics | None, seconds: float) -> dict[str, Any]:
-    doc: dict[str, Any] = {**asdict(text), "seconds": round(seconds, 3)}
+def as_dict(text: TextMetrics | None, tasks: TaskMetrics | None, seconds: float,
+            per_byte: ByteMetrics | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {**(asdict(text) if text else {}), "seconds": round(seconds, 3)}
+    if per_byte is not None:
+        doc["bits_per_byte"] = asdict(per_byte)
     if tasks is not None:
         doc["tasks"] = asdict(tasks)
     return doc

@@ -88,6 +88,7 @@ class Forward:
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
         self.n_layer = llama_cpp.llama_model_n_layer(self._model)
+        self.adds_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.n_ctx = n_ctx
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
@@ -128,6 +129,9 @@ class Forward:
             capacity = -n
         raise PackagerError("tokenization failed")
 
+    def piece(self, token: int) -> bytes:
+        return token_piece(self._vocab, token)
+
     def chunks(self, tokens: list[int], max_chunks: int | None = None) -> list[list[int]]:
         """Consecutive n_ctx-token chunks, each starting with BOS when the model adds one (as llama-perplexity)."""
         count = len(tokens) // self.n_ctx
@@ -163,6 +167,16 @@ class Forward:
         rows = len(tokens) - logits_from
         pointer = llama_cpp.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab))
+
+
+def token_piece(vocab: ctypes.c_void_p, token: int) -> bytes:
+    """The bytes a token stands for (special tokens as their text)."""
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[:n]
 
 
 def _make_callback(observer: Observer) -> Callable:

@@ -23,6 +23,7 @@ from edgepack.runtime.bundle_format import AgentInfo, Tier
 from edgepack.runtime.sampling import SAMPLING_KEYS, SamplingParams
 from edgepack.runtime.schema import Name, SchemaError, Strict, convert
 
+from . import vocab
 from .errors import PackagerError
 from .gates import TIERS
 
@@ -40,6 +41,8 @@ source = "base.gguf"              # a GGUF model (f16/bf16/f32 or already quanti
 quant = "Q4_K_M"                  # a llama.cpp type, or "keep" (default: the board's type / keep)
 # target_size = "160MiB"          # or plan per-tensor types to fit a size instead of one type
 # tier = "general"                # refuse the build if quality degrades more (critical|general|low-risk)
+# vocab = "auto"                  # trim the vocabulary to the agents' language: "auto" (needs a tier), a
+                                  # token count (32768 or "32k") or a file of token ids (docs/vocab.md)
 # chat_template = "chatml"        # a llama.cpp built-in template when the GGUF has none
 
 # [models.tuned]                  # a full fine-tune of the same base: shared tensors are stored once
@@ -88,6 +91,7 @@ class ModelSpec:
     target_size: str | None = None
     tier: str | None = None
     chat_template: str | None = None
+    vocab: vocab.Request | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,7 @@ class _ModelTable(Strict):
     target_size: str | None = None  # a size such as "160MiB"
     tier: Tier | None = None
     chat_template: str | None = None  # a llama.cpp built-in template name
+    vocab: str | int | None = None  # "auto", a token count ("32k") or a file of token ids
 
 
 class _AdapterTable(Strict):
@@ -184,7 +189,13 @@ def _recipe(path: Path, doc: _RecipeFile) -> Recipe:
     for name, table in doc.models.items():
         t = convert(table, _ModelTable, str(path), f"models.{name}")
         source = _source(path, f"models.{name}", t.source, directory=_CHECKPOINT)
-        models.append(ModelSpec(name, source, t.quant, t.target_size, t.tier, t.chat_template))
+        trim = None
+        if t.vocab is not None:
+            try:
+                trim = vocab.parse_request(str(t.vocab), f"{path}: models.{name}.vocab:", path.parent)
+            except PackagerError as exc:
+                raise PackagerError(str(exc)) from None
+        models.append(ModelSpec(name, source, t.quant, t.target_size, t.tier, t.chat_template, trim))
     adapters = []
     for name, table in doc.adapters.items():
         t = convert(table, _AdapterTable, str(path), f"adapters.{name}")
