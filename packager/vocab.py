@@ -31,7 +31,7 @@ _KIND_NAMES = {SPM: "SentencePiece", BPE: "BPE"}
 _VOCAB_TENSORS = ("token_embd.weight", "output.weight")  # rows indexed by token id
 _TOKENIZER_ARRAYS = {gguf.Keys.Tokenizer.LIST, gguf.Keys.Tokenizer.SCORES, gguf.Keys.Tokenizer.TOKEN_TYPE,
                      gguf.Keys.Tokenizer.MERGES}
-_NORMAL = int(gguf.TokenType.NORMAL)
+NORMAL = int(gguf.TokenType.NORMAL)
 _SPACE = "\u2581"  # SentencePiece's visible space
 
 
@@ -102,7 +102,7 @@ class Tokenizer:
         self.tokens: list[str] = fields[gguf.Keys.Tokenizer.LIST].contents()
         n = len(self.tokens)
         types = fields.get(gguf.Keys.Tokenizer.TOKEN_TYPE)
-        self.types = np.asarray(types.contents(), dtype=np.int32) if types else np.full(n, _NORMAL, np.int32)
+        self.types = np.asarray(types.contents(), dtype=np.int32) if types else np.full(n, NORMAL, np.int32)
         scores = fields.get(gguf.Keys.Tokenizer.SCORES)
         self.scores = np.asarray(scores.contents(), dtype=np.float32) if scores else None
         merges = fields.get(gguf.Keys.Tokenizer.MERGES)
@@ -133,7 +133,7 @@ class Tokenizer:
         """Ids every trimmed vocabulary keeps: all but plain pieces, the ids special-token keys name, and for BPE the
         single-character pieces (its 256 byte symbols: any text stays encodable), for SentencePiece its space piece
         (a space that fell back to bytes would decode as '\u2581', not as a space)."""
-        keep = {int(i) for i in np.flatnonzero(self.types != _NORMAL)}
+        keep = {int(i) for i in np.flatnonzero(self.types != NORMAL)}
         for value in self.special_ids.values():
             keep.update(v for v in (value if isinstance(value, list) else [value]) if 0 <= v < self.n_vocab)
         if self.kind == BPE:
@@ -144,7 +144,7 @@ class Tokenizer:
 
     def pieces(self, token: int) -> frozenset[int] | None:
         """The token and every piece the tokenizer forms on its way to it; None when it never produces the token."""
-        return self._pieces(self.tokens[token]) if self.types[token] == _NORMAL else frozenset({token})
+        return self._pieces(self.tokens[token]) if self.types[token] == NORMAL else frozenset({token})
 
     @cache  # noqa: B019 - one Tokenizer per trimming; the cache dies with it
     def _pieces(self, text: str) -> frozenset[int] | None:
@@ -162,7 +162,7 @@ class Tokenizer:
     def frequency_order(self) -> list[int]:
         """Plain pieces, most frequent in the tokenizer's training first: SentencePiece scores are merge ranks
         (higher first), BPE tokens are ranked by the merge that creates them."""
-        normal = np.flatnonzero(self.types == _NORMAL)
+        normal = np.flatnonzero(self.types == NORMAL)
         if self.kind == SPM:
             assert self.scores is not None
             return [int(i) for i in normal[np.argsort(-self.scores[normal], kind="stable")]]
@@ -236,7 +236,8 @@ class Selection:
     unreachable: int  # given tokens the tokenizer never produces (kept anyway, as they are)
 
 
-def select(tok: Tokenizer, needed: Iterable[int], size: int | None, alphabet: set[str]) -> Selection:
+def select(tok: Tokenizer, needed: Iterable[int], size: int | None, alphabet: set[str],
+           order: list[int] | None = None) -> Selection:
     """The kept ids: required, the needed ones with their pieces, then frequent pieces in `alphabet` up to `size`
     (None: no more). Refuses a size below what must be kept."""
     keep = tok.required()
@@ -254,7 +255,7 @@ def select(tok: Tokenizer, needed: Iterable[int], size: int | None, alphabet: se
                                 f"alone are {required:,}; ask for at least that many")
         if size >= tok.n_vocab:
             raise PackagerError(f"--vocab {size}: the model has only {tok.n_vocab:,} tokens; nothing to trim")
-        for token in tok.frequency_order():
+        for token in order if order is not None else tok.frequency_order():
             if len(keep) >= size:
                 break
             if token in keep or not set(tok.text_of(token)) <= alphabet:

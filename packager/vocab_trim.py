@@ -1,5 +1,9 @@
 """The build's vocabulary step (`--vocab auto|N|FILE`): find the tokens the agent needs, trim, measure, gate.
 
+The fill beyond the agent's own tokens ranks pieces two ways and takes a piece at the better of its two ranks: the
+probability mass the source model itself gives it while reading the calibration text (what it would say in the
+agent's domain and language), and the tokenizer's merge order (its training corpus frequencies).
+
 Quality is measured against the untrimmed source with what does not depend on the vocabulary: bits per byte on the
 evaluation text and the greedy answers to the agent tasks; plus the share of text whose tokenization is unchanged.
 `auto` tries sizes from small to large and keeps the smallest within the tier.
@@ -14,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from . import evaluate, gates, vocab
 from .errors import PackagerError
+from .forward import Forward
 
 AUTO_SIZES = (8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072)
 EVAL_WINDOWS = 8  # windows of 1 KiB of the evaluation text for bits per byte
+ORDER_CHUNKS = 8  # 512-token chunks of the calibration text whose predictions rank the fill
 
 
 @dataclass(frozen=True)
@@ -54,45 +61,75 @@ class Trimmed:
     verdict: gates.Verdict | None
 
 
+class Trimmer:
+    """The source's side of trimming, worked out once for any number of sizes: its tokenizer, the agent's tokens,
+    its answers to the tasks, its bits per byte and the fill order."""
+
+    def __init__(self, source: Path, agent: AgentText, *, eval_text: str | None, measure: bool, fill: bool,
+                 threads: int, note: Callable[[str], None], id_file: Path | None = None) -> None:
+        self.source, self.agent, self.threads, self.note = source, agent, threads, note
+        self.tok = vocab.Tokenizer(gguf.GGUFReader(source), source)
+        extra = vocab.read_id_file(id_file, self.tok.n_vocab) if id_file else set()
+        self.answers = None
+        if agent.tasks and measure:
+            note(f"vocabulary: answers of {source.name} to {len(agent.tasks)} agent tasks")
+            self.answers = evaluate.task_answers([source], agent.tasks, threads=threads,
+                                                 chat_template=agent.chat_template)
+        self.needed = _needed(source, agent, self.answers) | extra
+        self.alphabet = vocab.alphabet_of([agent.calibration, *agent.system_prompts,
+                                           *(self.answers.prompts + self.answers.answers if self.answers else [])])
+        self.eval_text = (eval_text if eval_text is not None else evaluate.default_text("eval")) if measure else None
+        self.windows = evaluate.text_windows(self.eval_text, 1024, EVAL_WINDOWS) if self.eval_text else []
+        self.bpb = evaluate.bits_per_byte([source], self.windows, threads=threads)[0] if measure else None
+        self.order = None
+        if fill:
+            note("vocabulary: ranking the pieces by the model's own predictions on the calibration text")
+            self.order = fill_order(source, self.tok, agent.calibration, threads)
+
+    def required(self) -> int:
+        return len(vocab.select(self.tok, self.needed, None, self.alphabet, self.order).kept)
+
+    def attempt(self, size: int | None, work: Path) -> tuple[vocab.Selection, Trial, Path]:
+        """The source trimmed to `size` tokens (None: the required ones) in `work`, measured."""
+        selection = vocab.select(self.tok, self.needed, size, self.alphabet, self.order)
+        kept = len(selection.kept)
+        self.note(f"vocabulary: {kept:,} of {self.tok.n_vocab:,} tokens")
+        path = work / f"vocab-{kept}.gguf"
+        vocab.write_trimmed(self.source, selection.kept, path)
+        return selection, self._measure(path, selection.kept), path
+
+    def _measure(self, path: Path, kept: tuple[int, ...]) -> Trial:
+        calibration = vocab.unchanged_share(self.source, path, kept, self.agent.calibration)
+        if self.eval_text is None or self.bpb is None:
+            return Trial(len(kept), path.stat().st_size, None, None, None, calibration, None, None)
+        bpb = evaluate.bits_per_byte([path], self.windows, threads=self.threads)[0]
+        tasks = None
+        if self.answers is not None and self.agent.tasks:
+            mine = evaluate.task_answers([path], self.agent.tasks, threads=self.threads,
+                                         chat_template=self.agent.chat_template)
+            tasks = evaluate.task_agreement(self.answers.answers, mine.answers)
+        degradation = max(bpb / self.bpb - 1, 1 - tasks.exact_match if tasks else 0.0)
+        return Trial(len(kept), path.stat().st_size, self.bpb, bpb, tasks, calibration,
+                     vocab.unchanged_share(self.source, path, kept, self.eval_text), degradation)
+
+
 def trim(source: Path, request: vocab.Request, work: Path, agent: AgentText, *, eval_text: str | None,
          tier: str | None, threads: int, note: Callable[[str], None]) -> Trimmed:
     if request.auto and tier is None:
         raise PackagerError("--vocab auto needs a tolerance tier (--tier critical|general|low-risk)")
     started = time.monotonic()
-    tok = vocab.Tokenizer(gguf.GGUFReader(source), source)
-    extra = vocab.read_id_file(request.file, tok.n_vocab) if request.file else set()
-    measure = eval_text is not None or tier is not None
-    answers = None
-    if agent.tasks and (measure or request.auto):
-        note(f"vocabulary: answers of {source.name} to {len(agent.tasks)} agent tasks")
-        answers = evaluate.task_answers([source], agent.tasks, threads=threads, chat_template=agent.chat_template)
-    needed = _needed(source, agent, answers) | extra
-    alphabet = vocab.alphabet_of([agent.calibration, *agent.system_prompts,
-                                  *(answers.prompts + answers.answers if answers else [])])
-    text = eval_text if eval_text is not None else evaluate.default_text("eval")
-    windows = evaluate.text_windows(text, 1024, EVAL_WINDOWS)
-    bpb_source = evaluate.bits_per_byte([source], windows, threads=threads)[0] if measure or request.auto else None
-
-    def attempt(size: int | None) -> tuple[vocab.Selection, Trial, Path]:
-        selection = vocab.select(tok, needed, size, alphabet)
-        kept = len(selection.kept)
-        note(f"vocabulary: {kept:,} of {tok.n_vocab:,} tokens")
-        path = work / f"vocab-{kept}.gguf"
-        vocab.write_trimmed(source, selection.kept, path)
-        trial = _measure(source, path, selection.kept, agent.calibration, text if measure or request.auto else None,
-                         windows, bpb_source, answers, agent, threads)
-        return selection, trial, path
-
+    trimmer = Trimmer(source, agent, eval_text=eval_text, measure=eval_text is not None or tier is not None,
+                      fill=request.file is None, threads=threads, note=note, id_file=request.file)
     trials: list[Trial] = []
     if request.auto:
         assert tier is not None
-        required = len(vocab.select(tok, needed, None, alphabet).kept)
-        sizes = [required] + [s for s in AUTO_SIZES if required < s < tok.n_vocab]
+        required = trimmer.required()
+        sizes = [required] + [s for s in AUTO_SIZES if required < s < trimmer.tok.n_vocab]
         chosen = None
         low, high = 0, len(sizes) - 1  # degradation falls as the vocabulary grows: bisect the ladder
         while low <= high:
             middle = (low + high) // 2
-            result = attempt(sizes[middle])
+            result = trimmer.attempt(sizes[middle], work)
             trials.append(result[1])
             if result[1].passes(tier):
                 chosen, high = result, middle - 1
@@ -103,25 +140,47 @@ def trim(source: Path, request: vocab.Request, work: Path, agent: AgentText, *, 
             raise PackagerError(f"--vocab auto: even {worst.size:,} tokens exceed the {tier} tier "
                                 f"(degradation {worst.degradation:.2%}); pass --vocab N or a looser --tier")
     else:
-        chosen = attempt(request.size)
+        chosen = trimmer.attempt(request.size, work)
         trials.append(chosen[1])
     selection, trial, path = chosen
-    verdict = None
-    if tier is not None:
-        limit = gates.tolerance(tier)
-        passed = trial.passes(tier)
-        verdict = gates.Verdict(tier, passed, trial.degradation or 0.0,
-                                f"vocabulary {'passes' if passed else 'exceeds'} the {tier} tier (< {limit:.1%}): "
-                                f"{_worst(trial)}" + ("" if passed else " — keep more tokens (--vocab N) or loosen "
-                                                                         "the --tier"))
     report = {
-        "request": str(request), "source_tokens": tok.n_vocab, "kept": len(selection.kept),
-        "required": selection.required, "tokenizer": tok.kind_name, "seconds": round(time.monotonic() - started, 2),
-        **_trial_dict(trial),
+        "request": str(request), "source_tokens": trimmer.tok.n_vocab, "kept": len(selection.kept),
+        "required": selection.required, "tokenizer": trimmer.tok.kind_name,
+        "seconds": round(time.monotonic() - started, 2), **trial_dict(trial),
     }
     if request.auto:
-        report["trials"] = [_trial_dict(t) for t in trials]
-    return Trimmed(path, report, verdict)
+        report["trials"] = [trial_dict(t) for t in trials]
+    return Trimmed(path, report, verdict(trial, tier) if tier else None)
+
+
+def verdict(trial: Trial, tier: str) -> gates.Verdict:
+    limit = gates.tolerance(tier)
+    passed = trial.passes(tier)
+    advice = "" if passed else " — keep more tokens (--vocab N) or loosen the --tier"
+    return gates.Verdict(tier, passed, trial.degradation or 0.0,
+                         f"vocabulary {'passes' if passed else 'exceeds'} the {tier} tier (< {limit:.1%}): "
+                         f"{_worst(trial)}{advice}")
+
+
+def fill_order(source: Path, tok: vocab.Tokenizer, text: str, threads: int) -> list[int]:
+    """Plain pieces by the better of two ranks: the model's predicted probability mass over the text, and the
+    tokenizer's merge order."""
+    mass = np.zeros(tok.n_vocab, dtype=np.float64)
+    with Forward([source], n_ctx=512, threads=threads) as model:
+        for chunk in model.chunks(model.tokenize(text), ORDER_CHUNKS):
+            logits = model.run(chunk)
+            for start in range(0, len(logits), 16):
+                rows = logits[start:start + 16]
+                weights = np.exp(rows - rows.max(axis=1, keepdims=True))
+                mass += (weights / weights.sum(axis=1, keepdims=True)).sum(axis=0)
+    if not mass.any():  # a text shorter than one chunk: the merge order alone
+        return tok.frequency_order()
+    by_mass = np.empty(tok.n_vocab)
+    by_mass[np.argsort(-mass, kind="stable")] = np.arange(tok.n_vocab)
+    merged = tok.frequency_order()
+    by_merge = np.full(tok.n_vocab, np.inf)
+    by_merge[merged] = np.arange(len(merged))
+    return [int(i) for i in np.argsort(np.minimum(by_mass, by_merge), kind="stable") if tok.types[i] == vocab.NORMAL]
 
 
 def _needed(source: Path, agent: AgentText, answers: evaluate.Answers | None) -> set[int]:
@@ -138,24 +197,6 @@ def _needed(source: Path, agent: AgentText, answers: evaluate.Answers | None) ->
     return ids
 
 
-def _measure(source: Path, path: Path, kept: tuple[int, ...], calibration: str, eval_text: str | None,
-             windows: list[str], bpb_source: float | None, answers: evaluate.Answers | None, agent: AgentText,
-             threads: int) -> Trial:
-    size = len(kept)
-    calibration_share = vocab.unchanged_share(source, path, kept, calibration)
-    if eval_text is None:
-        return Trial(size, path.stat().st_size, None, None, None, calibration_share, None, None)
-    bpb = evaluate.bits_per_byte([path], windows, threads=threads)[0]
-    tasks = None
-    if answers is not None and agent.tasks:
-        mine = evaluate.task_answers([path], agent.tasks, threads=threads, chat_template=agent.chat_template)
-        tasks = evaluate.task_agreement(answers.answers, mine.answers)
-    assert bpb_source is not None
-    degradation = max(bpb / bpb_source - 1, 1 - tasks.exact_match if tasks else 0.0)
-    return Trial(size, path.stat().st_size, bpb_source, bpb, tasks, calibration_share,
-                 vocab.unchanged_share(source, path, kept, eval_text), degradation)
-
-
 def _worst(trial: Trial) -> str:
     rise = (trial.bpb_candidate or 0) / (trial.bpb_reference or 1) - 1
     changed = 1 - trial.tasks.exact_match if trial.tasks else None
@@ -164,7 +205,7 @@ def _worst(trial: Trial) -> str:
     return f"bits per byte +{rise:.2%}"
 
 
-def _trial_dict(trial: Trial) -> dict[str, Any]:
+def trial_dict(trial: Trial) -> dict[str, Any]:
     doc = asdict(trial)
     doc["kept"] = doc.pop("size")
     for key in ("bpb_reference", "bpb_candidate", "unchanged_calibration", "unchanged_eval", "degradation"):

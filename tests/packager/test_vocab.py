@@ -302,4 +302,5 @@ def test_gemma_trim_and_eval_bits_per_byte(gemma_gguf, tmp_path):
     doc = json.loads(done.stdout)
     assert "kld_mean" not in doc  # not comparable across vocabularies
     per_byte = doc["bits_per_byte"]
-    assert per_byte["windows"] == 2 and 0.3 < per_byte["bpb_candidate"] < 1.2 * per_byte["bpb_reference"]
+    assert per_byte["windows"] == 2 and per_byte["bytes"] > 1000
+    assert 0.3 < per_byte["bpb_reference"] < 3 and 0.3 < per_byte["bpb_candidate"] < 3
