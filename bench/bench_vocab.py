@@ -6,7 +6,8 @@ pass shared by every size); `auto` is the smallest size of the build's ladder wi
 llama.cpp's own llama_decode on 1 or 4 sequences of greedy tokens (argmax over the model's whole vocabulary, as a
 sampler would), rounds alternating the order of the models; ratios are taken within a round.
 Run: .venv/bin/python bench/bench_vocab.py [--sizes 16k,32k,64k] [--tier general] [--rounds 5] [--tokens 64]
-     [--threads 2] [--speed-only]  (--speed-only reuses bench/out/vocab/*.gguf and the last quality figures)
+     [--threads 2] [--quality-only | --speed-only]  (--speed-only times bench/out/vocab/*.gguf of the last
+     quality run; the quality half needs no quiet machine, the timing half does)
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--speed-only", action="store_true")
+    parser.add_argument("--quality-only", action="store_true")
     args = parser.parse_args(argv)
     saved = WORK / "quality.json"
     try:
@@ -167,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             sizes = [vocab.parse_request(s).size or 0 for s in args.sizes.split(",")]
             reports = quality(sizes, args.tier, args.threads)
             saved.write_text(json.dumps(reports, indent=1))
+            if args.quality_only:
+                print(json.dumps(reports, indent=1))
+                return 0
         source = model_path()
         load = os.getloadavg()
         files = {BASE: source} | {name: WORK / r["file"] for name, r in reports.items()}
