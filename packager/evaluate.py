@@ -21,6 +21,7 @@ from edgepack.runtime.engine import Engine, Generation, Sampling
 
 from .errors import PackagerError
 from .forward import Forward
+from .vocab import VocabModel
 
 SCORINGS = ("half", "all")
 DATA_DIR = Path(__file__).parent / "data"
@@ -236,9 +237,10 @@ def text_windows(text: str, size: int, max_windows: int | None = None) -> list[s
 def bits_per_byte(paths: list[Path], windows: list[str], *, threads: int = 2) -> tuple[float, int]:
     """Bits per byte of the model over the windows, each evaluated from an empty context after BOS (every token
     predicted, so every byte counted); and the bytes counted."""
-    size = max(len(w.encode()) for w in windows)
+    with VocabModel(paths) as tokenizer:  # a context as long as the longest window's tokens (plus BOS)
+        size = max(len(tokenizer.tokenize(w)) for w in windows) + 2
     nll, counted = 0.0, 0
-    with Forward(paths, n_ctx=size + 2, threads=threads) as model:
+    with Forward(paths, n_ctx=size, threads=threads) as model:
         for window in windows:
             tokens = model.tokenize(window)
             first = 0 if model.adds_bos else 1  # without BOS the first token has nothing to be predicted from
