@@ -146,7 +146,7 @@ def gc(store_dir: Path) -> None:
                    "auto repacks only models that share no segment with another.")
 @click.option("--slots", type=click.IntRange(1, 64),
               help="Requests decoded together per model (continuous batching); each slot has --ctx tokens "
-                   "(default: `edgepack tune`'s choice, else 2).")
+                   "(default: `edgepack tune`'s choice, else 4; 2 with one thread).")
 @click.option("--max-queue", default=16, show_default=True, type=click.IntRange(0),
               help="Requests that may wait for a slot; beyond that, 429 with Retry-After.")
 @click.option("--request-timeout", default=300.0, show_default=True, type=click.FloatRange(0.001),
@@ -211,8 +211,8 @@ def gc(store_dir: Path) -> None:
 @click.option("--min-decisions", default=200, show_default=True, type=click.IntRange(1),
               help="Compared decisions per agent before a candidate is judged.")
 @click.option("--speculate", type=click.IntRange(0, 32),
-              help="Speculative decoding: tokens a greedy request may draft per step from n-grams of its prompt, its "
-                   "output and its agent's earlier requests (0: off, the default for now; e.g. 8).")
+              help="Speculative decoding: tokens a request may draft per step from n-grams of its prompt, its "
+                   "output and its agent's earlier requests (0: off; default: `edgepack tune`'s choice, else 16).")
 @click.option("--embed-runtime", type=click.Choice(["onnx", "tflite"]),
               help="Run encoders that have both on ONNX Runtime or a TFLite interpreter (default: the board "
                    "profile's embed_runtime, else onnx); one whose package is missing falls back to the other.")

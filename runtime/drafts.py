@@ -83,7 +83,7 @@ class PromptLookup:
 
 
 class DraftLength:
-    """How many tokens a slot drafts next: grows while drafts are accepted whole, falls to what was accepted,
+    """How many tokens a slot drafts next: doubles while drafts are accepted whole, falls to what was accepted,
     halves when none is; at zero the slot pauses drafting for `pause` tokens (doubling up to `max_pause` each
     time it falls again), then tries one token."""
 
@@ -106,7 +106,7 @@ class DraftLength:
         if drafted <= 0:
             return
         if accepted == drafted:
-            self.size = min(self.maximum, self.size + max(2, self.size // 2))
+            self.size = min(self.maximum, self.size * 2)
             self._pause = self._min_pause
         elif accepted == 0:
             self.size //= 2

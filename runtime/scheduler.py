@@ -369,17 +369,17 @@ class BatchScheduler:
         choice equals the draft (whose KV cells are then right), then drop the cells of the rest; how many drafted
         tokens were kept."""
         draft, slot.draft = slot.draft, []
+        self.drafted += len(draft)
+        slot.request.drafted += len(draft)  # counted before a sample can finish the request (and report it)
         accepted = 0
         for i in range(len(draft) + 1):
             token = self._sample(slot, index + i)
             if token is None or i == len(draft) or token != draft[i] or slot.request.cancel.is_set():
                 break
             accepted += 1
+            self.accepted += 1
+            slot.request.accepted += 1
             slot.tokens.append(token)
-        self.drafted += len(draft)
-        self.accepted += accepted
-        slot.request.drafted += len(draft)
-        slot.request.accepted += accepted
         slot.length.update(len(draft), accepted)
         self.engine.trim_slot(slot.seq_id, len(slot.tokens))
         return accepted

@@ -15,6 +15,8 @@ REPACK_MODES = ("auto", "always", "never")
 
 
 MAX_DRAFT = 32  # each drafted token is a logit row per slot (1 MiB on a 262k vocabulary)
+DEFAULT_SPECULATE = 16  # bench/bench_speculative.py: agent work 2-3x plain, free text no slower
+DEFAULT_SLOTS = 4  # llama-server's automatic choice; one thread gets 2 (see default_slots)
 
 
 @dataclass(frozen=True)
@@ -24,11 +26,11 @@ class ServeConfig:
     n_batch: int
     max_tokens: int
     repack: str = "auto"  # auto: repack only models that share no segment with another model
-    slots: int = 2  # requests decoded together per model (continuous batching)
+    slots: int = DEFAULT_SLOTS  # requests decoded together per model (continuous batching)
     kv_type: str = "f16"  # KV cache element type: f16 or q8_0
     threads_batch: int | None = None  # threads for prompt processing (None: the same as threads)
     gpu_layers: int = 0  # layers offloaded to the GPU (-1: all); 0 in a build without GPU offload
-    speculate: int = 0  # tokens a greedy slot may draft per step (speculative decoding, runtime/drafts.py); 0: off
+    speculate: int = 0  # tokens a slot may draft per step (speculative decoding, runtime/drafts.py); 0: off
 
 
 def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | None = None,
@@ -54,7 +56,7 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
     if threads is None:
         cores = hardware.default_threads()
         threads = min(defaults.threads, cores) if defaults.threads else cores
-    slots = slots or local.get("slots", 2)
+    slots = slots or local.get("slots") or default_slots(threads)
     if threads_batch is None and "threads_batch" in local:
         threads_batch = min(local["threads_batch"], len(os.sched_getaffinity(0)))
     return ServeConfig(
@@ -67,8 +69,16 @@ def resolve_config(manifest: Manifest, threads: int | None = None, n_ctx: int | 
         kv_type=kv_type,
         threads_batch=threads_batch,
         gpu_layers=resolve_gpu_layers(manifest, gpu_layers),
-        speculate=speculate if speculate is not None else local.get("speculate", 0),
+        speculate=speculate if speculate is not None else local.get("speculate", DEFAULT_SPECULATE),
     )
+
+
+def default_slots(threads: int) -> int:
+    """Requests decoded together when neither a flag nor `edgepack tune` chose: 4, as llama-server's automatic
+    choice, which bench/bench_concurrency.py showed pays on 2 cores (4 clients: 77 tok/s with 2 slots, 94-105
+    with 4); 2 on one thread, where a step of 4 rows costs nearly 4 single steps. The memory budget then sets the
+    context per slot (runtime/memory.py), and the adaptive controller may use fewer slots."""
+    return DEFAULT_SLOTS if threads >= 2 else 2
 
 
 def resolve_gpu_layers(manifest: Manifest, flag: int | None) -> int:

@@ -52,8 +52,8 @@ def test_draft_length_grows_when_accepted_and_pauses_when_rejected():
     length = DraftLength(8, start=4, pause=2)
     assert length.next() == 4
     length.update(4, 4)
-    assert length.next() == 6
-    length.update(6, 6)
+    assert length.next() == 8
+    length.update(8, 8)
     assert length.next() == 8  # capped
     length.update(8, 3)
     assert length.next() == 4  # what was accepted, plus one
