@@ -34,8 +34,9 @@ PROMPTS = ["You can call these tools:\n- get_weather(city: string)\nWhat is the 
 BASE = "untrimmed"
 
 
-def quality(sizes: list[int], tier: str, threads: int) -> dict[str, dict]:
-    """name -> the build's report for each size, and for auto (the ladder bisected under the tier)."""
+def quality(sizes: list[int], tier: str, threads: int) -> tuple[dict[str, dict], list[str]]:
+    """name -> the build's report for each size, and for auto (the ladder bisected under the tier); the source's
+    answers to the tasks."""
     source = model_path()
     WORK.mkdir(parents=True, exist_ok=True)
     agent = vocab_trim.AgentText(calibration=evaluate.default_text("calibration"),
@@ -68,7 +69,8 @@ def quality(sizes: list[int], tier: str, threads: int) -> dict[str, dict]:
         raise BenchError(f"no size of the ladder passes the {tier} tier")
     reports["auto"] = vocab_trim.trial_dict(trials[chosen]) | {"file": f"vocab-{chosen}.gguf", "tier": tier,
                                                               "ladder_tried": sorted(trials)}
-    return reports
+    assert trimmer.answers is not None
+    return reports, trimmer.answers.answers
 
 
 def decode_tps(path: Path, streams: int, tokens: int, threads: int) -> float:
@@ -143,12 +145,16 @@ def table(reports: dict[str, dict], samples: dict[str, dict[str, list[float]]], 
         one, four = ratios(samples, name, "1"), ratios(samples, name, "4")
         rows.append((name, f"{r['kept']:,}", f"{r['file_size'] / 2**20:.1f}",
                      f"{r['bpb_candidate']:.4f} ({r['bpb_reference']:.4f})",
-                     f"{t['exact_match']:.0%} of {t['tasks']}", f"{t['arguments_agreement']:.0%} of {t['structured']}",
+                     f"{t['exact_match']:.0%} of {t['tasks']}", _share(t["arguments_agreement"], t["structured"]),
                      f"{r['unchanged_calibration']:.1%}/{r['unchanged_eval']:.1%}",
                      f"{statistics.median(samples[name]['1']):.1f}", f"{one.median:.2f} ({one.low:.2f}-{one.high:.2f})",
                      f"{statistics.median(samples[name]['4']):.1f}",
                      f"{four.median:.2f} ({four.low:.2f}-{four.high:.2f})"))
     return format_table(rows)
+
+
+def _share(value: float | None, of: int) -> str:
+    return f"{value:.0%} of {of}" if value is not None else f"none of {of}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     saved = WORK / "quality.json"
     try:
         if args.speed_only:
-            reports = json.loads(saved.read_text())
+            reports = json.loads(saved.read_text())["reports"]
         else:
             sizes = [vocab.parse_request(s).size or 0 for s in args.sizes.split(",")]
-            reports = quality(sizes, args.tier, args.threads)
-            saved.write_text(json.dumps(reports, indent=1))
+            reports, answers = quality(sizes, args.tier, args.threads)
+            saved.write_text(json.dumps({"reports": reports, "source_answers": answers}, indent=1))
             if args.quality_only:
                 print(json.dumps(reports, indent=1))
                 return 0

@@ -24,7 +24,7 @@ from . import evaluate, gates, vocab
 from .errors import PackagerError
 from .forward import Forward
 
-AUTO_SIZES = (8192, 12288, 16384, 24576, 32768, 49152, 65536, 98304, 131072)
+AUTO_SIZES = tuple(k * 1024 for k in (8, 12, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 112, 128, 160, 192))
 EVAL_WINDOWS = 8  # windows of 1 KiB of the evaluation text for bits per byte
 ORDER_CHUNKS = 8  # 512-token chunks of the calibration text whose predictions rank the fill
 
