@@ -252,7 +252,7 @@ def bits_per_byte(paths: list[Path], windows: list[str], *, threads: int = 2) ->
                 peak = rows.max(axis=1)
                 lse = peak + np.log(np.exp(rows - peak[:, None]).sum(axis=1, dtype=np.float64))
                 nll += float((lse - rows[np.arange(len(rows)), targets[start:start + len(rows)]]).sum())
-    return nll / np.log(2) / counted, counted
+    return float(nll / np.log(2) / counted), counted
 
 
 def compare_bytes(reference: list[Path], candidate: list[Path], text: str, *, window: int = 1024,

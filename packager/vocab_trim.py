@@ -210,5 +210,5 @@ def trial_dict(trial: Trial) -> dict[str, Any]:
     doc["kept"] = doc.pop("size")
     for key in ("bpb_reference", "bpb_candidate", "unchanged_calibration", "unchanged_eval", "degradation"):
         if doc[key] is not None:
-            doc[key] = round(doc[key], 6)
+            doc[key] = round(float(doc[key]), 6)  # a numpy float would reach the manifest as text
     return doc

@@ -351,3 +351,23 @@ def test_gemma_build_with_vocab_answers_in_its_template(gemma_gguf, tmp_path):
     source, trimmed = (_greedy_answer(paths, "What is the capital of France?") for paths in ([gemma_gguf], files.paths))
     assert source.startswith("What is the capital of France?") and trimmed.startswith("What is the capital of France?")
     assert len(trimmed) > len("What is the capital of France?")
+
+
+def test_vocab_tier_gate_and_auto_refusal(spm, tmp_path):
+    calibration = tmp_path / "agent.txt"
+    calibration.write_text(("hot word said we can\n") * 200)  # an agent that uses few of the tiny model's words
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"messages": [{"role": "user", "content": "hot word"}]}\n')
+    common = ["--quant", "keep", "--calibration", str(calibration), "--tasks", str(tasks), "--threads", "1"]
+    n_vocab = len(spm_vocab()[0])
+    kept = tmp_path / "kept.edgepack"
+    done = run_cli("build", str(spm), "-o", str(kept), "--vocab", str(n_vocab - 2), "--tier", "low-risk", *common)
+    assert done.returncode == 0, done.stderr
+    report = bundle_manifest(kept).models[0].quality["vocab"]
+    assert report["kept"] == n_vocab - 2 and report["degradation"] < 0.05 and report["tasks"]["exact_match"] == 1.0
+    for args, message in ((["--vocab", "auto"], "--vocab auto: even"),
+                          (["--vocab", "300"], "vocabulary exceeds the low-risk tier")):
+        refused = tmp_path / "refused.edgepack"
+        done = run_cli("build", str(spm), "-o", str(refused), *args, "--tier", "low-risk", *common)
+        assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not refused.exists()
