@@ -22,7 +22,7 @@ from pathlib import Path
 
 import llama_cpp
 import numpy as np
-from common import OUT, BenchError, Spread, model_path, write_results
+from common import OUT, BenchError, Spread, cpu_times, model_path, others_share, wait_quiet, write_results
 
 from edgepack.packager import evaluate, vocab, vocab_trim
 from edgepack.runtime import llama
@@ -117,14 +117,22 @@ def _fill(batch: llama_cpp.llama_batch, items: list[tuple[list[int], int, int]])
     batch.n_tokens = n
 
 
-def speed(files: dict[str, Path], rounds: int, tokens: int, threads: int) -> dict[str, dict[str, list[float]]]:
-    """name -> streams -> tokens/s per round; the order of the models alternates between rounds."""
+QUIET_SHARE = 0.15  # a measurement starts once other processes took less than this share of the CPUs for a second
+
+
+def speed(files: dict[str, Path], rounds: int, tokens: int, threads: int,
+          others: list[float]) -> dict[str, dict[str, list[float]]]:
+    """name -> streams -> tokens/s per round; the order of the models alternates between rounds. `others` gets the
+    share of the CPUs other processes took during each measurement."""
     names = list(files)
     out: dict[str, dict[str, list[float]]] = {n: {"1": [], "4": []} for n in names}
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
             for streams in (1, 4):
+                wait_quiet(QUIET_SHARE, 120, (os.getpid(),))
+                before = cpu_times(os.getpid())
                 out[name][str(streams)].append(decode_tps(files[name], streams, tokens, threads))
+                others.append(others_share(before, cpu_times(os.getpid())))
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {out[n]['1'][-1]:.0f}/{out[n]['4'][-1]:.0f}"
                                                          for n in names), file=sys.stderr)
     return out
@@ -181,14 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         source = model_path()
         load = os.getloadavg()
         files = {BASE: source} | {name: WORK / r["file"] for name, r in reports.items()}
-        samples = speed(files, args.rounds, args.tokens, args.threads)
+        others: list[float] = []
+        samples = speed(files, args.rounds, args.tokens, args.threads, others)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(table(reports, samples, source.stat().st_size))
-    print(f"load average before timing: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; nice {os.nice(0)}")
+    print(f"load average before timing: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; nice {os.nice(0)}; other "
+          f"processes' share of the CPUs during the measurements: median {statistics.median(others):.0%}, "
+          f"max {max(others):.0%}")
     write_results("vocab", {"args": vars(args), "quality": reports, "decode_tps": samples,
-                            "load_before": load}, nice=os.nice(0))
+                            "load_before": load, "others_share": others}, nice=os.nice(0))
     return 0
 
 
