@@ -117,7 +117,8 @@ def _fill(batch: llama_cpp.llama_batch, items: list[tuple[list[int], int, int]])
     batch.n_tokens = n
 
 
-QUIET_SHARE = 0.15  # a measurement starts once other processes took less than this share of the CPUs for a second
+QUIET_SHARE = 0.15  # a measurement starts once other processes took less than this share of the CPUs for a second,
+RETRIES = 3  # and is taken again (up to this many times) when they took more while it ran
 
 
 def speed(files: dict[str, Path], rounds: int, tokens: int, threads: int,
@@ -129,10 +130,15 @@ def speed(files: dict[str, Path], rounds: int, tokens: int, threads: int,
     for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
             for streams in (1, 4):
-                wait_quiet(QUIET_SHARE, 120, (os.getpid(),))
-                before = cpu_times(os.getpid())
-                out[name][str(streams)].append(decode_tps(files[name], streams, tokens, threads))
-                others.append(others_share(before, cpu_times(os.getpid())))
+                for _ in range(RETRIES):  # a measurement another process disturbed is taken again
+                    wait_quiet(QUIET_SHARE, 120, (os.getpid(),))
+                    before = cpu_times(os.getpid())
+                    tps = decode_tps(files[name], streams, tokens, threads)
+                    share = others_share(before, cpu_times(os.getpid()))
+                    if share < QUIET_SHARE:
+                        break
+                out[name][str(streams)].append(tps)
+                others.append(share)
         print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {out[n]['1'][-1]:.0f}/{out[n]['4'][-1]:.0f}"
                                                          for n in names), file=sys.stderr)
     return out
