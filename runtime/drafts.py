@@ -4,12 +4,14 @@ A generation's next tokens often repeat what it has already seen: an agent's too
 a JSON value from its prompt, or from what the same agent wrote in earlier requests. `PromptLookup` finds the
 most recent earlier occurrence of the last n tokens (n from the longest size down) and proposes what followed
 it, first in the generation's own history, then in its agent's `NgramTable` (earlier requests). `DraftLength`
-adapts how many tokens a slot drafts to how many the model accepts, down to none where drafts do not pay.
+drafts as many tokens as pay: it weighs the chance each is kept (the slot's acceptance so far) against what a
+row costs (`StepCost`, measured from the scheduler's steps), down to none where drafts do not pay.
 """
 
 from __future__ import annotations
 
 import array
+from collections import deque
 from collections.abc import Iterable
 
 Gram = tuple[int, ...]
@@ -82,36 +84,71 @@ class PromptLookup:
         return []
 
 
+class StepCost:
+    """The time of a decode step whose rows all generate, as a + b * rows, fitted by least squares over the latest
+    steps. A drafted row costs the model's per-row compute (on Gemma 3 270M, whose 262k-token output projection is
+    most of it, about 70% of a one-row step here), so whether a draft pays depends on the model and the machine:
+    measured, not assumed."""
+
+    def __init__(self, window: int = 64, fixed: float | None = None) -> None:
+        """fixed: a row share to use instead of measuring (0: every draft pays)."""
+        self._samples: deque[tuple[int, float]] = deque(maxlen=window)
+        self._fixed = fixed
+
+    def observe(self, rows: int, seconds: float) -> None:
+        self._samples.append((rows, seconds))
+
+    def row_share(self, rows: int) -> float:
+        """b * rows / (a + b * rows): the share of a step of `rows` rows one row costs, times rows; a row drafted
+        beside them pays when the chance it is kept is above this (its tokens per second beat the step's). 0.5 until
+        steps of two different sizes were seen."""
+        if self._fixed is not None:
+            return self._fixed
+        if len({n for n, _ in self._samples}) < 2:
+            return 0.5
+        n = len(self._samples)
+        mean_rows = sum(r for r, _ in self._samples) / n
+        mean_time = sum(t for _, t in self._samples) / n
+        var = sum((r - mean_rows) ** 2 for r, _ in self._samples)
+        b = max(0.0, sum((r - mean_rows) * (t - mean_time) for r, t in self._samples) / var)
+        a = max(1e-6, mean_time - b * mean_rows)
+        return b * rows / (a + b * rows)
+
+
 class DraftLength:
-    """How many tokens a slot drafts next: doubles while drafts are accepted whole, falls to what was accepted,
-    halves when none is; at zero the slot pauses drafting for `pause` tokens (doubling up to `max_pause` each
-    time it falls again), then tries one token."""
+    """How many tokens a slot drafts next. Each drafted token is kept with a chance p, estimated from the slot's
+    drafts so far (decayed counts; `prior` first); the j-th token of a draft is kept with chance p**j, and it is
+    drafted only when that is above `threshold` (StepCost.row_share: what a row costs against what a step gives),
+    up to `maximum`. A slot that would draft nothing tries one token every `probe` steps, so p can recover."""
 
-    def __init__(self, maximum: int, start: int = 4, pause: int = 8, max_pause: int = 128) -> None:
-        self.maximum = maximum
-        self.size = min(start, maximum)
-        self._pause, self._max_pause, self._min_pause = pause, max_pause, pause
-        self._paused = 0
+    def __init__(self, maximum: int, prior: float = 0.5, probe: int = 16, decay: float = 0.5) -> None:
+        self.maximum, self._probe, self._decay = maximum, probe, decay
+        self._kept, self._tried = 2 * prior, 2.0  # a prior worth two tokens
+        self._idle = 0
 
-    def next(self) -> int:
+    @property
+    def p(self) -> float:
+        return self._kept / self._tried
+
+    def next(self, threshold: float) -> int:
         """The draft length for the next step (0: do not draft)."""
-        if self._paused > 0:
-            self._paused -= 1
-            if self._paused == 0:
-                self.size = min(1, self.maximum)
-            return 0
-        return self.size
+        p, size, chance = self.p, 0, 1.0
+        while size < self.maximum and chance * p > threshold:
+            chance *= p
+            size += 1
+        if size == 0:
+            self._idle += 1
+            if self._idle >= self._probe:
+                self._idle = 0
+                return min(1, self.maximum)
+        return size
 
     def update(self, drafted: int, accepted: int) -> None:
+        """One verified draft: `accepted` of its `drafted` tokens were kept (tokens past the first rejected one were
+        never tried)."""
         if drafted <= 0:
             return
-        if accepted == drafted:
-            self.size = min(self.maximum, self.size * 2)
-            self._pause = self._min_pause
-        elif accepted == 0:
-            self.size //= 2
-        else:
-            self.size = accepted + 1
-        if self.size == 0:
-            self._paused = self._pause
-            self._pause = min(self._max_pause, self._pause * 2)
+        self._idle = 0
+        tried = accepted + (accepted < drafted)
+        self._kept = self._kept * self._decay + accepted
+        self._tried = self._tried * self._decay + tried

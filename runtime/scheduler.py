@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 import llama_cpp
 
-from .drafts import DraftLength, NgramTable, PromptLookup
+from .drafts import DraftLength, NgramTable, PromptLookup, StepCost
 from .engine import Engine, Generation, Sampling, TokenStream
 from .errors import EdgepackError
 from .stats import percentile
@@ -133,9 +133,9 @@ class BatchScheduler:
                  on_finish: Callable[[Request], None] = lambda r: None,
                  on_change: Callable[[int, int], None] = lambda active, queued: None,
                  controller: SlotController | None = None, cache: SlotCache | None = None,
-                 prefixes: list[Prefix] | None = None, speculate: int = 0) -> None:
-        """speculate: the most tokens a greedy slot drafts per step (0: no speculative decoding); at most the
-        engine's draft_max, which sizes its logit rows."""
+                 prefixes: list[Prefix] | None = None, speculate: int = 0, cost: StepCost | None = None) -> None:
+        """speculate: the most tokens a slot drafts per step (0: no speculative decoding); at most the engine's
+        draft_max, which sizes its logit rows. cost: what a row costs (default: measured from the steps)."""
         if not 0 <= speculate <= engine.draft_max:
             raise EdgepackError(f"model {engine.name!r}: speculate={speculate} needs an engine with draft_max >= "
                                 f"{speculate} (it has {engine.draft_max})")
@@ -143,6 +143,7 @@ class BatchScheduler:
         self.speculate = speculate
         self.drafted = self.accepted = 0  # draft tokens verified, and those kept (read by the server's metrics)
         self.tables: dict[str | None, NgramTable] = {}  # per agent: n-grams of its finished requests
+        self.cost = cost or StepCost()  # what a row of a decode step costs: whether drafts pay
         self.max_queue = max_queue
         self.controller = controller or SlotController(engine.slots)
         self._on_finish, self._on_change = on_finish, on_change
@@ -235,7 +236,8 @@ class BatchScheduler:
             if request.speculate and self.speculate > 0:
                 slot.lookup = PromptLookup(table=self.tables.setdefault(request.agent, NgramTable()))
                 slot.lookup.extend(request.prompt)
-                slot.length = DraftLength(self.speculate)
+                # a new slot expects what drafts have done so far (the first ones: even odds)
+                slot.length = DraftLength(self.speculate, prior=(self.accepted + 1) / (self.drafted + 2))
             self._active.append(slot)
         self._on_change(self.active, self.queued)
 
@@ -301,10 +303,11 @@ class BatchScheduler:
                 slot.leader = None  # the slot it waited for is gone: it reads the prompt itself
         generating = [s for s in self._active if s.last is not None]
         room, takes = budget - len(generating), {}
+        threshold = self.cost.row_share(len(generating))
         for slot in generating:
             if slot.length is not None:
                 left = slot.request.sampling.max_tokens - slot.request.result.completion_tokens - 1
-                slot.draft = slot.lookup.draft(min(slot.length.next(), left, room))
+                slot.draft = slot.lookup.draft(min(slot.length.next(threshold), left, room))
                 room -= len(slot.draft)
         for slot in self._active:  # prompt chunks, in arrival order, in what the generating slots leave
             if slot.last is None and slot.leader is None and room > 0:
@@ -326,6 +329,8 @@ class BatchScheduler:
         batch.n_tokens = n
         started = time.perf_counter()
         self.engine.decode_batch(batch)
+        if generating and not takes and self.speculate:  # every row generates: the cost of a row, measured
+            self.cost.observe(n, time.perf_counter() - started)
         kept = 0
         for slot in self._active:  # what the KV cells now hold
             if slot.last is not None:

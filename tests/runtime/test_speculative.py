@@ -9,7 +9,7 @@ import llama_cpp
 import pytest
 from tiny_model import write_tiny_lora
 
-from edgepack.runtime.drafts import DraftLength, NgramTable, PromptLookup
+from edgepack.runtime.drafts import DraftLength, NgramTable, PromptLookup, StepCost
 from edgepack.runtime.engine import Engine, Sampling
 from edgepack.runtime.scheduler import DONE, BatchScheduler, Request
 
@@ -48,27 +48,37 @@ def test_prompt_lookup_falls_back_to_the_agents_earlier_requests():
     assert PromptLookup(table=table).draft(3) == [] and table.follow([7], 3) == []
 
 
-def test_draft_length_grows_when_accepted_and_pauses_when_rejected():
-    length = DraftLength(8, start=4, pause=2)
-    assert length.next() == 4
-    length.update(4, 4)
-    assert length.next() == 8
-    length.update(8, 8)
-    assert length.next() == 8  # capped
-    length.update(8, 3)
-    assert length.next() == 4  # what was accepted, plus one
-    for _ in range(3):
-        length.update(length.next(), 0)
-    assert length.size == 0
-    assert [length.next() for _ in range(3)] == [0, 0, 1]  # paused two steps, then tries one token
-    length.update(1, 0)
-    assert [length.next() for _ in range(5)] == [0, 0, 0, 0, 1]  # the pause doubled
+def test_draft_length_drafts_what_pays_and_probes_when_nothing_does():
+    length = DraftLength(16, prior=0.5, probe=3)
+    assert length.next(0.3) == 1  # 0.5 > 0.3, 0.25 is not
+    assert length.next(0.6) == 0  # a row costs more than an even chance gives
+    for _ in range(4):
+        length.update(8, 8)  # whole drafts kept
+    assert length.p > 0.95 and length.next(0.6) == 16  # capped at the maximum
+    assert 1 <= length.next(0.99) < 16  # dearer rows: a shorter draft
+    for _ in range(6):
+        length.update(4, 0)  # nothing kept: p falls fast
+    assert length.p < 0.2
+    assert [length.next(0.3) for _ in range(6)] == [0, 0, 1, 0, 0, 1]  # one token every third step
     length.update(0, 0)  # nothing drafted: nothing learnt
-    assert length.next() == 1
+    assert length.p < 0.2
+
+
+def test_step_cost_fits_what_a_row_adds():
+    cost = StepCost()
+    assert cost.row_share(1) == 0.5  # nothing measured yet
+    for _ in range(3):
+        cost.observe(1, 0.010)
+    assert cost.row_share(1) == 0.5  # one size of step only: no slope
+    for rows, seconds in ((2, 0.014), (5, 0.026), (9, 0.042)):
+        cost.observe(rows, seconds)  # 6 ms + 4 ms per row
+    assert cost.row_share(1) == pytest.approx(0.4)
+    assert cost.row_share(4) == pytest.approx(16 / 22)
 
 
 # ---- in the scheduler: greedy identity on a tiny model ----
 
+ALWAYS = StepCost(fixed=0.0)  # rows cost nothing: every slot drafts all it can (what identity tests need)
 REPEATING = "the time of the way the time of the way the time of the way the time of"
 PROMPTS = [REPEATING, "a word of", "what is the way the hot and the way", "you can use one way if they"]
 
@@ -124,7 +134,7 @@ def texts(scheduler: BatchScheduler, prompts: list[str], sampling: Sampling) -> 
 @pytest.fixture
 def schedulers(engines):
     plain, drafting = engines
-    made = [BatchScheduler(plain), BatchScheduler(drafting, speculate=8)]
+    made = [BatchScheduler(plain), BatchScheduler(drafting, speculate=8, cost=ALWAYS)]
     yield made
     for scheduler in made:
         scheduler.stop()
@@ -147,7 +157,7 @@ def test_greedy_output_is_identical_with_drafts_several_slots_at_once(schedulers
 def test_small_batches_leave_drafts_what_the_batch_has_room_for(tiny_gguf):
     """n_batch 8 for 3 slots drafting up to 8 tokens each, prompts read in chunks beside them."""
     made = [BatchScheduler(Engine([tiny_gguf], name=f"small{d}", n_ctx=256, n_batch=8, threads=2, slots=3,
-                                  draft_max=d), speculate=d) for d in (0, 8)]
+                                  draft_max=d), speculate=d, cost=ALWAYS) for d in (0, 8)]
     try:
         greedy = Sampling(40, temperature=0, ignore_eos=True)
         assert outcome(run(made[1], PROMPTS * 2, greedy)) == outcome(run(made[0], PROMPTS * 2, greedy))
@@ -244,7 +254,7 @@ def test_lora_adapter_with_drafts(tiny_gguf, tmp_path):
     for name, draft_max in (("plain-lora", 0), ("spec-lora", 8)):
         engine = Engine([tiny_gguf], name=name, n_ctx=256, n_batch=64, threads=2, slots=2, draft_max=draft_max)
         engine.load_adapter("agent", adapter)
-        made.append(BatchScheduler(engine, speculate=draft_max))
+        made.append(BatchScheduler(engine, speculate=draft_max, cost=ALWAYS))
     try:
         greedy = Sampling(40, temperature=0, ignore_eos=True)
         outs = []
@@ -331,7 +341,7 @@ def test_gemma_agent_answer_is_identical_with_drafts(gemma_gguf):
     for draft_max in (0, 12):
         engine = Engine([gemma_gguf], name="gemma", n_ctx=2048, n_batch=256, threads=2, slots=2,
                         chat_template="gemma", draft_max=draft_max)
-        scheduler = BatchScheduler(engine, speculate=draft_max)
+        scheduler = BatchScheduler(engine, speculate=draft_max, cost=ALWAYS)
         try:
             prompts = [engine.format_chat(AGENT), engine.format_chat(LONG)]
             assert len(engine.tokenize(prompts[1])) > 600
