@@ -6,6 +6,7 @@ Dimensions are multiples of 256 so every llama.cpp quant type (K-quants included
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -28,6 +29,20 @@ def vocab() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [int(t) for t in types]
 
 
+@dataclass(frozen=True)
+class TinyTokenizer:
+    """A tokenizer for write_tiny_llama: SentencePiece-style ("llama": scores) or BPE ("gpt2": merges)."""
+
+    kind: str
+    tokens: list[str]
+    types: list[int]
+    scores: list[float] | None = None
+    merges: list[str] | None = None
+    bos: int = 1
+    eos: int = 2
+    unk: int | None = 0
+
+
 def write_tiny_llama(
     path: Path,
     *,
@@ -40,14 +55,20 @@ def write_tiny_llama(
     name: str = "tiny-llama",
     changed_blocks: set[int] | frozenset[int] = frozenset(),
     changed_seed: int = 1000,
+    tokenizer: TinyTokenizer | None = None,
+    tied: bool = False,
 ) -> Path:
-    """`changed_blocks` get weights from another random stream (changed_seed): a fine-tune of those blocks."""
+    """`changed_blocks` get weights from another random stream (changed_seed): a fine-tune of those blocks.
+    tokenizer: the SentencePiece vocab() unless given; tied: no output.weight (the embedding is the output)."""
     rng = np.random.default_rng(seed)
     other = np.random.default_rng(changed_seed)
-    tokens, scores, types = vocab()
-    n_vocab = len(tokens)
+    if tokenizer is None:
+        tokens, scores, types = vocab()
+        tokenizer = TinyTokenizer("llama", tokens, types, scores)
+    n_vocab = len(tokenizer.tokens)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(name)
+    if name:
+        writer.add_name(name)
     writer.add_context_length(512)
     writer.add_embedding_length(n_embd)
     writer.add_block_count(n_layer)
@@ -57,13 +78,17 @@ def write_tiny_llama(
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    writer.add_tokenizer_model(tokenizer.kind)
+    writer.add_token_list(tokenizer.tokens)
+    if tokenizer.scores is not None:
+        writer.add_token_scores(tokenizer.scores)
+    writer.add_token_types(tokenizer.types)
+    if tokenizer.merges is not None:
+        writer.add_token_merges(tokenizer.merges)
+    writer.add_bos_token_id(tokenizer.bos)
+    writer.add_eos_token_id(tokenizer.eos)
+    if tokenizer.unk is not None:
+        writer.add_unk_token_id(tokenizer.unk)
     if chat_template:
         writer.add_chat_template(chat_template)
 
@@ -76,7 +101,8 @@ def write_tiny_llama(
 
     writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
     writer.add_tensor("output_norm.weight", norm())
-    writer.add_tensor("output.weight", weight(n_vocab, n_embd))
+    if not tied:
+        writer.add_tensor("output.weight", weight(n_vocab, n_embd))
     for i in range(n_layer):
         changed = i in changed_blocks
         writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())

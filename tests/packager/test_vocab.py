@@ -9,7 +9,7 @@ import gguf
 import numpy as np
 import pytest
 from conftest import run_cli
-from tiny_model import WORDS
+from tiny_model import WORDS, TinyTokenizer, write_tiny_llama
 
 from edgepack.packager import evaluate, vocab
 from edgepack.packager.errors import PackagerError
@@ -64,52 +64,14 @@ def bpe_vocab() -> tuple[list[str], list[int], list[str]]:
 
 
 def write_model(path: Path, kind: str = "llama", *, tied: bool = False, n_embd: int = 256) -> Path:
-    rng = np.random.default_rng(7)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for add, value in ((writer.add_context_length, 512), (writer.add_embedding_length, n_embd),
-                       (writer.add_block_count, 2), (writer.add_feed_forward_length, 512),
-                       (writer.add_head_count, 4), (writer.add_head_count_kv, 4),
-                       (writer.add_rope_dimension_count, n_embd // 4)):
-        add(value)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    writer.add_tokenizer_model(kind)
     if kind == "gpt2":
         tokens, types, merges = bpe_vocab()
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(len(tokens) - 1)
-        writer.add_eos_token_id(len(tokens) - 1)
+        tokenizer = TinyTokenizer("gpt2", tokens, types, merges=merges, bos=len(tokens) - 1, eos=len(tokens) - 1,
+                                  unk=None)
     else:
         tokens, scores, types = spm_vocab()
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-        writer.add_unk_token_id(0)
-
-    def weight(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
-
-    writer.add_tensor("token_embd.weight", weight(len(tokens), n_embd))
-    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    if not tied:
-        writer.add_tensor("output.weight", weight(len(tokens), n_embd))
-    for i in range(2):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        for part in ("q", "k", "v", "output"):
-            writer.add_tensor(f"blk.{i}.attn_{part}.weight", weight(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", weight(512, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", weight(512, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", weight(n_embd, 512))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        tokenizer = TinyTokenizer(kind, tokens, types, scores)  # "llama", or a kind that is refused
+    return write_tiny_llama(path, n_layer=2, n_embd=n_embd, seed=7, name="", tokenizer=tokenizer, tied=tied)
 
 
 @pytest.fixture(scope="module")
