@@ -14,8 +14,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
-import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,14 +25,13 @@ from common import (
     BenchError,
     Spread,
     build_bundle,
-    cpu_times,
     edgepack,
     free_port,
     llama_tool,
     local_url,
     model_path,
     new_client,
-    others_cpu_s,
+    run_clients,
     running,
     serve_command,
     stream_completion,
@@ -188,34 +185,10 @@ def stream_one(http: httpx.Client, server: Server, prompt: int, tokens: int) -> 
 
 
 def run_round(server: Server, pid: int, clients: int, requests: int, tokens: int, index: int) -> Round:
-    """`clients` threads, released together, each sending `requests` requests back to back."""
-    replies: list[list[Reply]] = [[] for _ in range(clients)]
-    errors: list[BaseException] = []
-    start = threading.Barrier(clients + 1)
-
-    def client(i: int) -> None:
-        try:
-            with new_client() as http:
-                start.wait()
-                for j in range(requests):
-                    replies[i].append(stream_one(http, server, (i + j) % len(PROMPTS), tokens))
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    watched = (pid, os.getpid())  # the server under load and this process's clients
-    cpu_before = cpu_times(*watched)
-    start.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
-    foreign = others_cpu_s(cpu_before, cpu_times(*watched))
-    if errors:
-        raise BenchError(f"{server.name}, {clients} clients: {errors[0]}")
-    return Round(server.name, clients, index, wall, foreign, replies=[r for rs in replies for r in rs])
+    """`clients` clients, released together, each sending `requests` requests back to back."""
+    run = run_clients(clients, requests, lambda http, i, j: stream_one(http, server, (i + j) % len(PROMPTS), tokens),
+                      pid, f"{server.name}, {clients} clients")
+    return Round(server.name, clients, index, run.wall_s, run.foreign_cpu_s, replies=run.replies)
 
 
 def clean_round(server: Server, pid: int, clients: int, requests: int, tokens: int, index: int) -> Round:

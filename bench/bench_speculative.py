@@ -30,8 +30,6 @@ import os
 import re
 import sys
 import tempfile
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +41,12 @@ from common import (  # noqa: E402
     BenchError,
     Spread,
     build_bundle,
-    cpu_times,
     edgepack,
     free_port,
     llama_tool,
     local_url,
     model_path,
-    others_cpu_s,
+    run_clients,
     running,
     serve_command,
     wait_quiet,
@@ -215,43 +212,22 @@ def spec_counts(server: Server) -> tuple[int, int]:
 
 
 def run_round(server: Server, pid: int, workload: str, clients: int, requests: int, index: int) -> Round:
-    """`clients` threads released together, each sending `requests` requests back to back."""
-    replies: list[list[Reply]] = [[] for _ in range(clients)]
-    errors: list[BaseException] = []
-    start = threading.Barrier(clients + 1)
+    """`clients` clients released together, each sending `requests` requests back to back."""
     model = "gemma3-270m" if server.edgepack else "gemma"
 
-    def client(i: int) -> None:
-        try:
-            with httpx.Client(timeout=300) as http:
-                start.wait()
-                for j in range(requests):
-                    k = index * 10_000 + clients * 1000 + i * 100 + j  # new in every round
-                    doc = post(http, server, {"model": model, **request(workload, k)})
-                    timings = doc.get("timings", {})
-                    replies[i].append(Reply(k, doc["choices"][0]["text"], doc["usage"]["completion_tokens"],
-                                            timings.get("draft_n"), timings.get("draft_n_accepted")))
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
-            errors.append(exc)
+    def send(http: httpx.Client, i: int, j: int) -> Reply:
+        k = index * 10_000 + clients * 1000 + i * 100 + j  # new in every round
+        doc = post(http, server, {"model": model, **request(workload, k)})
+        timings = doc.get("timings", {})
+        return Reply(k, doc["choices"][0]["text"], doc["usage"]["completion_tokens"], timings.get("draft_n"),
+                     timings.get("draft_n_accepted"))
 
-    before_counts = spec_counts(server) if server.edgepack else (0, 0)
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-    for t in threads:
-        t.start()
-    watched = (pid, os.getpid())
-    cpu_before = cpu_times(*watched)
-    start.wait()
-    began = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - began
-    foreign = others_cpu_s(cpu_before, cpu_times(*watched))
-    if errors:
-        raise BenchError(f"{server.name}, {workload}, {clients} clients: {errors[0]}")
-    r = Round(server.name, workload, clients, index, wall, foreign, [x for xs in replies for x in xs])
+    before = spec_counts(server) if server.edgepack else (0, 0)
+    run = run_clients(clients, requests, send, pid, f"{server.name}, {workload}, {clients} clients")
+    r = Round(server.name, workload, clients, index, run.wall_s, run.foreign_cpu_s, run.replies)
     if server.edgepack:
         after = spec_counts(server)
-        r.drafted, r.accepted = after[0] - before_counts[0], after[1] - before_counts[1]
+        r.drafted, r.accepted = after[0] - before[0], after[1] - before[1]
     else:
         r.drafted = sum(x.drafted or 0 for x in r.replies)
         r.accepted = sum(x.accepted or 0 for x in r.replies)

@@ -14,11 +14,13 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
@@ -29,6 +31,9 @@ BIN = Path(sys.executable).parent
 LLAMA_BIN = ROOT / "native" / "out" / "llama.cpp-build" / "bin"  # native/build-llama-*.sh build here
 # tests/tiny_model.py writes the LoRA adapters of bench_memory.py as it writes the tests' own
 sys.path.append(str(ROOT / "tests"))
+
+
+T = TypeVar("T")
 
 
 class BenchError(Exception):
@@ -183,6 +188,50 @@ def stream_completion(client: httpx.Client, base: str, body: dict, who: str) -> 
             finish = choice.get("finish_reason") or finish
             usage = doc.get("usage") or usage
     return Completion(sent, stamps, "".join(pieces), usage, finish, time.perf_counter())
+
+
+# ---- clients released together ----
+
+
+@dataclass(frozen=True)
+class ClientRun:
+    replies: list  # every client's replies, client by client
+    wall_s: float  # the clients released -> the last one done
+    foreign_cpu_s: float  # CPU time other processes than `pid` and this one took meanwhile
+
+
+def run_clients(clients: int, requests: int, send: Callable[[httpx.Client, int, int], T], pid: int,
+                who: str) -> ClientRun:
+    """`clients` threads, released together, each sending `requests` requests back to back: `send(http, i, j)`
+    is client i's request j (a fresh connection per client). An error in any client is raised as a BenchError
+    naming `who`."""
+    replies: list[list[T]] = [[] for _ in range(clients)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(clients + 1)
+
+    def client(i: int) -> None:
+        try:
+            with new_client() as http:
+                start.wait()
+                for j in range(requests):
+                    replies[i].append(send(http, i, j))
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    watched = (pid, os.getpid())  # the server under load and this process's clients
+    cpu_before = cpu_times(*watched)
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    foreign = others_cpu_s(cpu_before, cpu_times(*watched))
+    if errors:
+        raise BenchError(f"{who}: {errors[0]}")
+    return ClientRun([r for rs in replies for r in rs], wall, foreign)
 
 
 # ---- CPU time of other processes (a shared machine slows llama.cpp's spinning threads down) ----
