@@ -60,7 +60,6 @@ SLOTS = 4
 CTX_PER_SLOT = 2048
 ATTEMPTS = 3
 QUIET_WAIT_S = 10
-MAX_FOREIGN = [0.1]  # CPUs other processes may take during a round (--max-foreign)
 WORKLOADS = ("tool-calls", "retry", "free-text")
 AGENT_WORK = ("tool-calls", "retry")
 
@@ -234,12 +233,14 @@ def run_round(server: Server, pid: int, workload: str, clients: int, requests: i
     return r
 
 
-def clean_round(server: Server, pid: int, workload: str, clients: int, requests: int, index: int) -> Round:
+def clean_round(server: Server, pid: int, workload: str, clients: int, requests: int, index: int,
+                max_foreign: float) -> Round:
+    """A round during which other processes took at most `max_foreign` CPUs (else the last attempt)."""
     for attempt in range(1, ATTEMPTS + 1):
-        if not wait_quiet(MAX_FOREIGN[0] / (os.cpu_count() or 1), QUIET_WAIT_S):
+        if not wait_quiet(max_foreign / (os.cpu_count() or 1), QUIET_WAIT_S):
             print(f"  the machine was not quiet for {QUIET_WAIT_S}s; measuring anyway", flush=True)
         r = run_round(server, pid, workload, clients, requests, index)
-        if r.foreign_cpu_s <= MAX_FOREIGN[0] * r.wall_s or attempt == ATTEMPTS:
+        if r.foreign_cpu_s <= max_foreign * r.wall_s or attempt == ATTEMPTS:
             return r
         print(f"  {server.name} {workload} {clients}c: others took {r.foreign_cpu_s:.2f} CPU-s; again", flush=True)
     raise AssertionError("unreachable")
@@ -248,12 +249,12 @@ def clean_round(server: Server, pid: int, workload: str, clients: int, requests:
 # ---- the whole measurement ----
 
 
-def warm_up(procs: dict[str, tuple[Server, int]]) -> None:
+def warm_up(procs: dict[str, tuple[Server, int]], workloads: list[str]) -> None:
     """One uncounted request of each workload per server (ids no round uses)."""
     with httpx.Client(timeout=300) as http:
         for server, _ in procs.values():
             model = "gemma3-270m" if server.edgepack else "gemma"
-            for workload in WORKLOADS:
+            for workload in workloads:
                 post(http, server, {"model": model, **request(workload, 999_999)})
 
 
@@ -261,13 +262,13 @@ def measure(procs: dict[str, tuple[Server, int]], args: argparse.Namespace) -> l
     rounds: list[Round] = []
     names = list(procs)
     for index in range(args.rounds):
-        for w, workload in enumerate(WORKLOADS):
+        for w, workload in enumerate(args.workloads):
             for c, clients in enumerate(args.clients):
                 shift = (index + w + c) % len(names)
                 for name in names[shift:] + names[:shift]:
                     server, pid = procs[name]
                     requests = args.requests if clients == 1 else max(1, args.requests // 2)
-                    r = clean_round(server, pid, workload, clients, requests, index)
+                    r = clean_round(server, pid, workload, clients, requests, index, args.max_foreign)
                     rounds.append(r)
                     rate = f"{r.accepted}/{r.drafted}" if r.drafted else "-"
                     print(f"  {index + 1}/{args.rounds} {workload:<10} {clients}c {name:<28} "
@@ -289,7 +290,7 @@ def identity(rounds: list[Round], names: list[str]) -> dict[str, dict[str, int]]
             texts[(r.server, r.workload, x.k)] = x.text
     out: dict[str, dict[str, int]] = {}
     for name in names:
-        for workload in WORKLOADS:
+        for workload in dict.fromkeys(r.workload for r in rounds):
             keys = [(s, w, k) for (s, w, k) in texts if s == plain_of(name) and w == workload]
             out.setdefault(name, {})[workload] = sum(texts.get((name, w, k)) != texts[(s, w, k)] for s, w, k in keys)
     return out
@@ -298,7 +299,7 @@ def identity(rounds: list[Round], names: list[str]) -> dict[str, dict[str, int]]
 def summarise(rounds: list[Round], names: list[str], clients: list[int]) -> dict:
     stats: dict = {}
     for name in names:
-        for workload in WORKLOADS:
+        for workload in dict.fromkeys(r.workload for r in rounds):
             for n in clients:
                 mine = [r for r in rounds if r.server == name and r.workload == workload and r.clients == n]
                 tokens = sum(r.tokens for r in mine)
@@ -322,16 +323,17 @@ def ratio(stats: dict, ours: str, theirs: str, workload: str, clients: int) -> f
 def goals(stats: dict, spec: str, clients: list[int]) -> list[tuple[str, float, float]]:
     """(what, measured, goal) for each of the issue's goals."""
     best = ("llama-server ngram-simple", "llama-server ngram-mod")
+    workloads = list(stats[spec])  # those measured
     out = []
     for n in clients:
-        for workload in (w for w in AGENT_WORK if w in WORKLOADS):
+        for workload in (w for w in AGENT_WORK if w in workloads):
             theirs = max(best, key=lambda b: stats[b][workload][n]["tok_s"]["median"])
             out.append((f"{workload}, {n} client(s): {spec} / {theirs} (their best)",
                         ratio(stats, spec, theirs, workload, n), 1.2))
-        if "free-text" in WORKLOADS:
+        if "free-text" in workloads:
             out.append((f"free-text, {n} client(s): {spec} / llama-server plain",
                         ratio(stats, spec, "llama-server plain", "free-text", n), 0.97))
-        for workload in WORKLOADS:
+        for workload in workloads:
             out.append((f"{workload}, {n} client(s): edgepack defaults / llama-server defaults",
                         ratio(stats, "edgepack defaults", "llama-server defaults", workload, n), 0.95))
     return out
@@ -340,7 +342,7 @@ def goals(stats: dict, spec: str, clients: list[int]) -> list[tuple[str, float, 
 def report(stats: dict, names: list[str], clients: list[int], same: dict, spec: str) -> str:
     lines = ["| server | workload | clients | tok/s median (low-high) | acceptance | tokens per pass | "
              "texts differing from the same server's plain |", "|---|---|---:|---:|---:|---:|---:|"]
-    for workload in WORKLOADS:
+    for workload in stats[spec]:
         for n in clients:
             for name in names:
                 s = stats[name][workload][n]
@@ -368,9 +370,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def bench(args: argparse.Namespace) -> None:
-    global WORKLOADS  # noqa: PLW0603 - a quick run measures some workloads only
-    WORKLOADS = tuple(args.workloads)
-    MAX_FOREIGN[0] = args.max_foreign
     model = model_path()
     WORK.mkdir(parents=True, exist_ok=True)
     bundle = build_bundle(model, WORK / "gemma.edgepack")
@@ -388,7 +387,7 @@ def bench(args: argparse.Namespace) -> None:
         for i, (server, pid) in enumerate(zip(fleet, (p0, p1, p2, p3, p4, p5, p6), strict=True)):
             wait_ready(server.base, pid, WORK / f"{i}.log")
         procs = {s.name: (s, pid) for s, pid in zip(fleet, pids, strict=True)}
-        warm_up(procs)
+        warm_up(procs, args.workloads)
         rounds = measure(procs, args)
     names = [s.name for s in fleet]
     stats = summarise(rounds, names, args.clients)

@@ -247,10 +247,10 @@ def bits_per_byte(paths: list[Path], windows: list[str], *, threads: int = 2) ->
             counted += len(window.encode()) - (len(model.piece(tokens[0])) if first else 0)
             logits = model.run(tokens, 0)[:-1]
             targets = np.asarray(tokens[1:])
-            for start in range(first, len(targets), max(1, _BLOCK_VALUES // model.n_vocab)):
-                rows = logits[start:start + max(1, _BLOCK_VALUES // model.n_vocab)]
-                peak = rows.max(axis=1)
-                lse = peak + np.log(np.exp(rows - peak[:, None]).sum(axis=1, dtype=np.float64))
+            block = max(1, _BLOCK_VALUES // model.n_vocab)
+            for start in range(first, len(targets), block):
+                rows = logits[start:start + block]
+                _, lse, _ = _normalise(rows, np.empty_like(rows))
                 nll += float((lse - rows[np.arange(len(rows)), targets[start:start + len(rows)]]).sum())
     return float(nll / np.log(2) / counted), counted
 
